@@ -1,0 +1,5 @@
+import sys
+
+from ras.cli.main import main
+
+sys.exit(main())

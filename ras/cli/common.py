@@ -1,0 +1,111 @@
+"""What every ``ras`` subcommand shares: logging, exit codes, running a daemon under trio."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from ras.config import load
+from ras.errors import AuthError, ConfigError, PKIError, RasError, TransportError
+
+__all__ = ["EXIT", "load_config", "run_daemon", "setup_logging"]
+
+T = TypeVar("T")
+
+
+class EXIT:
+    """Exit codes of the ``ras`` command (also in ``ras --help``)."""
+
+    OK = 0
+    FAILED = 1  # a runtime failure (port in use, a peer broke the protocol, ...)
+    USAGE = 2  # bad arguments, a bad or missing config file, bad certificate files
+    AUTH = 3  # authentication refused
+    UNREACHABLE = 4  # the gateway/broker could not be reached or stopped answering
+    INTERRUPTED = 130
+
+    HELP = """exit codes:
+  0  done (a daemon: stopped by SIGINT/SIGTERM after draining)
+  1  runtime failure
+  2  bad arguments or configuration (the message names the file and key)
+  3  authentication refused
+  4  the gateway or broker could not be reached"""
+
+
+class _Formatter(logging.Formatter):
+    converter = time.gmtime  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s.%(msecs)03dZ %(name)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger("ras")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def load_config(cls: type[T], path: Path) -> T:
+    return load(cls, path)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, ConfigError | PKIError):
+        return EXIT.USAGE
+    if isinstance(exc, AuthError):
+        return EXIT.AUTH
+    if isinstance(exc, TransportError):
+        return EXIT.UNREACHABLE
+    return EXIT.FAILED
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, BaseExceptionGroup):
+        ras = [e for e in exc.exceptions if isinstance(_leaf(e), RasError)]
+        return _leaf(ras[0]) if ras else exc
+    return exc
+
+
+def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
+    """Run ``main`` until it returns or SIGINT/SIGTERM arrives (then cancel it). A RasError
+    becomes a one-line message and its exit code; anything else is a bug and propagates."""
+    log = logging.getLogger("ras")
+
+    async def runner() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("stopping signal=%s", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch_signals)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(runner)
+    except BaseException as exc:
+        leaf = _leaf(exc)
+        if isinstance(leaf, RasError):
+            print(f"ras: {leaf}", file=sys.stderr)
+            return exit_code_for(leaf)
+        if isinstance(leaf, KeyboardInterrupt):
+            return EXIT.INTERRUPTED
+        raise
+    return EXIT.OK

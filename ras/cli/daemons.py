@@ -1,0 +1,168 @@
+"""``ras broker``, ``ras gateway``, ``ras agent``: run a daemon from its config file."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+
+from ras.agents.agent import Agent
+from ras.agents.config import AgentConfig
+from ras.broker.config import BrokerConfig
+from ras.broker.passwords import hash_password
+from ras.broker.server import Broker
+from ras.broker.store import SQLiteStore, UserRecord
+from ras.cli.common import EXIT, exit_code_for, load_config, run_daemon
+from ras.errors import RasError
+from ras.gateway.config import GatewayConfig
+from ras.gateway.server import Gateway
+
+__all__ = ["add_parsers", "read_secret"]
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
+def read_secret(path: Path | None, prompt: str, env_value: str | None = None) -> str:
+    """A password from a file (first line), the environment, or an interactive prompt."""
+    if path is not None:
+        try:
+            return path.read_text().splitlines()[0] if path.stat().st_size else ""
+        except OSError as exc:
+            raise RasError(f"{path}: cannot read the password file: {exc.strerror}") from None
+    if env_value is not None:
+        return env_value
+    if not sys.stdin.isatty():
+        raise RasError("no password given: use --password-file or a terminal")
+    return getpass.getpass(prompt)
+
+
+def _run_broker(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(BrokerConfig, args.config)
+        store = SQLiteStore(cfg.database)
+        broker = Broker(cfg, store)
+    except RasError as exc:
+        print(f"ras broker: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    try:
+        return run_daemon(broker.serve)
+    finally:
+        store.close()
+
+
+def _broker_users(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(BrokerConfig, args.config)
+        store = SQLiteStore(cfg.database)
+        try:
+            if args.action == "user-add":
+                password = read_secret(args.password_file, f"password for {args.name}: ")
+                if not password:
+                    raise RasError("refusing an empty password")
+                store.put_user(UserRecord(args.name, hash_password(password), tuple(args.group)))
+                print(f"user {args.name} saved")
+            elif args.action == "user-del":
+                if not store.delete_user(args.name):
+                    raise RasError(f"no user {args.name!r}")
+                print(f"user {args.name} deleted")
+            else:
+                for user in store.list_users():
+                    groups = ",".join(user.groups) or "-"
+                    print(
+                        f"{user.name}\tgroups={groups}\tenabled={'yes' if user.enabled else 'no'}"
+                    )
+        finally:
+            store.close()
+    except RasError as exc:
+        print(f"ras broker {args.action}: {exc}", file=sys.stderr)
+        return exit_code_for(exc) if exit_code_for(exc) != EXIT.FAILED else EXIT.USAGE
+    return EXIT.OK
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    try:
+        gateway = Gateway(load_config(GatewayConfig, args.config))
+    except RasError as exc:
+        print(f"ras gateway: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    return run_daemon(gateway.serve)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    try:
+        agent = Agent(load_config(AgentConfig, args.config))
+    except RasError as exc:
+        print(f"ras agent: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+
+    async def main() -> None:
+        await agent.run()
+
+    return run_daemon(main)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    broker = sub.add_parser(
+        "broker",
+        formatter_class=_FMT,
+        help="run the Connection Broker, or manage its built-in users",
+        description="Run the Connection Broker: gateways and agents connect to it over mutual TLS "
+        "(ports gateway_port and agent_port of the config). With an action, manage the built-in "
+        "user store instead.",
+        epilog="examples:\n  ras broker --config state/broker.toml\n"
+        "  ras broker --config state/broker.toml user-add alice --group users --password-file pw\n"
+        "  ras broker --config state/broker.toml user-list",
+    )
+    broker.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/ras/broker.toml"),
+        help="broker config file (default: /etc/ras/broker.toml)",
+    )
+    broker.set_defaults(func=_run_broker)
+    actions = broker.add_subparsers(dest="action", metavar="ACTION")
+    add = actions.add_parser("user-add", help="add or update a built-in user (scrypt hash)")
+    add.add_argument("name")
+    add.add_argument("--group", action="append", default=[], help="a group (repeatable)")
+    add.add_argument(
+        "--password-file", type=Path, help="read the password from this file's first line"
+    )
+    add.set_defaults(func=_broker_users)
+    rm = actions.add_parser("user-del", help="delete a built-in user")
+    rm.add_argument("name")
+    rm.set_defaults(func=_broker_users)
+    ls = actions.add_parser("user-list", help="list the built-in users")
+    ls.set_defaults(func=_broker_users)
+
+    gateway = sub.add_parser(
+        "gateway",
+        formatter_class=_FMT,
+        help="run the Secure Gateway",
+        description="Run the Secure Gateway: clients connect on its plain and TLS ports; it relays "
+        "their requests to the broker and opens tunnels only to the hosts of redeemed tickets.",
+        epilog="example:\n  ras gateway --config state/gateway.toml",
+    )
+    gateway.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/ras/gateway.toml"),
+        help="gateway config file (default: /etc/ras/gateway.toml)",
+    )
+    gateway.set_defaults(func=_run_gateway)
+
+    agent = sub.add_parser(
+        "agent",
+        formatter_class=_FMT,
+        help="run a host agent",
+        description="Run a host agent on an RDP host: it registers the host with the broker over "
+        "mutual TLS (its certificate must name the host) and reports CPU, memory and sessions.",
+        epilog="example:\n  ras agent --config state/agent.toml",
+    )
+    agent.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/ras/agent.toml"),
+        help="agent config file (default: /etc/ras/agent.toml)",
+    )
+    agent.set_defaults(func=_run_agent)

@@ -1,0 +1,120 @@
+"""``ras farm``: a whole farm on one machine, on loopback, with embedded defaults."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from ras.cli.common import exit_code_for, run_daemon
+from ras.errors import ConfigError, RasError
+from ras.farm import FarmPorts, FarmState, init_farm, run_farm
+
+__all__ = ["add_parser"]
+
+log = logging.getLogger("ras.farm")
+
+
+def _rdp(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--rdp: {text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _init(args: argparse.Namespace) -> FarmState:
+    host, port = _rdp(args.rdp)
+    ports = FarmPorts(gateway_plain=args.gateway_port, gateway_tls=args.gateway_tls_port)
+    return init_farm(args.state_dir, rdp_host=host, rdp_port=port, ports=ports)
+
+
+def _next_steps(state: FarmState, addrs: dict[str, tuple[str, int]]) -> str:
+    rel = state.directory
+    with contextlib.suppress(ValueError):
+        rel = state.directory.relative_to(Path.cwd())
+
+    def at(key: str) -> str:
+        host, port = addrs.get(key, ("-", 0))
+        return f"{host}:{port}"
+
+    pw = f"--password-file {rel}/demo.password"
+    return f"""
+RAS farm is up (state in {rel}/):
+  gateway  {at("gateway_plain")} (plain)  {at("gateway_tls")} (TLS)
+           its self-signed certificate: {rel}/pki/gateway-public.pem
+  broker   {at("broker_gateways")} (gateways, mTLS)  {at("broker_agents")} (agents, mTLS)
+  user     demo, password in {rel}/demo.password
+Next, in another shell:
+  ras client --config {rel}/client.toml {pw} list
+  ras client --config {rel}/client.toml {pw} launch desktop --listen 127.0.0.1:13389
+  xfreerdp /v:127.0.0.1:13389 /u:<user on the RDP host> /cert:ignore
+Stop with Ctrl-C.
+"""
+
+
+def _up(args: argparse.Namespace) -> int:
+    try:
+        state = _init(args)
+    except RasError as exc:
+        print(f"ras farm: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            addrs = await nursery.start(run_farm, state)
+            print(_next_steps(state, addrs), file=sys.stderr, flush=True)
+
+    return run_daemon(main)
+
+
+def _init_only(args: argparse.Namespace) -> int:
+    try:
+        state = _init(args)
+    except RasError as exc:
+        print(f"ras farm: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    print(f"farm state ready in {state.directory}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    farm = sub.add_parser(
+        "farm",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run a one-machine farm (broker, gateway, agent) on loopback",
+        description="A whole farm in one process on 127.0.0.1. The first run makes the state "
+        "directory: the farm CA and the daemons' certificates, the gateway's self-signed "
+        "certificate, config files, the SQLite state and a demo user; later runs reuse it. "
+        "The agent reports the RDP host given by --rdp (xrdp on this machine by default).",
+        epilog="example:\n  ras farm up --state-dir ./state --rdp 127.0.0.1:3389",
+    )
+    actions = farm.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, func, text in (
+        ("up", _up, "create the state if needed, then run the farm"),
+        ("init", _init_only, "only create the state directory"),
+    ):
+        p = actions.add_parser(name, help=text)
+        p.add_argument("--state-dir", type=Path, default=Path("state"), help="default: ./state")
+        p.add_argument(
+            "--rdp",
+            default="127.0.0.1:3389",
+            metavar="HOST:PORT",
+            help="the RDP host the farm's agent serves (default: 127.0.0.1:3389)",
+        )
+        p.add_argument(
+            "--gateway-port",
+            type=int,
+            default=FarmPorts().gateway_plain,
+            help=f"gateway plain port (default: {FarmPorts().gateway_plain})",
+        )
+        p.add_argument(
+            "--gateway-tls-port",
+            type=int,
+            default=FarmPorts().gateway_tls,
+            help=f"gateway TLS port (default: {FarmPorts().gateway_tls})",
+        )
+        p.set_defaults(func=func)

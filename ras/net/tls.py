@@ -1,0 +1,33 @@
+"""Opening TLS connections to other daemons (mutual TLS with the farm's certificates)."""
+
+from __future__ import annotations
+
+import ssl
+
+import trio
+
+from ras.errors import TransportError
+
+__all__ = ["connect_tcp", "connect_tls"]
+
+
+async def connect_tcp(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection with TCP_NODELAY; failures become ``TransportError``."""
+    try:
+        return await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise TransportError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+
+
+async def connect_tls(
+    host: str, port: int, context: ssl.SSLContext, *, server_hostname: str | None = None
+) -> trio.SSLStream[trio.SocketStream]:
+    """A TLS connection whose handshake is done (the caller owns the deadline)."""
+    tcp = await connect_tcp(host, port)
+    stream = trio.SSLStream(tcp, context, server_hostname=server_hostname or host)
+    try:
+        await stream.do_handshake()
+    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+        await tcp.aclose()
+        raise TransportError(f"TLS with {host}:{port} failed: {exc}") from exc
+    return stream

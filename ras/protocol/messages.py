@@ -1,0 +1,581 @@
+"""Control-protocol messages: frozen, validated dataclasses and their JSON body encoding.
+
+Every message is a JSON object whose ``type`` names the class (``MessageType``); the other keys
+are exactly the dataclass fields. Decoding is strict: a missing, extra or ill-typed field, an
+unknown type, a duplicate key, NaN or a non-object body is a :class:`RemoteProtocolError` with
+the error code to send back. Field limits (string lengths, port ranges, ...) are checked in the
+constructors, so a message that exists is a valid message, whichever side built it.
+
+Secrets (passwords, one-time codes, tickets) are kept out of ``repr`` so that logging a
+message never logs a secret.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+import json
+import math
+import re
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ras.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError
+
+__all__ = [
+    "MESSAGE_CLASSES",
+    "AgentRegister",
+    "AuthChallenge",
+    "AuthOk",
+    "AuthResponse",
+    "Authenticate",
+    "ClientSession",
+    "Error",
+    "GatewayRegister",
+    "Hello",
+    "HostKind",
+    "Launch",
+    "LaunchOk",
+    "ListResources",
+    "LoadReport",
+    "Message",
+    "MessageType",
+    "Mode",
+    "OpenTunnel",
+    "Ping",
+    "Pong",
+    "RedeemTicket",
+    "Registered",
+    "Resource",
+    "ResourceKind",
+    "ResourceList",
+    "Role",
+    "TicketOk",
+    "TunnelOpen",
+    "Welcome",
+    "decode_body",
+    "encode_body",
+]
+
+MAX_STRING = 4096
+MAX_LIST = 1000
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@\\-]{0,254}")
+_HOST = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?"
+)
+
+
+class MessageType(enum.StrEnum):
+    """The ``type`` of every message, as it appears on the wire."""
+
+    HELLO = "hello"
+    WELCOME = "welcome"
+    AUTHENTICATE = "authenticate"
+    AUTH_CHALLENGE = "auth_challenge"
+    AUTH_RESPONSE = "auth_response"
+    AUTH_OK = "auth_ok"
+    LIST_RESOURCES = "list_resources"
+    RESOURCE_LIST = "resource_list"
+    LAUNCH = "launch"
+    LAUNCH_OK = "launch_ok"
+    OPEN_TUNNEL = "open_tunnel"
+    TUNNEL_OPEN = "tunnel_open"
+    AGENT_REGISTER = "agent_register"
+    LOAD_REPORT = "load_report"
+    GATEWAY_REGISTER = "gateway_register"
+    CLIENT_SESSION = "client_session"
+    REGISTERED = "registered"
+    REDEEM_TICKET = "redeem_ticket"
+    TICKET_OK = "ticket_ok"
+    PING = "ping"
+    PONG = "pong"
+    ERROR = "error"
+
+
+class Role(enum.StrEnum):
+    """Who opened the connection (sent in ``hello``)."""
+
+    CLIENT = "client"
+    GATEWAY = "gateway"
+    AGENT = "agent"
+
+
+class Mode(enum.StrEnum):
+    """How a client reaches the host once a resource is launched."""
+
+    DIRECT = "direct"
+    DIRECT_SSL = "direct_ssl"
+    GATEWAY = "gateway"
+    GATEWAY_SSL = "gateway_ssl"
+
+    @property
+    def tunnelled(self) -> bool:
+        return self in (Mode.GATEWAY, Mode.GATEWAY_SSL)
+
+
+class ResourceKind(enum.StrEnum):
+    DESKTOP = "desktop"
+    APPLICATION = "application"
+    DOCUMENT = "document"
+    FOLDER = "folder"
+
+
+class HostKind(enum.StrEnum):
+    RDSH = "rdsh"
+    VDI = "vdi"
+    REMOTE_PC = "remote_pc"
+
+
+# -- field checks -------------------------------------------------------------------------------
+
+
+def _fail(cls: type, name: str, why: str) -> ProtocolError:
+    return LocalProtocolError(f"{cls.__name__}.{name}: {why}", ErrorCode.BAD_FIELD)
+
+
+def _check_str(obj: object, name: str, *, empty: bool = False, limit: int = MAX_STRING) -> None:
+    value = getattr(obj, name)
+    if not empty and not value:
+        raise _fail(type(obj), name, "must not be empty")
+    if len(value) > limit:
+        raise _fail(type(obj), name, f"longer than {limit} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise _fail(type(obj), name, "contains control characters")
+
+
+def _check_name(obj: object, name: str) -> None:
+    if not _NAME.fullmatch(getattr(obj, name)):
+        raise _fail(type(obj), name, "is not a valid name (letters, digits, . _ @ \\ -)")
+
+
+def _check_host(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOST.fullmatch(value):
+            raise _fail(type(obj), name, "is not an IP address or host name") from None
+
+
+def _check_range(obj: object, name: str, low: float, high: float) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(type(obj), name, "must be a finite number")
+    if not low <= value <= high:
+        raise _fail(type(obj), name, f"must be between {low} and {high}")
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base class of all control-protocol messages."""
+
+    TYPE: ClassVar[MessageType]
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First frame from the connecting side, right after the preface."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HELLO
+    role: Role
+    software: str
+
+    def __post_init__(self) -> None:
+        _check_str(self, "software", limit=128)
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """The server's answer to ``hello``: the protocol version both will speak."""
+
+    TYPE: ClassVar[MessageType] = MessageType.WELCOME
+    version: int
+    software: str
+
+    def __post_init__(self) -> None:
+        _check_range(self, "version", 1, 999)
+        _check_str(self, "software", limit=128)
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate(Message):
+    TYPE: ClassVar[MessageType] = MessageType.AUTHENTICATE
+    username: str
+    password: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_str(self, "username", limit=256)
+        _check_str(self, "password", empty=True, limit=1024)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthChallenge(Message):
+    """A second-factor round: show ``prompt`` to the user, answer with ``auth_response``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.AUTH_CHALLENGE
+    prompt: str
+    echo: bool
+
+    def __post_init__(self) -> None:
+        _check_str(self, "prompt", limit=512)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse(Message):
+    TYPE: ClassVar[MessageType] = MessageType.AUTH_RESPONSE
+    answer: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_str(self, "answer", empty=True, limit=256)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthOk(Message):
+    TYPE: ClassVar[MessageType] = MessageType.AUTH_OK
+    user: str
+    groups: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check_str(self, "user", limit=256)
+        if len(self.groups) > MAX_LIST:
+            raise _fail(type(self), "groups", f"more than {MAX_LIST} entries")
+
+
+@dataclass(frozen=True, slots=True)
+class ListResources(Message):
+    TYPE: ClassVar[MessageType] = MessageType.LIST_RESOURCES
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One published resource as a user sees it (not a message: an item of ``resource_list``)."""
+
+    id: str
+    name: str
+    kind: ResourceKind
+
+    def __post_init__(self) -> None:
+        _check_name(self, "id")
+        _check_str(self, "name", limit=256)
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceList(Message):
+    TYPE: ClassVar[MessageType] = MessageType.RESOURCE_LIST
+    resources: tuple[Resource, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.resources) > MAX_LIST:
+            raise _fail(type(self), "resources", f"more than {MAX_LIST} entries")
+
+
+@dataclass(frozen=True, slots=True)
+class Launch(Message):
+    TYPE: ClassVar[MessageType] = MessageType.LAUNCH
+    resource: str
+    mode: Mode
+
+    def __post_init__(self) -> None:
+        _check_name(self, "resource")
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchOk(Message):
+    """Where to connect. In the gateway modes, ``ticket`` opens the tunnel (``open_tunnel``)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LAUNCH_OK
+    mode: Mode
+    host: str
+    port: int
+    ticket: str = field(repr=False)
+    expires_in_s: int
+
+    def __post_init__(self) -> None:
+        _check_host(self, "host")
+        _check_range(self, "port", 1, 65535)
+        _check_str(self, "ticket", empty=True, limit=2048)
+        _check_range(self, "expires_in_s", 0, 86400)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenTunnel(Message):
+    """Ask the gateway to connect to the ticket's host; the last frame the client sends."""
+
+    TYPE: ClassVar[MessageType] = MessageType.OPEN_TUNNEL
+    ticket: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_str(self, "ticket", limit=2048)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelOpen(Message):
+    """The last frame the gateway sends: from the next byte on, the connection is raw."""
+
+    TYPE: ClassVar[MessageType] = MessageType.TUNNEL_OPEN
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_host(self, "host")
+        _check_range(self, "port", 1, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRegister(Message):
+    TYPE: ClassVar[MessageType] = MessageType.AGENT_REGISTER
+    name: str
+    kind: HostKind
+    rdp_host: str
+    rdp_port: int
+    max_sessions: int
+
+    def __post_init__(self) -> None:
+        _check_name(self, "name")
+        _check_host(self, "rdp_host")
+        _check_range(self, "rdp_port", 1, 65535)
+        _check_range(self, "max_sessions", 1, 100_000)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport(Message):
+    """An agent's load: CPU and memory in percent, session counts."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LOAD_REPORT
+    cpu_percent: float
+    memory_percent: float
+    sessions: int
+    disconnected: int
+
+    def __post_init__(self) -> None:
+        _check_range(self, "cpu_percent", 0.0, 100.0)
+        _check_range(self, "memory_percent", 0.0, 100.0)
+        _check_range(self, "sessions", 0, 100_000)
+        _check_range(self, "disconnected", 0, 100_000)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRegister(Message):
+    """A gateway announces itself on its long-lived link to the broker."""
+
+    TYPE: ClassVar[MessageType] = MessageType.GATEWAY_REGISTER
+    name: str
+    public_host: str
+    public_port: int
+
+    def __post_init__(self) -> None:
+        _check_name(self, "name")
+        _check_host(self, "public_host")
+        _check_range(self, "public_port", 1, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSession(Message):
+    """First frame of a gateway's connection made on behalf of one client: who the client is."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CLIENT_SESSION
+    address: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_host(self, "address")
+        _check_range(self, "port", 0, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class Registered(Message):
+    TYPE: ClassVar[MessageType] = MessageType.REGISTERED
+    name: str
+    report_interval_s: float
+
+    def __post_init__(self) -> None:
+        _check_name(self, "name")
+        _check_range(self, "report_interval_s", 0.1, 3600.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RedeemTicket(Message):
+    TYPE: ClassVar[MessageType] = MessageType.REDEEM_TICKET
+    ticket: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_str(self, "ticket", limit=2048)
+
+
+@dataclass(frozen=True, slots=True)
+class TicketOk(Message):
+    """The broker's word that a ticket was good: the only place a tunnel may go."""
+
+    TYPE: ClassVar[MessageType] = MessageType.TICKET_OK
+    host: str
+    port: int
+    user: str
+    resource: str
+
+    def __post_init__(self) -> None:
+        _check_host(self, "host")
+        _check_range(self, "port", 1, 65535)
+        _check_str(self, "user", limit=256)
+        _check_name(self, "resource")
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    TYPE: ClassVar[MessageType] = MessageType.PING
+    nonce: int
+
+    def __post_init__(self) -> None:
+        _check_range(self, "nonce", 0, 2**53)
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    TYPE: ClassVar[MessageType] = MessageType.PONG
+    nonce: int
+
+    def __post_init__(self) -> None:
+        _check_range(self, "nonce", 0, 2**53)
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A refusal or a protocol error. Codes 1xx are followed by close (see ``ErrorCode``)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    code: ErrorCode
+    message: str
+
+    def __post_init__(self) -> None:
+        _check_str(self, "message", empty=True, limit=1024)
+
+    @property
+    def fatal(self) -> bool:
+        return 100 <= self.code < 200
+
+
+MESSAGE_CLASSES: Mapping[MessageType, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello, Welcome, Authenticate, AuthChallenge, AuthResponse, AuthOk, ListResources,
+        ResourceList, Launch, LaunchOk, OpenTunnel, TunnelOpen, AgentRegister, LoadReport,
+        GatewayRegister, ClientSession, Registered, RedeemTicket, TicketOk, Ping, Pong, Error,
+    )
+}  # fmt: skip
+
+
+# -- JSON body codec ----------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+_FIELDS: dict[type, dict[str, Any]] = {
+    cls: _field_types(cls) for cls in (*MESSAGE_CLASSES.values(), Resource)
+}
+
+
+def _to_json(value: object) -> object:
+    if isinstance(value, tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, Resource):
+        return {f: _to_json(getattr(value, f)) for f in _FIELDS[Resource]}
+    if isinstance(value, enum.IntEnum):
+        return int(value)
+    if isinstance(value, enum.StrEnum):
+        return str(value)
+    return value
+
+
+def encode_body(msg: Message) -> bytes:
+    """The JSON body of ``msg`` (compact, UTF-8, ``type`` first)."""
+    obj: dict[str, object] = {"type": str(msg.TYPE)}
+    for name in _FIELDS[type(msg)]:
+        obj[name] = _to_json(getattr(msg, name))
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _bad(why: str, code: ErrorCode = ErrorCode.BAD_FIELD) -> RemoteProtocolError:
+    return RemoteProtocolError(why, code)
+
+
+def _convert(tp: Any, value: object, where: str) -> object:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item,) = (a for a in typing.get_args(tp) if a is not Ellipsis)
+        if not isinstance(value, list) or len(value) > MAX_LIST:
+            raise _bad(f"{where}: expected a list of at most {MAX_LIST} items")
+        return tuple(_convert(item, v, f"{where}[]") for v in value)
+    if tp is Resource:
+        if not isinstance(value, dict):
+            raise _bad(f"{where}: expected an object")
+        return _build(Resource, value, where)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        base = int if issubclass(tp, enum.IntEnum) else str
+        if type(value) is not base:
+            raise _bad(f"{where}: expected {base.__name__}")
+        try:
+            return tp(value)
+        except ValueError:
+            raise _bad(f"{where}: {value!r} is not one of the allowed values") from None
+    if tp is float:
+        if type(value) not in (int, float):
+            raise _bad(f"{where}: expected a number")
+        return float(value)  # type: ignore[arg-type]
+    if type(value) is not tp:  # bool is not an int here, on purpose
+        raise _bad(f"{where}: expected {getattr(tp, '__name__', tp)}")
+    return value
+
+
+def _build(cls: type[Any], obj: dict[str, object], where: str) -> Any:
+    fields = _FIELDS[cls]
+    extra = obj.keys() - fields.keys()
+    if extra:
+        raise _bad(f"{where}: unknown field {sorted(extra)[0]!r}")
+    missing = fields.keys() - obj.keys()
+    if missing:
+        raise _bad(f"{where}: missing field {sorted(missing)[0]!r}")
+    kwargs = {name: _convert(tp, obj[name], f"{where}.{name}") for name, tp in fields.items()}
+    try:
+        return cls(**kwargs)
+    except ProtocolError as exc:
+        raise _bad(str(exc), exc.code) from None
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _bad("duplicate key in object", ErrorCode.MALFORMED)
+    return obj
+
+
+def _no_constants(name: str) -> object:
+    raise _bad(f"{name} is not allowed", ErrorCode.MALFORMED)
+
+
+def decode_body(body: bytes) -> Message:
+    """Parse one frame body into a message, or raise :class:`RemoteProtocolError`."""
+    try:
+        obj = json.loads(
+            body.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _bad("frame body is not UTF-8 JSON", ErrorCode.MALFORMED) from None
+    if not isinstance(obj, dict):
+        raise _bad("frame body is not a JSON object", ErrorCode.MALFORMED)
+    kind = obj.pop("type", None)
+    if not isinstance(kind, str):
+        raise _bad("frame body has no string 'type'", ErrorCode.MALFORMED)
+    try:
+        cls = MESSAGE_CLASSES[MessageType(kind)]
+    except ValueError:
+        raise _bad(f"unknown message type {kind[:64]!r}", ErrorCode.UNKNOWN_TYPE) from None
+    msg: Message = _build(cls, obj, kind)
+    return msg
