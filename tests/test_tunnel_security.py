@@ -19,7 +19,7 @@ from ras.errors import AuthError, ErrorCode, TransportError
 from ras.net.channel import Channel, PeerError
 from ras.protocol import ClientSession as ClientSessionMsg
 from ras.protocol import Hello, Mode, OpenTunnel, RedeemTicket, Role, Side, Welcome
-from tests.farmkit import PASSWORD, USER, Listener, add_gateway, farm
+from farmkit import PASSWORD, USER, Listener, add_gateway, farm
 
 
 @pytest.fixture

@@ -1,0 +1,91 @@
+"""A real RDP client through the farm to real RDP servers: the proof of the tunnel.
+
+xfreerdp connects to the client's local forwarder; the forwarder launches the desktop through
+the gateway's TLS port (gateway SSL mode), gets a ticket and opens a tunnel; the gateway
+redeems the ticket at the broker over mutual TLS and relays to the host the agent registered.
+NLA (CredSSP) runs end to end between xfreerdp and the server inside the RDP TLS, so a single
+changed or reordered byte anywhere on the path breaks it: exit 0 for the right password and
+147 for a wrong one come from the real server through our bytes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import rdp_peers
+import trio
+from farmkit import PASSWORD, USER, farm
+from rdp_peers import ShadowServer, XrdpServer, Xvfb, xfreerdp
+
+from ras.client.forwarder import serve_forwarder
+from ras.client.session import ClientSession
+
+pytestmark = pytest.mark.peers
+
+RDP_USER = "rdpuser"
+RDP_PASSWORD = "Sh4dow pass"
+
+
+def _require(*, xrdp: bool) -> None:
+    reason = rdp_peers.peers_available(xrdp=xrdp)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def display():
+    _require(xrdp=False)
+    with Xvfb() as xvfb:
+        yield xvfb.display
+
+
+@pytest.fixture(scope="module")
+def shadow(display):
+    with ShadowServer(RDP_USER, RDP_PASSWORD, display) as server:
+        yield server
+
+
+async def _forwarder(f, nursery: trio.Nursery) -> tuple[ClientSession, int]:
+    session = await ClientSession.connect(f.client_config())
+    await session.authenticate(USER, PASSWORD)
+    _, port = await nursery.start(serve_forwarder, session, "desktop")
+    return session, port
+
+
+async def _xfreerdp(port: int, user: str, password: str, display: str, *extra: str):
+    return await trio.to_thread.run_sync(
+        lambda: xfreerdp("127.0.0.1", port, user, password, display=display, extra=list(extra))
+    )
+
+
+async def test_xfreerdp_nla_through_the_gateway_tls_tunnel(tmp_path, shadow, display, caplog):
+    caplog.set_level("INFO", logger="ras")
+    async with farm(tmp_path, rdp_hosts=[("host1", shadow.host, shadow.port)]) as f, \
+            trio.open_nursery() as nursery:
+        session, port = await _forwarder(f, nursery)
+        right = await _xfreerdp(port, RDP_USER, RDP_PASSWORD, display, "+auth-only")
+        wrong = await _xfreerdp(port, RDP_USER, "not the password", display, "+auth-only")
+        nursery.cancel_scope.cancel()
+        await session.aclose()
+    assert right.returncode == 0, right.summary()
+    assert wrong.returncode == 147, wrong.summary()
+    # Both connections really went through tunnels of the gateway, each with its own ticket.
+    opened = [r for r in caplog.records if r.getMessage().startswith("tunnel open")]
+    redeemed = [r for r in caplog.records if r.getMessage().startswith("ticket redeemed")]
+    assert len(opened) == 2 and len(redeemed) == 2
+    assert all(f"rdp=127.0.0.1:{shadow.port}" in r.getMessage() for r in opened)
+    assert all("tls=True" in r.getMessage() for r in opened)
+    # The password never reaches a log line.
+    assert not any(RDP_PASSWORD in r.getMessage() or PASSWORD in r.getMessage() for r in caplog.records)
+
+
+async def test_xfreerdp_real_xrdp_login_through_the_gateway(tmp_path, display):
+    _require(xrdp=True)
+    with XrdpServer(desktop_seconds=2) as server:
+        async with farm(tmp_path, rdp_hosts=[("host1", server.host, server.port)]) as f, \
+                trio.open_nursery() as nursery:
+            session, port = await _forwarder(f, nursery)
+            result = await _xfreerdp(port, server.user, server.password, display, "/sec:tls")
+            nursery.cancel_scope.cancel()
+            await session.aclose()
+    # 12: xrdp logged the user off when the test desktop ended: a real login and session.
+    assert result.returncode == 12, f"{result.summary()}\n{server.log_tail()}"
