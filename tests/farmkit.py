@@ -41,14 +41,21 @@ class Farm:
     gateway_addrs: dict[str, dict[str, tuple[str, int]]] = field(default_factory=dict)
     agents: dict[str, Agent] = field(default_factory=dict)
 
-    def client_config(self, gateway: str = "gateway", mode: Mode = Mode.GATEWAY_SSL, **kw: object) -> ClientConfig:
+    def client_config(
+        self, gateway: str = "gateway", mode: Mode = Mode.GATEWAY_SSL, **kw: object
+    ) -> ClientConfig:
         addrs = self.gateway_addrs[gateway]
         tls = mode in (Mode.GATEWAY_SSL, Mode.DIRECT_SSL)
         host, port = addrs["tls" if tls else "plain"]
         return ClientConfig(
-            server_host=host, server_port=port, mode=mode, server_name="localhost",
-            ca_file=self.pki.directory / f"{gateway}-public.pem", username=USER,
-            resource="desktop", **kw,  # type: ignore[arg-type]
+            server_host=host,
+            server_port=port,
+            mode=mode,
+            server_name="localhost",
+            ca_file=self.pki.directory / f"{gateway}-public.pem",
+            username=USER,
+            resource="desktop",
+            **kw,  # type: ignore[arg-type]
         )
 
 
@@ -67,8 +74,14 @@ async def farm(
     pki.init_ca()
     cert, key = pki.ensure("broker", LOOPBACK)
     cfg = BrokerConfig(
-        database=tmp / "broker.sqlite3", cert_file=cert, key_file=key, ca_file=pki.ca_path,
-        gateway_port=0, agent_port=0, ticket_ttl_s=ticket_ttl_s, resources=tuple(resources),
+        database=tmp / "broker.sqlite3",
+        cert_file=cert,
+        key_file=key,
+        ca_file=pki.ca_path,
+        gateway_port=0,
+        agent_port=0,
+        ticket_ttl_s=ticket_ttl_s,
+        resources=tuple(resources),
         **broker_options,  # type: ignore[arg-type]
     )
     store = SQLiteStore(cfg.database)
@@ -92,12 +105,20 @@ async def add_gateway(f: Farm, nursery: trio.Nursery, name: str, **options: obje
     cert, key = f.pki.ensure(name, LOOPBACK)
     pub_cert, pub_key = f.pki.ensure_self_signed(f"{name}-public", LOOPBACK)
     settings: dict[str, object] = {
-        "listen_host": "127.0.0.1", "plain_port": 0, "tls_port": 0,
-        "broker_port": f.broker_addrs["gateways"][1], **options,
+        "listen_host": "127.0.0.1",
+        "plain_port": 0,
+        "tls_port": 0,
+        "broker_port": f.broker_addrs["gateways"][1],
+        **options,
     }
     cfg = GatewayConfig(
-        name=name, public_cert_file=pub_cert, public_key_file=pub_key, cert_file=cert,
-        key_file=key, ca_file=f.pki.ca_path, **settings,  # type: ignore[arg-type]
+        name=name,
+        public_cert_file=pub_cert,
+        public_key_file=pub_key,
+        cert_file=cert,
+        key_file=key,
+        ca_file=f.pki.ca_path,
+        **settings,  # type: ignore[arg-type]
     )
     gateway = Gateway(cfg)
     f.gateway_addrs[name] = await nursery.start(gateway.serve)
@@ -105,12 +126,18 @@ async def add_gateway(f: Farm, nursery: trio.Nursery, name: str, **options: obje
     return gateway
 
 
-async def add_agent(f: Farm, nursery: trio.Nursery, name: str, host: str, port: int,
-                    *, cert_name: str | None = None) -> Agent:
+async def add_agent(
+    f: Farm, nursery: trio.Nursery, name: str, host: str, port: int, *, cert_name: str | None = None
+) -> Agent:
     cert, key = f.pki.ensure(cert_name or name)
     cfg = AgentConfig(
-        name=name, cert_file=cert, key_file=key, ca_file=f.pki.ca_path, rdp_host=host,
-        rdp_port=port, broker_port=f.broker_addrs["agents"][1],
+        name=name,
+        cert_file=cert,
+        key_file=key,
+        ca_file=f.pki.ca_path,
+        rdp_host=host,
+        rdp_port=port,
+        broker_port=f.broker_addrs["agents"][1],
     )
     agent = Agent(cfg)
     await nursery.start(agent.run)

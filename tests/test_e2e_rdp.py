@@ -59,8 +59,10 @@ async def _xfreerdp(port: int, user: str, password: str, display: str, *extra: s
 
 async def test_xfreerdp_nla_through_the_gateway_tls_tunnel(tmp_path, shadow, display, caplog):
     caplog.set_level("INFO", logger="ras")
-    async with farm(tmp_path, rdp_hosts=[("host1", shadow.host, shadow.port)]) as f, \
-            trio.open_nursery() as nursery:
+    async with (
+        farm(tmp_path, rdp_hosts=[("host1", shadow.host, shadow.port)]) as f,
+        trio.open_nursery() as nursery,
+    ):
         session, port = await _forwarder(f, nursery)
         right = await _xfreerdp(port, RDP_USER, RDP_PASSWORD, display, "+auth-only")
         wrong = await _xfreerdp(port, RDP_USER, "not the password", display, "+auth-only")
@@ -71,18 +73,23 @@ async def test_xfreerdp_nla_through_the_gateway_tls_tunnel(tmp_path, shadow, dis
     # Both connections really went through tunnels of the gateway, each with its own ticket.
     opened = [r for r in caplog.records if r.getMessage().startswith("tunnel open")]
     redeemed = [r for r in caplog.records if r.getMessage().startswith("ticket redeemed")]
-    assert len(opened) == 2 and len(redeemed) == 2
+    assert len(opened) == 2
+    assert len(redeemed) == 2
     assert all(f"rdp=127.0.0.1:{shadow.port}" in r.getMessage() for r in opened)
     assert all("tls=True" in r.getMessage() for r in opened)
     # The password never reaches a log line.
-    assert not any(RDP_PASSWORD in r.getMessage() or PASSWORD in r.getMessage() for r in caplog.records)
+    assert not any(
+        RDP_PASSWORD in r.getMessage() or PASSWORD in r.getMessage() for r in caplog.records
+    )
 
 
 async def test_xfreerdp_real_xrdp_login_through_the_gateway(tmp_path, display):
     _require(xrdp=True)
     with XrdpServer(desktop_seconds=2) as server:
-        async with farm(tmp_path, rdp_hosts=[("host1", server.host, server.port)]) as f, \
-                trio.open_nursery() as nursery:
+        async with (
+            farm(tmp_path, rdp_hosts=[("host1", server.host, server.port)]) as f,
+            trio.open_nursery() as nursery,
+        ):
             session, port = await _forwarder(f, nursery)
             result = await _xfreerdp(port, server.user, server.password, display, "/sec:tls")
             nursery.cancel_scope.cancel()

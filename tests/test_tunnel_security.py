@@ -12,6 +12,7 @@ import os
 
 import pytest
 import trio
+from farmkit import PASSWORD, USER, Listener, add_gateway, farm
 
 from ras.broker.tickets import TicketAuthority
 from ras.client.session import ClientSession
@@ -19,7 +20,6 @@ from ras.errors import AuthError, ErrorCode, TransportError
 from ras.net.channel import Channel, PeerError
 from ras.protocol import ClientSession as ClientSessionMsg
 from ras.protocol import Hello, Mode, OpenTunnel, RedeemTicket, Role, Side, Welcome
-from farmkit import PASSWORD, USER, Listener, add_gateway, farm
 
 
 @pytest.fixture
@@ -65,7 +65,8 @@ async def test_tunnel_carries_bytes_unchanged(tmp_path, hosts, mode):
                 got += await tunnel.receive_some()
         assert bytes(got) == payload
         assert bytes(host.received) == payload
-        assert host.connections == 1 and decoy.connections == 0
+        assert host.connections == 1
+        assert decoy.connections == 0
 
 
 async def test_half_close_reaches_the_host_and_the_reply_still_arrives(tmp_path, hosts):
@@ -92,7 +93,8 @@ async def test_no_ticket_and_garbage_tickets_are_refused(tmp_path, hosts):
                 continue  # an empty ticket is refused by the codec before it is sent
             err = await _refused(cfg, ticket)
             assert err.code is ErrorCode.TICKET_INVALID
-    assert host.connections == 0 and decoy.connections == 0
+    assert host.connections == 0
+    assert decoy.connections == 0
 
 
 async def test_forged_tickets_are_refused(tmp_path, hosts):
@@ -106,15 +108,22 @@ async def test_forged_tickets_are_refused(tmp_path, hosts):
         edited = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
         # the same signature on edited claims, and claims signed with a key of our own
         own_key, _ = TicketAuthority(os.urandom(32)).issue(
-            user=USER, resource="desktop", host="127.0.0.1", port=decoy.port, gateway="gateway",
-            client="127.0.0.1", now=trio.current_time() + 1e9, ttl_s=60,
+            user=USER,
+            resource="desktop",
+            host="127.0.0.1",
+            port=decoy.port,
+            gateway="gateway",
+            client="127.0.0.1",
+            now=trio.current_time() + 1e9,
+            ttl_s=60,
         )
         for forged in (f"{prefix}.{edited}.{mac}", own_key, genuine[:-2] + "AA"):
             assert (await _refused(cfg, forged)).code is ErrorCode.TICKET_INVALID
         # the genuine ticket still works once: forgeries did not burn it
         tunnel = await ClientSession(cfg, None).open_tunnel(genuine)  # type: ignore[arg-type]
         await tunnel.aclose()
-    assert decoy.connections == 0 and host.connections == 1
+    assert decoy.connections == 0
+    assert host.connections == 1
 
 
 async def test_a_ticket_opens_one_tunnel_only(tmp_path, hosts):
@@ -125,19 +134,22 @@ async def test_a_ticket_opens_one_tunnel_only(tmp_path, hosts):
         tunnel = await ClientSession(cfg, None).open_tunnel(ticket)  # type: ignore[arg-type]
         await tunnel.aclose()
         assert (await _refused(cfg, ticket)).code is ErrorCode.TICKET_INVALID
-    assert host.connections == 1 and decoy.connections == 0
+    assert host.connections == 1
+    assert decoy.connections == 0
 
 
 async def test_another_gateways_ticket_is_refused(tmp_path, hosts):
     host, decoy = hosts
-    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)],
-                    gateways=("gw-a", "gw-b")) as f:
+    async with farm(
+        tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)], gateways=("gw-a", "gw-b")
+    ) as f:
         ticket = await _ticket(f.client_config("gw-a"))
         assert (await _refused(f.client_config("gw-b"), ticket)).code is ErrorCode.TICKET_INVALID
         # and it is not burnt by the attempt: its own gateway still honours it
         tunnel = await ClientSession(f.client_config("gw-a"), None).open_tunnel(ticket)  # type: ignore[arg-type]
         await tunnel.aclose()
-    assert host.connections == 1 and decoy.connections == 0
+    assert host.connections == 1
+    assert decoy.connections == 0
 
 
 async def test_an_expired_ticket_is_refused(tmp_path, hosts):
@@ -147,7 +159,8 @@ async def test_an_expired_ticket_is_refused(tmp_path, hosts):
         ticket = await _ticket(cfg)
         await trio.sleep(0.8)
         assert (await _refused(cfg, ticket)).code is ErrorCode.TICKET_INVALID
-    assert host.connections == 0 and decoy.connections == 0
+    assert host.connections == 0
+    assert decoy.connections == 0
 
 
 async def _raw_session(addr: tuple[str, int], source: str) -> Channel:
@@ -168,7 +181,8 @@ async def test_a_ticket_is_bound_to_the_client_address(tmp_path, hosts):
             with pytest.raises(PeerError) as info:
                 await chan.request(OpenTunnel(ticket))
         assert info.value.code is ErrorCode.TICKET_INVALID
-    assert host.connections == 0 and decoy.connections == 0
+    assert host.connections == 0
+    assert decoy.connections == 0
 
 
 @pytest.mark.parametrize("msg", [RedeemTicket("t1.x.y"), ClientSessionMsg("10.0.0.9", 1)])
@@ -179,7 +193,8 @@ async def test_clients_cannot_speak_for_the_gateway(tmp_path, hosts, msg):
             with pytest.raises(PeerError) as info:
                 await chan.request(msg)
         assert info.value.code is ErrorCode.UNEXPECTED
-    assert host.connections == 0 and decoy.connections == 0
+    assert host.connections == 0
+    assert decoy.connections == 0
 
 
 async def test_wrong_password_and_unknown_user_get_the_same_answer(tmp_path, hosts):
@@ -218,7 +233,7 @@ async def test_gateway_says_unavailable_when_the_broker_is_down(tmp_path, hosts,
         async with await ClientSession.connect(f.client_config("lonely")) as session:
             with pytest.raises(TransportError) as info:
                 await session.authenticate(USER, PASSWORD)
-        assert isinstance(info.value, PeerError) and info.value.code is ErrorCode.UNAVAILABLE
+        assert isinstance(info.value, PeerError)
+        assert info.value.code is ErrorCode.UNAVAILABLE
         # the gateway itself keeps serving: a fresh connection still gets a welcome
         await (await ClientSession.connect(f.client_config("lonely"))).aclose()
-

@@ -28,7 +28,12 @@ def _rdp(text: str) -> tuple[str, int]:
 
 def _init(args: argparse.Namespace) -> FarmState:
     host, port = _rdp(args.rdp)
-    ports = FarmPorts(gateway_plain=args.gateway_port, gateway_tls=args.gateway_tls_port)
+    ports = FarmPorts(
+        gateway_plain=args.gateway_port,
+        gateway_tls=args.gateway_tls_port,
+        broker_gateways=args.broker_port,
+        broker_agents=args.agent_port,
+    )
     return init_farm(args.state_dir, rdp_host=host, rdp_port=port, ports=ports)
 
 
@@ -89,7 +94,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="A whole farm in one process on 127.0.0.1. The first run makes the state "
         "directory: the farm CA and the daemons' certificates, the gateway's self-signed "
         "certificate, config files, the SQLite state and a demo user; later runs reuse it. "
-        "The agent reports the RDP host given by --rdp (xrdp on this machine by default).",
+        "The agent reports the RDP host given by --rdp (xrdp on this machine by default). "
+        "Ports are written into the config files on the first run; later runs use the files.",
         epilog="example:\n  ras farm up --state-dir ./state --rdp 127.0.0.1:3389",
     )
     actions = farm.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -116,5 +122,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             type=int,
             default=FarmPorts().gateway_tls,
             help=f"gateway TLS port (default: {FarmPorts().gateway_tls})",
+        )
+        p.add_argument(
+            "--broker-port",
+            type=int,
+            default=FarmPorts().broker_gateways,
+            help=f"broker port for gateways (default: {FarmPorts().broker_gateways})",
+        )
+        p.add_argument(
+            "--agent-port",
+            type=int,
+            default=FarmPorts().broker_agents,
+            help=f"broker port for agents (default: {FarmPorts().broker_agents})",
         )
         p.set_defaults(func=func)
