@@ -20,6 +20,7 @@ State rules (one table, ``_TRANSITIONS`` below; both ends walk the same states):
 
     AWAIT_HELLO   --hello-->         AWAIT_WELCOME   (client sends preface + hello)
     AWAIT_WELCOME --welcome-->       OPEN            (server picks the version)
+    AWAIT_WELCOME --error-->         CLOSED          (hello refused: the server closes)
     OPEN          --open_tunnel-->   AWAIT_TUNNEL    (the client's last frame)
     AWAIT_TUNNEL  --tunnel_open-->   TUNNEL          (the server's last frame; raw bytes follow)
     AWAIT_TUNNEL  --error-->         CLOSED          (tunnel refused: the server closes)
@@ -113,6 +114,7 @@ _SERVER_SENDS = frozenset({
 _TRANSITIONS: dict[tuple[State, MessageType], State] = {
     (State.AWAIT_HELLO, T.HELLO): State.AWAIT_WELCOME,
     (State.AWAIT_WELCOME, T.WELCOME): State.OPEN,
+    (State.AWAIT_WELCOME, T.ERROR): State.CLOSED,
     (State.OPEN, T.OPEN_TUNNEL): State.AWAIT_TUNNEL,
     (State.AWAIT_TUNNEL, T.TUNNEL_OPEN): State.TUNNEL,
     (State.AWAIT_TUNNEL, T.ERROR): State.CLOSED,
@@ -142,12 +144,15 @@ class Connection:
         self._buffer = bytearray()
         self._preface_seen = side is Side.CLIENT
         self._raw = False  # set once every further received byte belongs to the tunnel
+        self._sent_open_tunnel = False  # the client's last frame: the server reads raw after it
 
     # -- sending ---------------------------------------------------------------------------
 
     def send(self, msg: Message) -> bytes:
         """The bytes that carry ``msg``; raises :class:`LocalProtocolError` if not allowed now."""
         allowed = _CLIENT_SENDS if self.side is Side.CLIENT else _SERVER_SENDS
+        if self._sent_open_tunnel:
+            raise LocalProtocolError("open_tunnel was the last frame: the peer reads raw bytes now")
         if self.state is State.ERROR and not isinstance(msg, Error):
             raise LocalProtocolError("connection is in error: only an error may be sent")
         if msg.TYPE not in allowed:
@@ -165,10 +170,12 @@ class Connection:
         if len(body) > self.max_frame_size:
             raise LocalProtocolError(f"{msg.TYPE} is {len(body)} bytes, over the frame limit")
         self.state = nxt
+        self._sent_open_tunnel = msg.TYPE is T.OPEN_TUNNEL
         return prefix + _LENGTH.pack(len(body)) + body
 
     def send_error(self, code: ErrorCode, message: str) -> bytes:
-        """Bytes of an ``error`` frame, allowed in any state but TUNNEL and CLOSED."""
+        """Bytes of an ``error`` frame, allowed in any state but TUNNEL and CLOSED, and not
+        after sending ``open_tunnel``."""
         if self.state in (State.TUNNEL, State.CLOSED):
             raise LocalProtocolError(f"cannot send an error in state {self.state.value}")
         return self.send(Error(code, message[:1024]))

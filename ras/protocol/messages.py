@@ -63,6 +63,7 @@ __all__ = [
 MAX_STRING = 4096
 MAX_LIST = 1000
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@\\-]{0,254}")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # C0, DEL, C1, surrogates
 _HOST = re.compile(
     r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?"
 )
@@ -137,13 +138,17 @@ def _fail(cls: type, name: str, why: str) -> ProtocolError:
 
 
 def _check_str(obj: object, name: str, *, empty: bool = False, limit: int = MAX_STRING) -> None:
-    value = getattr(obj, name)
+    _check_text(type(obj), name, getattr(obj, name), empty=empty, limit=limit)
+
+
+def _check_text(cls: type, name: str, value: str, *, empty: bool, limit: int) -> None:
     if not empty and not value:
-        raise _fail(type(obj), name, "must not be empty")
+        raise _fail(cls, name, "must not be empty")
     if len(value) > limit:
-        raise _fail(type(obj), name, f"longer than {limit} characters")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-        raise _fail(type(obj), name, "contains control characters")
+        raise _fail(cls, name, f"longer than {limit} characters")
+    if _CONTROL.search(value):
+        # Surrogates cannot be encoded as UTF-8: such a message could not be sent on.
+        raise _fail(cls, name, "contains control characters or surrogates")
 
 
 def _check_name(obj: object, name: str) -> None:
@@ -245,6 +250,8 @@ class AuthOk(Message):
         _check_str(self, "user", limit=256)
         if len(self.groups) > MAX_LIST:
             raise _fail(type(self), "groups", f"more than {MAX_LIST} entries")
+        for group in self.groups:
+            _check_text(type(self), "groups", group, empty=False, limit=256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,7 +535,10 @@ def _convert(tp: Any, value: object, where: str) -> object:
     if tp is float:
         if type(value) not in (int, float):
             raise _bad(f"{where}: expected a number")
-        return float(value)  # type: ignore[arg-type]
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except OverflowError:  # an integer literal beyond the largest float
+            raise _bad(f"{where}: number out of range") from None
     if type(value) is not tp:  # bool is not an int here, on purpose
         raise _bad(f"{where}: expected {getattr(tp, '__name__', tp)}")
     return value
