@@ -22,14 +22,17 @@ from ras.broker.hosts import HostRegistry
 from ras.broker.passwords import verify_password
 from ras.broker.store import Store
 from ras.broker.tickets import TicketAuthority
-from ras.errors import ErrorCode, TicketError, TransportError
+from ras.broker.totp import verify_totp
+from ras.errors import ErrorCode, RemoteProtocolError, TicketError, TransportError
 from ras.net.channel import Channel
 from ras.net.listen import Handler, serve_tcp
 from ras.pki import peer_name, server_context
 from ras.protocol import (
     AgentRegister,
+    AuthChallenge,
     Authenticate,
     AuthOk,
+    AuthResponse,
     ClientSession,
     GatewayRegister,
     Hello,
@@ -168,7 +171,7 @@ class Broker:
             with trio.fail_after(self.config.request_timeout_s):
                 match msg:
                     case Authenticate():
-                        user = await self._authenticate(msg, client, gateway)
+                        user = await self._authenticate(chan, msg, client, gateway)
                         if user is None:
                             await chan.refuse(ErrorCode.AUTH_FAILED, "wrong user name or password")
                         else:
@@ -199,21 +202,33 @@ class Broker:
                         await chan.fail(ErrorCode.UNEXPECTED, f"{msg.TYPE} is not a request")
                         return
 
-    async def _authenticate(self, msg: Authenticate, client: str, gateway: str) -> _User | None:
+    async def _authenticate(
+        self, chan: Channel, msg: Authenticate, client: str, gateway: str
+    ) -> _User | None:
+        """Password, then the second factor if the user has one (a challenge round)."""
         record = await trio.to_thread.run_sync(self.store.get_user, msg.username)
         stored = record.password_hash if record is not None and record.enabled else None
         ok = await trio.to_thread.run_sync(verify_password, msg.password, stored)
+        where = f"client={client} gateway={gateway}"
         if not ok or record is None:
             reason = "unknown or disabled user" if stored is None else "wrong password"
-            log.warning(
-                "auth failed user=%s client=%s gateway=%s reason=%s",
-                msg.username,
-                client,
-                gateway,
-                reason,
-            )
+            log.warning("auth failed user=%s %s reason=%s", msg.username, where, reason)
             return None
-        log.info("auth ok user=%s client=%s gateway=%s", record.name, client, gateway)
+        if record.totp_secret is not None:
+            await chan.send(AuthChallenge("Verification code from your authenticator app:", True))
+            answer = await chan.receive()
+            if not isinstance(answer, AuthResponse):
+                await chan.fail(ErrorCode.UNEXPECTED, "expected auth_response")
+                raise RemoteProtocolError("expected auth_response", ErrorCode.UNEXPECTED)
+            step = verify_totp(record.totp_secret, answer.answer, time.time())
+            if step is None or not await trio.to_thread.run_sync(
+                self.store.use_totp_step, record.name, step
+            ):
+                why = "wrong one-time code" if step is None else "one-time code already used"
+                log.warning("auth failed user=%s %s reason=%s", record.name, where, why)
+                return None
+        factors = "password+totp" if record.totp_secret is not None else "password"
+        log.info("auth ok user=%s %s factors=%s", record.name, where, factors)
         return _User(record.name, record.groups)
 
     def _visible(self, user: _User) -> list[ResourceConfig]:

@@ -11,7 +11,8 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +25,7 @@ class UserRecord:
     password_hash: str
     groups: tuple[str, ...] = ()
     enabled: bool = True
+    totp_secret: bytes | None = field(default=None, repr=False)
 
 
 class Store(Protocol):
@@ -33,6 +35,7 @@ class Store(Protocol):
     def list_users(self) -> list[UserRecord]: ...
     def secret(self, name: str, size: int = 32) -> bytes: ...
     def redeem_once(self, ticket_id: str, expires: float) -> bool: ...
+    def use_totp_step(self, name: str, step: int) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -41,11 +44,26 @@ CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY COLLATE NOCASE,
     password_hash TEXT NOT NULL,
     groups TEXT NOT NULL DEFAULT '[]',
-    enabled INTEGER NOT NULL DEFAULT 1
+    enabled INTEGER NOT NULL DEFAULT 1,
+    totp_secret BLOB,
+    totp_step INTEGER NOT NULL DEFAULT -1
 );
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS redeemed_tickets (id TEXT PRIMARY KEY, expires REAL NOT NULL);
 """
+
+_USER_COLUMNS = "name, password_hash, groups, enabled, totp_secret"
+
+
+def _user(row: tuple[object, ...]) -> UserRecord:
+    name, password_hash, groups, enabled, secret = row
+    return UserRecord(
+        str(name),
+        str(password_hash),
+        tuple(json.loads(str(groups))),
+        bool(enabled),
+        None if secret is None else bytes(typing.cast(bytes, secret)),
+    )
 
 
 class SQLiteStore:
@@ -64,19 +82,26 @@ class SQLiteStore:
     def get_user(self, name: str) -> UserRecord | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT name, password_hash, groups, enabled FROM users WHERE name = ?", (name,)
+                f"SELECT {_USER_COLUMNS} FROM users WHERE name = ?", (name,)
             ).fetchone()
-        if row is None:
-            return None
-        return UserRecord(row[0], row[1], tuple(json.loads(row[2])), bool(row[3]))
+        return None if row is None else _user(row)
 
     def put_user(self, user: UserRecord) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO users (name, password_hash, groups, enabled) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET password_hash = excluded.password_hash, "
-                "groups = excluded.groups, enabled = excluded.enabled",
-                (user.name, user.password_hash, json.dumps(list(user.groups)), int(user.enabled)),
+                "INSERT INTO users (name, password_hash, groups, enabled, totp_secret) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "password_hash = excluded.password_hash, groups = excluded.groups, "
+                "enabled = excluded.enabled, totp_secret = excluded.totp_secret, "
+                "totp_step = CASE WHEN users.totp_secret IS excluded.totp_secret "
+                "THEN users.totp_step ELSE -1 END",
+                (
+                    user.name,
+                    user.password_hash,
+                    json.dumps(list(user.groups)),
+                    int(user.enabled),
+                    user.totp_secret,
+                ),
             )
 
     def delete_user(self, name: str) -> bool:
@@ -85,10 +110,8 @@ class SQLiteStore:
 
     def list_users(self) -> list[UserRecord]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT name, password_hash, groups, enabled FROM users ORDER BY name"
-            ).fetchall()
-        return [UserRecord(r[0], r[1], tuple(json.loads(r[2])), bool(r[3])) for r in rows]
+            rows = self._db.execute(f"SELECT {_USER_COLUMNS} FROM users ORDER BY name").fetchall()
+        return [_user(r) for r in rows]
 
     def secret(self, name: str, size: int = 32) -> bytes:
         """A named random secret, made on first use and kept from then on."""
@@ -109,6 +132,16 @@ class SQLiteStore:
                 (ticket_id, expires),
             )
             return cur.rowcount == 1
+
+    def use_totp_step(self, name: str, step: int) -> bool:
+        """Record that ``name`` used the one-time code of ``step``; False if that step or a
+        later one was used already (a code works once)."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE users SET totp_step = ? WHERE name = ? AND totp_step < ?",
+                (step, name, step),
+            )
+            return bool(cur.rowcount == 1)
 
     def close(self) -> None:
         with self._lock:

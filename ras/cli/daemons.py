@@ -13,6 +13,7 @@ from ras.broker.config import BrokerConfig
 from ras.broker.passwords import hash_password
 from ras.broker.server import Broker
 from ras.broker.store import SQLiteStore, UserRecord
+from ras.broker.totp import new_secret, otpauth_uri
 from ras.cli.common import EXIT, exit_code_for, load_config, run_daemon
 from ras.errors import RasError
 from ras.gateway.config import GatewayConfig
@@ -60,8 +61,15 @@ def _broker_users(args: argparse.Namespace) -> int:
                 password = read_secret(args.password_file, f"password for {args.name}: ")
                 if not password:
                     raise RasError("refusing an empty password")
-                store.put_user(UserRecord(args.name, hash_password(password), tuple(args.group)))
+                secret = new_secret() if args.totp else None
+                store.put_user(
+                    UserRecord(args.name, hash_password(password), tuple(args.group), True, secret)
+                )
                 print(f"user {args.name} saved")
+                if secret is not None:
+                    # The enrolment secret is shown once, to the administrator who asked.
+                    print("second factor: add this to an authenticator app (TOTP, 30 s, 6 digits):")
+                    print(otpauth_uri(secret, args.name))
             elif args.action == "user-del":
                 if not store.delete_user(args.name):
                     raise RasError(f"no user {args.name!r}")
