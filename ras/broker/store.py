@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["SQLiteStore", "Store", "UserRecord"]
+from ras.errors import RasError
+
+__all__ = ["SQLiteStore", "StateError", "Store", "UserRecord"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,10 @@ class UserRecord:
     groups: tuple[str, ...] = ()
     enabled: bool = True
     totp_secret: bytes | None = field(default=None, repr=False)
+
+
+class StateError(RasError):
+    """The broker's state cannot be opened or used (a damaged or foreign database file)."""
 
 
 class Store(Protocol):
@@ -39,7 +45,9 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-_SCHEMA = """
+# Each entry takes the schema one version further; never edit a released entry, append.
+_MIGRATIONS = (
+    """
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY COLLATE NOCASE,
     password_hash TEXT NOT NULL,
@@ -50,7 +58,8 @@ CREATE TABLE IF NOT EXISTS users (
 );
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS redeemed_tickets (id TEXT PRIMARY KEY, expires REAL NOT NULL);
-"""
+""",
+)
 
 _USER_COLUMNS = "name, password_hash, groups, enabled, totp_secret"
 
@@ -74,10 +83,21 @@ class SQLiteStore:
         if not path.exists():
             path.touch(mode=0o600)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StateError(f"{path}: not a usable broker database: {exc}") from None
+
+    def _migrate(self) -> None:
+        """Bring the schema to the newest version (``PRAGMA user_version`` counts them)."""
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > len(_MIGRATIONS):
+            raise StateError(f"schema version {version} is newer than this ras knows")
+        for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            self._db.executescript(f"BEGIN; {script} PRAGMA user_version = {number}; COMMIT;")
 
     def get_user(self, name: str) -> UserRecord | None:
         with self._lock:

@@ -134,6 +134,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add.add_argument("name")
     add.add_argument("--group", action="append", default=[], help="a group (repeatable)")
     add.add_argument(
+        "--totp",
+        action="store_true",
+        help="require a TOTP code too; prints the otpauth:// URI to enrol, once",
+    )
+    add.add_argument(
         "--password-file", type=Path, help="read the password from this file's first line"
     )
     add.set_defaults(func=_broker_users)
