@@ -11,37 +11,15 @@ changed or reordered byte anywhere on the path breaks it: exit 0 for the right p
 from __future__ import annotations
 
 import pytest
-import rdp_peers
 import trio
+from conftest import SHADOW_PASSWORD, SHADOW_USER, require_peers
 from farmkit import PASSWORD, USER, farm
-from rdp_peers import ShadowServer, XrdpServer, Xvfb, xfreerdp
+from rdp_peers import XrdpServer, xfreerdp
 
 from ras.client.forwarder import serve_forwarder
 from ras.client.session import ClientSession
 
 pytestmark = pytest.mark.peers
-
-RDP_USER = "rdpuser"
-RDP_PASSWORD = "Sh4dow pass"
-
-
-def _require(*, xrdp: bool) -> None:
-    reason = rdp_peers.peers_available(xrdp=xrdp)
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def display():
-    _require(xrdp=False)
-    with Xvfb() as xvfb:
-        yield xvfb.display
-
-
-@pytest.fixture(scope="module")
-def shadow(display):
-    with ShadowServer(RDP_USER, RDP_PASSWORD, display) as server:
-        yield server
 
 
 async def _forwarder(f, nursery: trio.Nursery) -> tuple[ClientSession, int]:
@@ -64,8 +42,8 @@ async def test_xfreerdp_nla_through_the_gateway_tls_tunnel(tmp_path, shadow, dis
         trio.open_nursery() as nursery,
     ):
         session, port = await _forwarder(f, nursery)
-        right = await _xfreerdp(port, RDP_USER, RDP_PASSWORD, display, "+auth-only")
-        wrong = await _xfreerdp(port, RDP_USER, "not the password", display, "+auth-only")
+        right = await _xfreerdp(port, SHADOW_USER, SHADOW_PASSWORD, display, "+auth-only")
+        wrong = await _xfreerdp(port, SHADOW_USER, "not the password", display, "+auth-only")
         nursery.cancel_scope.cancel()
         await session.aclose()
     assert right.returncode == 0, right.summary()
@@ -79,12 +57,12 @@ async def test_xfreerdp_nla_through_the_gateway_tls_tunnel(tmp_path, shadow, dis
     assert all("tls=True" in r.getMessage() for r in opened)
     # The password never reaches a log line.
     assert not any(
-        RDP_PASSWORD in r.getMessage() or PASSWORD in r.getMessage() for r in caplog.records
+        SHADOW_PASSWORD in r.getMessage() or PASSWORD in r.getMessage() for r in caplog.records
     )
 
 
 async def test_xfreerdp_real_xrdp_login_through_the_gateway(tmp_path, display):
-    _require(xrdp=True)
+    require_peers(xrdp=True)
     with XrdpServer(desktop_seconds=2) as server:
         async with (
             farm(tmp_path, rdp_hosts=[("host1", server.host, server.port)]) as f,

@@ -14,36 +14,10 @@ from pathlib import Path
 
 import pytest
 import rdp_peers
-from rdp_peers import ShadowServer, XrdpServer, Xvfb, xfreerdp
+from conftest import SHADOW_PASSWORD, SHADOW_USER
+from rdp_peers import ShadowServer, XrdpServer, xfreerdp
 
 pytestmark = pytest.mark.peers
-
-SHADOW_USER = "alice"
-SHADOW_PASSWORD = "correct horse 7"
-
-
-def _require(*, xrdp: bool) -> None:
-    reason = rdp_peers.peers_available(xrdp=xrdp)
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def display():
-    _require(xrdp=False)
-    with Xvfb() as xvfb:
-        yield xvfb.display
-
-
-@pytest.fixture(scope="module")
-def shadow(display):
-    with ShadowServer(SHADOW_USER, SHADOW_PASSWORD, display) as server:
-        yield server
-
-
-@pytest.fixture
-def xrdp_peers():
-    _require(xrdp=True)
 
 
 def test_shadow_nla_accepts_the_right_password(shadow, display):

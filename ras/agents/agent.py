@@ -13,9 +13,9 @@ import trio
 from ras import __version__
 from ras.agents.config import AgentConfig
 from ras.agents.load import CpuSampler, memory_percent, rdp_sessions
-from ras.errors import RasError, TransportError
+from ras.errors import TransportError
 from ras.net.channel import Channel
-from ras.net.tasks import race
+from ras.net.tasks import race, reconnecting
 from ras.net.tls import connect_tls
 from ras.pki import client_context
 from ras.protocol import (
@@ -56,23 +56,18 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay registered until cancelled."""
         cfg = self.config
-        backoff = 0.5
         task_status.started()
-        while True:
-            try:
-                await self._session()
-            except (RasError, trio.TooSlowError) as exc:
-                log.warning(
-                    "broker link down host=%s broker=%s:%d reason=%s retry_in=%.1fs",
-                    cfg.name,
-                    cfg.broker_host,
-                    cfg.broker_port,
-                    exc or "timeout",
-                    backoff,
-                )
+
+        def down() -> None:
             self.registered = trio.Event()
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, cfg.retry_max_s)
+
+        await reconnecting(
+            self._session,
+            log=log,
+            max_backoff_s=cfg.retry_max_s,
+            on_down=down,
+            what=f"agent host={cfg.name} broker={cfg.broker_host}:{cfg.broker_port}",
+        )
 
     async def _session(self) -> None:
         cfg = self.config

@@ -21,7 +21,9 @@ class CpuSampler:
 
     def _read(self) -> tuple[int, int]:
         fields = (self.proc / "stat").read_text().splitlines()[0].split()[1:]
-        values = [int(v) for v in fields]
+        # user nice system idle iowait irq softirq steal; the guest columns after them are
+        # already counted in user and nice.
+        values = [int(v) for v in fields[:8]]
         idle = values[3] + (values[4] if len(values) > 4 else 0)
         return sum(values), idle
 

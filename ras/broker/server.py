@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
@@ -25,7 +26,7 @@ from ras.broker.tickets import TicketAuthority
 from ras.broker.totp import verify_totp
 from ras.errors import ErrorCode, RemoteProtocolError, TicketError, TransportError
 from ras.net.channel import Channel
-from ras.net.listen import Handler, serve_tcp
+from ras.net.listen import serve_tcp
 from ras.pki import peer_name, server_context
 from ras.protocol import (
     AgentRegister,
@@ -90,29 +91,15 @@ class Broker:
     ) -> None:
         cfg = self.config
         async with trio.open_nursery() as nursery:
+            listen = partial(serve_tcp, host=cfg.listen_host, log=log, ssl_context=self._ssl)
             gw = await nursery.start(
-                self._serve_port, self._handle_gateway, cfg.gateway_port, "gateways"
+                partial(listen, self._handle_gateway, port=cfg.gateway_port, what="gateways")
             )
-            ag = await nursery.start(self._serve_port, self._handle_agent, cfg.agent_port, "agents")
+            ag = await nursery.start(
+                partial(listen, self._handle_agent, port=cfg.agent_port, what="agents")
+            )
             log.info("broker ready name=%s resources=%d", cfg.name, len(cfg.resources))
             task_status.started({"gateways": gw[0], "agents": ag[0]})
-
-    async def _serve_port(
-        self,
-        handler: Handler,
-        port: int,
-        what: str,
-        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        await serve_tcp(
-            handler,
-            self.config.listen_host,
-            port,
-            log=log,
-            what=what,
-            ssl_context=self._ssl,
-            task_status=task_status,
-        )
 
     async def _accept(self, stream: trio.abc.Stream, role: Role) -> tuple[Channel, str]:
         """TLS handshake, the peer's certificate name, hello/welcome."""

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 
 import trio
 
 from ras import __version__
-from ras.errors import ErrorCode, RasError, TransportError
+from ras.errors import ErrorCode, TransportError
 from ras.gateway.config import GatewayConfig
 from ras.gateway.http import redirect_to_https, refuse_http
 from ras.net.channel import Channel, PeerError
-from ras.net.listen import Handler, serve_tcp
+from ras.net.listen import serve_tcp
 from ras.net.relay import relay
 from ras.net.sniff import Kind, PrefixedStream, sniff
+from ras.net.tasks import reconnecting
 from ras.net.tls import connect_tcp, connect_tls
 from ras.pki import client_context, server_context
 from ras.protocol import (
@@ -71,35 +73,22 @@ class Gateway:
         cfg = self.config
         bound: dict[str, tuple[str, int]] = {}
         async with trio.open_nursery() as nursery:
+            listen = partial(serve_tcp, host=cfg.listen_host, log=log)
             if cfg.plain_enabled:
                 addrs = await nursery.start(
-                    self._serve, self._handle_plain, cfg.plain_port, "plain"
+                    partial(listen, self._handle_plain, port=cfg.plain_port, what="plain")
                 )
                 bound["plain"] = addrs[0]
             if cfg.tls_enabled:
-                addrs = await nursery.start(self._serve, self._handle_tls, cfg.tls_port, "tls")
+                addrs = await nursery.start(
+                    partial(listen, self._handle_tls, port=cfg.tls_port, what="tls")
+                )
                 bound["tls"] = addrs[0]
             nursery.start_soon(self._broker_link)
             log.info(
                 "gateway ready name=%s broker=%s:%d", cfg.name, cfg.broker_host, cfg.broker_port
             )
             task_status.started(bound)
-
-    async def _serve(
-        self,
-        handler: Handler,
-        port: int,
-        what: str,
-        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        await serve_tcp(
-            handler,
-            self.config.listen_host,
-            port,
-            log=log,
-            what=what,
-            task_status=task_status,
-        )
 
     # -- front doors -----------------------------------------------------------------------
 
@@ -287,37 +276,36 @@ class Gateway:
 
     async def _broker_link(self) -> None:
         cfg = self.config
-        backoff = 0.5
-        while True:
-            try:
-                with trio.fail_after(cfg.broker_timeout_s):
-                    stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._farm_tls)
-                async with Channel(stream, Side.CLIENT) as chan:
-                    with trio.fail_after(cfg.broker_timeout_s):
-                        await chan.send(Hello(Role.GATEWAY, SOFTWARE))
-                        await chan.receive_reply()
-                        reply = await chan.request(
-                            GatewayRegister(cfg.name, cfg.public_host, cfg.public_port)
-                        )
-                    if not isinstance(reply, Registered):
-                        raise TransportError(f"broker answered gateway_register with {reply.TYPE}")
-                    log.info("registered with broker=%s:%d", cfg.broker_host, cfg.broker_port)
-                    self.registered.set()
-                    backoff = 0.5
-                    nonce = 0
-                    while True:
-                        await trio.sleep(cfg.link_ping_interval_s)
-                        nonce += 1
-                        with trio.fail_after(cfg.broker_timeout_s):
-                            await chan.request(Ping(nonce))
-            except (RasError, trio.TooSlowError) as exc:
-                log.warning(
-                    "broker link down broker=%s:%d reason=%s retry_in=%.1fs",
-                    cfg.broker_host,
-                    cfg.broker_port,
-                    exc or "timeout",
-                    backoff,
-                )
+
+        def down() -> None:
             self.registered = trio.Event()
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+
+        await reconnecting(
+            self._link_session,
+            log=log,
+            on_down=down,
+            what=f"gateway broker={cfg.broker_host}:{cfg.broker_port}",
+        )
+
+    async def _link_session(self) -> None:
+        """One life of the long-lived link: register, then ping until it breaks."""
+        cfg = self.config
+        with trio.fail_after(cfg.broker_timeout_s):
+            stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._farm_tls)
+        async with Channel(stream, Side.CLIENT) as chan:
+            with trio.fail_after(cfg.broker_timeout_s):
+                await chan.send(Hello(Role.GATEWAY, SOFTWARE))
+                await chan.receive_reply()
+                reply = await chan.request(
+                    GatewayRegister(cfg.name, cfg.public_host, cfg.public_port)
+                )
+            if not isinstance(reply, Registered):
+                raise TransportError(f"broker answered gateway_register with {reply.TYPE}")
+            log.info("registered with broker=%s:%d", cfg.broker_host, cfg.broker_port)
+            self.registered.set()
+            nonce = 0
+            while True:
+                await trio.sleep(cfg.link_ping_interval_s)
+                nonce += 1
+                with trio.fail_after(cfg.broker_timeout_s):
+                    await chan.request(Ping(nonce))

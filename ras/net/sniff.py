@@ -18,8 +18,10 @@ from ras.protocol import PREFACE_PREFIX
 __all__ = ["Kind", "PrefixedStream", "classify", "sniff"]
 
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-_HTTP_METHOD = re.compile(rb"[A-Z_]{3,16} ")
-NEEDED = max(len(PROXY_V2_SIGNATURE), len(PREFACE_PREFIX))
+_MAX_METHOD = 16  # longest HTTP method told apart (RDG_OUT_DATA is 12)
+_HTTP_METHOD = re.compile(rb"[A-Z_]{3,%d} " % _MAX_METHOD)
+# Enough bytes to decide every case: the longest magic, or a method and its space.
+NEEDED = max(len(PROXY_V2_SIGNATURE), len(PREFACE_PREFIX), _MAX_METHOD + 1)
 
 
 class Kind(enum.Enum):
@@ -50,7 +52,7 @@ def classify(head: bytes) -> Kind | None:
         return None
     if _HTTP_METHOD.match(head):
         return Kind.HTTP
-    if len(head) < 17 and re.fullmatch(rb"[A-Z_]*", head):
+    if len(head) <= _MAX_METHOD and re.fullmatch(rb"[A-Z_]*", head):
         return None
     return Kind.UNKNOWN
 

@@ -1,12 +1,15 @@
-"""Run sibling tasks until the first one ends, without leaking exception groups."""
+"""Task patterns: siblings until the first ends (no exception groups), reconnect loops."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import trio
 
-__all__ = ["race"]
+from ras.errors import RasError
+
+__all__ = ["race", "reconnecting"]
 
 
 async def race(*fns: Callable[[], Awaitable[object]]) -> None:
@@ -29,3 +32,30 @@ async def race(*fns: Callable[[], Awaitable[object]]) -> None:
             nursery.start_soon(one, fn, nursery.cancel_scope)
     if errors:
         raise errors[0]
+
+
+async def reconnecting(
+    session: Callable[[], Awaitable[object]],
+    *,
+    log: logging.Logger,
+    what: str,
+    max_backoff_s: float = 10.0,
+    on_down: Callable[[], None] = lambda: None,
+) -> None:
+    """Run ``session`` (one connection's life) again and again until cancelled. After it
+    fails, wait 0.5 s, doubling up to ``max_backoff_s``; a session that lasted longer than
+    ``max_backoff_s`` starts the backoff over. ``on_down`` runs each time a session ends."""
+    backoff = 0.5
+    while True:
+        started = trio.current_time()
+        try:
+            await session()
+            reason = "closed"
+        except (RasError, trio.TooSlowError) as exc:
+            reason = str(exc) or "timed out"
+        on_down()
+        if trio.current_time() - started > max_backoff_s:
+            backoff = 0.5
+        log.warning("link down what=%s reason=%s retry_in=%.1fs", what, reason, backoff)
+        await trio.sleep(backoff)
+        backoff = min(backoff * 2, max_backoff_s)

@@ -1,0 +1,37 @@
+"""Fixtures shared by the test modules: the real RDP peers (see tests/rdp_peers.py)."""
+
+from __future__ import annotations
+
+import pytest
+import rdp_peers
+from rdp_peers import ShadowServer, Xvfb
+
+SHADOW_USER = "rdpuser"
+SHADOW_PASSWORD = "correct horse 7"
+
+
+def require_peers(*, xrdp: bool) -> None:
+    """Skip where the peers cannot run (outside CI); in CI a missing peer fails instead."""
+    reason = rdp_peers.peers_available(xrdp=xrdp)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def display():
+    """An X display (Xvfb) for xfreerdp and the shadow server."""
+    require_peers(xrdp=False)
+    with Xvfb() as xvfb:
+        yield xvfb.display
+
+
+@pytest.fixture(scope="session")
+def shadow(display):
+    """freerdp-shadow-cli with NLA, user SHADOW_USER / SHADOW_PASSWORD."""
+    with ShadowServer(SHADOW_USER, SHADOW_PASSWORD, display) as server:
+        yield server
+
+
+@pytest.fixture
+def xrdp_peers():
+    require_peers(xrdp=True)
