@@ -15,8 +15,12 @@ EXAMPLES = Path(__file__).parent.parent / "deploy" / "examples"
 
 @pytest.mark.parametrize(
     ("name", "cls"),
-    [("broker", BrokerConfig), ("gateway", GatewayConfig), ("agent", AgentConfig),
-     ("client", ClientConfig)],
+    [
+        ("broker", BrokerConfig),
+        ("gateway", GatewayConfig),
+        ("agent", AgentConfig),
+        ("client", ClientConfig),
+    ],
 )
 def test_example_config_loads(name, cls):
     cfg = load(cls, EXAMPLES / f"{name}.toml")
