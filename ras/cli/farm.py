@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,6 +38,18 @@ def _init(args: argparse.Namespace) -> FarmState:
     return init_farm(args.state_dir, rdp_host=host, rdp_port=port, ports=ports)
 
 
+def _command_name() -> str:
+    """How the user can run `ras` from here: plain `ras` if it is on PATH, else its path."""
+    script = Path(sys.executable).parent / "ras"
+    found = shutil.which("ras")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "ras"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def _next_steps(state: FarmState, addrs: dict[str, tuple[str, int]]) -> str:
     rel = state.directory
     with contextlib.suppress(ValueError):
@@ -47,6 +60,7 @@ def _next_steps(state: FarmState, addrs: dict[str, tuple[str, int]]) -> str:
         return f"{host}:{port}"
 
     pw = f"--password-file {rel}/demo.password"
+    ras = _command_name()
     return f"""
 RAS farm is up (state in {rel}/):
   gateway  {at("gateway_plain")} (plain)  {at("gateway_tls")} (TLS)
@@ -54,8 +68,8 @@ RAS farm is up (state in {rel}/):
   broker   {at("broker_gateways")} (gateways, mTLS)  {at("broker_agents")} (agents, mTLS)
   user     demo, password in {rel}/demo.password
 Next, in another shell:
-  ras client --config {rel}/client.toml {pw} list
-  ras client --config {rel}/client.toml {pw} launch desktop --listen 127.0.0.1:13389
+  {ras} client --config {rel}/client.toml {pw} list
+  {ras} client --config {rel}/client.toml {pw} launch desktop --listen 127.0.0.1:13389
   xfreerdp /v:127.0.0.1:13389 /u:<user on the RDP host> /cert:ignore
 Stop with Ctrl-C.
 """
