@@ -10,6 +10,9 @@ changed or reordered byte anywhere on the path breaks it: exit 0 for the right p
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import trio
 from conftest import SHADOW_PASSWORD, SHADOW_USER, require_peers
@@ -74,3 +77,44 @@ async def test_xfreerdp_real_xrdp_login_through_the_gateway(tmp_path, display):
             await session.aclose()
     # 12: xrdp logged the user off when the test desktop ended: a real login and session.
     assert result.returncode == 12, f"{result.summary()}\n{server.log_tail()}"
+
+
+async def test_ras_client_launch_runs_xfreerdp_and_returns_its_exit_code(tmp_path, shadow, display):
+    """The CLI as a user runs it: `ras client launch desktop -- <xfreerdp args>`."""
+    async with farm(tmp_path, rdp_hosts=[("host1", shadow.host, shadow.port)]) as f:
+        cfg = f.client_config()
+        profile = tmp_path / "alice.toml"
+        profile.write_text(
+            f'server_host = "{cfg.server_host}"\nserver_port = {cfg.server_port}\n'
+            f'server_name = "localhost"\nmode = "gateway_ssl"\nca_file = "{cfg.ca_file}"\n'
+            f'username = "{USER}"\nresource = "desktop"\n'
+        )
+        (tmp_path / "pw").write_text(PASSWORD + "\n")
+        env = {**os.environ, "DISPLAY": display, "HOME": str(tmp_path)}
+        codes = []
+        for rdp_password in (SHADOW_PASSWORD, "not the password"):
+            proc = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "ras",
+                    "client",
+                    "--config",
+                    str(profile),
+                    "--password-file",
+                    str(tmp_path / "pw"),
+                    "launch",
+                    "--",
+                    f"/u:{SHADOW_USER}",
+                    f"/p:{rdp_password}",
+                    "/cert:ignore",
+                    "+auth-only",
+                ],
+                env=env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            codes.append(proc.returncode)
+            assert b"logged in as alice" in proc.stderr
+    assert codes == [0, 147]

@@ -114,7 +114,7 @@ def _launch(args: argparse.Namespace) -> int:
             rdp = shutil.which(args.rdp_command)
             if rdp is None:
                 raise ConfigError(f"{args.rdp_command} not found: install it, or use --listen")
-            command = [rdp, f"/v:{host}:{port}", *args.rdp_args]
+            command = [rdp, f"/v:{host}:{port}", *args.passthrough]
             proc = await trio.run_process(command, check=False)
             result["code"] = proc.returncode
             nursery.cancel_scope.cancel()
@@ -153,7 +153,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     ls = actions.add_parser("list", help="list the resources published to you")
     ls.set_defaults(func=_list)
     launch = actions.add_parser(
-        "launch", help="launch a resource: run an RDP client through a local forwarder"
+        "launch",
+        usage="ras client launch [-h] [--listen HOST:PORT] [--rdp-command CMD] [resource] "
+        "[-- RDP_ARG ...]",
+        help="launch a resource: run an RDP client through a local forwarder",
+        description="Start a local forwarder for the resource, then the RDP client pointed at "
+        "it (/v:127.0.0.1:PORT is added); everything after -- goes to the RDP client as is. "
+        "Exits with the RDP client's exit code. With --listen, only the forwarder runs.",
     )
     launch.add_argument("resource", nargs="?", help="resource id (default: the profile's)")
     launch.add_argument(
@@ -164,7 +170,4 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     launch.add_argument(
         "--rdp-command", default="xfreerdp", help="RDP client to start (default: xfreerdp)"
     )
-    launch.add_argument(
-        "rdp_args", nargs="*", metavar="RDP_ARG", help="arguments for the RDP client, after --"
-    )
-    launch.set_defaults(func=_launch)
+    launch.set_defaults(func=_launch, takes_passthrough=True)

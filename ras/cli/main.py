@@ -45,7 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" belongs to a program ras starts (the RDP client), never to ras.
+    passthrough: list[str] = []
+    if "--" in words:
+        cut = words.index("--")
+        words, passthrough = words[:cut], words[cut + 1 :]
+    args = parser.parse_args(words)
+    if passthrough and not getattr(args, "takes_passthrough", False):
+        parser.error("arguments after -- are only for `ras client launch`")
+    args.passthrough = passthrough
     setup_logging(args.log_level)
     code: int = args.func(args)
     return code
