@@ -47,6 +47,7 @@ class BrokerConfig:
     host_timeout_s: float = 20.0
     handshake_timeout_s: float = 10.0
     request_timeout_s: float = 30.0
+    challenge_timeout_s: float = 60.0
     resources: tuple[ResourceConfig, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -59,6 +60,7 @@ class BrokerConfig:
             "host_timeout_s",
             "handshake_timeout_s",
             "request_timeout_s",
+            "challenge_timeout_s",
         ):
             check_positive(key, getattr(self, key))
         if self.ticket_ttl_s > 3600:

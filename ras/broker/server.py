@@ -155,14 +155,15 @@ class Broker:
         user: _User | None = None
         while True:
             msg = await chan.receive()
+            if isinstance(msg, Authenticate):  # it keeps its own deadlines (a user types codes)
+                user = await self._authenticate(chan, msg, client, gateway)
+                if user is None:
+                    await chan.refuse(ErrorCode.AUTH_FAILED, "wrong user name or password")
+                else:
+                    await chan.send(AuthOk(user.name, user.groups))
+                continue
             with trio.fail_after(self.config.request_timeout_s):
                 match msg:
-                    case Authenticate():
-                        user = await self._authenticate(chan, msg, client, gateway)
-                        if user is None:
-                            await chan.refuse(ErrorCode.AUTH_FAILED, "wrong user name or password")
-                        else:
-                            await chan.send(AuthOk(user.name, user.groups))
                     case ListResources():
                         if user is None:
                             await chan.refuse(ErrorCode.AUTH_REQUIRED, "authenticate first")
@@ -193,9 +194,10 @@ class Broker:
         self, chan: Channel, msg: Authenticate, client: str, gateway: str
     ) -> _User | None:
         """Password, then the second factor if the user has one (a challenge round)."""
-        record = await trio.to_thread.run_sync(self.store.get_user, msg.username)
-        stored = record.password_hash if record is not None and record.enabled else None
-        ok = await trio.to_thread.run_sync(verify_password, msg.password, stored)
+        with trio.fail_after(self.config.request_timeout_s):
+            record = await trio.to_thread.run_sync(self.store.get_user, msg.username)
+            stored = record.password_hash if record is not None and record.enabled else None
+            ok = await trio.to_thread.run_sync(verify_password, msg.password, stored)
         where = f"client={client} gateway={gateway}"
         if not ok or record is None:
             reason = "unknown or disabled user" if stored is None else "wrong password"
@@ -203,7 +205,8 @@ class Broker:
             return None
         if record.totp_secret is not None:
             await chan.send(AuthChallenge("Verification code from your authenticator app:", True))
-            answer = await chan.receive()
+            with trio.fail_after(self.config.challenge_timeout_s):
+                answer = await chan.receive()
             if not isinstance(answer, AuthResponse):
                 await chan.fail(ErrorCode.UNEXPECTED, "expected auth_response")
                 raise RemoteProtocolError("expected auth_response", ErrorCode.UNEXPECTED)

@@ -190,7 +190,8 @@ class Gateway:
                             await broker.send(msg)
                             reply = await broker.receive_reply()
                 except (TransportError, trio.TooSlowError) as exc:
-                    if isinstance(exc, PeerError):  # the broker refused the ticket
+                    if isinstance(exc, PeerError) and isinstance(msg, OpenTunnel):
+                        # the broker refused the ticket
                         await chan.fail(exc.code, exc.error.message)
                         return
                     log.warning(
