@@ -1,0 +1,229 @@
+"""TCP balancing over the gateways: least connections, health checks, PROXY v2, draining.
+
+Each service listens on the VIPs (with IP_FREEBIND, so a backup can listen before it holds the
+address) and forwards every connection to the healthy, undrained gateway with the fewest
+active connections, after a PROXY v2 header that tells the gateway the client's address. TLS
+passes through untouched. A gateway is healthy after ``rise`` successful checks in a row and
+unhealthy after ``fall`` failures; a check is a real control-protocol exchange (preface,
+hello, ping, pong), so it proves the gateway serves, not only that its port accepts.
+Draining a gateway stops new connections to it; its open tunnels run on.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ras import __version__
+from ras.errors import RasError, TransportError
+from ras.halb.config import GatewayRef, HalbConfig, ServiceConfig
+from ras.net.channel import Channel, aclose_quietly
+from ras.net.listen import peer_address
+from ras.net.relay import relay
+from ras.net.tls import connect_tcp
+from ras.protocol import Hello, Ping, Pong, Role, Side, Welcome
+from ras.protocol.proxy import encode_v2
+
+__all__ = ["Backend", "Balancer"]
+
+log = logging.getLogger("ras.halb")
+_IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+SOFTWARE = f"ras-halb/{__version__}"
+
+
+@dataclass(slots=True)
+class Backend:
+    name: str
+    host: str
+    healthy: bool = False
+    draining: bool = False
+    active: int = 0
+    total: int = 0
+    failures: int = 0
+    successes: int = 0
+    last_check: float = 0.0
+    last_error: str = ""
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "host": self.host,
+            "healthy": self.healthy,
+            "draining": self.draining,
+            "active": self.active,
+            "total": self.total,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass(slots=True)
+class Balancer:
+    config: HalbConfig
+    backends: dict[str, Backend] = field(default_factory=dict)
+    _turn: int = 0
+
+    def __post_init__(self) -> None:
+        self.set_gateways(self.config.gateways)
+
+    def set_gateways(self, gateways: tuple[GatewayRef, ...]) -> None:
+        """Take a new gateway list (config reload): keep the state of those that stay."""
+        new = {}
+        for ref in gateways:
+            old = self.backends.get(ref.name)
+            new[ref.name] = (
+                old if old is not None and old.host == ref.host else Backend(ref.name, ref.host)
+            )
+        self.backends = new
+
+    def pick(self) -> Backend | None:
+        """The healthy, undrained gateway with the fewest active connections (ties rotate)."""
+        usable = [b for b in self.backends.values() if b.healthy and not b.draining]
+        if not usable:
+            return None
+        fewest = min(b.active for b in usable)
+        ties = [b for b in usable if b.active == fewest]
+        self._turn += 1
+        return ties[self._turn % len(ties)]
+
+    # -- health ------------------------------------------------------------------------------
+
+    async def check(self, backend: Backend) -> None:
+        """One health check: a control-protocol ping through the gateway's plain port."""
+        cfg = self.config
+        try:
+            with trio.fail_after(cfg.health_timeout_s):
+                stream = await connect_tcp(backend.host, cfg.health_port)
+                async with Channel(stream, Side.CLIENT) as chan:
+                    await chan.send(Hello(Role.CLIENT, SOFTWARE))
+                    if not isinstance(await chan.receive(), Welcome):
+                        raise TransportError("no welcome")
+                    await chan.send(Ping(1))
+                    if not isinstance(await chan.receive(), Pong):
+                        raise TransportError("no pong")
+        except (RasError, trio.TooSlowError) as exc:
+            self._result(backend, ok=False, why=str(exc) or "timed out")
+        else:
+            self._result(backend, ok=True, why="")
+
+    def _result(self, backend: Backend, *, ok: bool, why: str) -> None:
+        cfg = self.config
+        backend.last_check = time.time()
+        if ok:
+            backend.successes += 1
+            backend.failures = 0
+            if not backend.healthy and backend.successes >= cfg.rise:
+                backend.healthy = True
+                log.warning(
+                    "gateway up name=%s host=%s after=%d checks",
+                    backend.name,
+                    backend.host,
+                    cfg.rise,
+                )
+        else:
+            backend.failures += 1
+            backend.successes = 0
+            backend.last_error = why
+            if backend.healthy and backend.failures >= cfg.fall:
+                backend.healthy = False
+                log.warning(
+                    "gateway down name=%s host=%s after=%d failures reason=%s",
+                    backend.name,
+                    backend.host,
+                    cfg.fall,
+                    why,
+                )
+
+    async def health_loop(self) -> None:
+        while True:
+            async with trio.open_nursery() as nursery:
+                for backend in list(self.backends.values()):
+                    nursery.start_soon(self.check, backend)
+            await trio.sleep(self.config.health_interval_s)
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        bound: list[tuple[str, int]] = []
+        async with trio.open_nursery() as nursery:
+            for service in self.config.services:
+                for vip in self.config.vip_interfaces:
+                    listener = _freebind_listener(vip.ip, service.listen_port)
+                    bound.append((str(vip.ip), listener.socket.getsockname()[1]))
+                    nursery.start_soon(self._accept, listener, service, vip.ip)
+            nursery.start_soon(self.health_loop)
+            task_status.started(bound)
+
+    async def _accept(
+        self, listener: trio.SocketListener, service: ServiceConfig, vip: ipaddress.IPv4Address
+    ) -> None:
+        async def handle(stream: trio.SocketStream) -> None:
+            await self._forward(stream, service, vip)
+
+        async with trio.open_nursery() as handlers:
+            await trio.serve_listeners(handle, [listener], handler_nursery=handlers)
+
+    async def _forward(
+        self, client: trio.abc.Stream, service: ServiceConfig, vip: ipaddress.IPv4Address
+    ) -> None:
+        peer = peer_address(client)
+        backend = self.pick()
+        if backend is None:
+            log.warning("no gateway for client=%s:%d port=%d", *peer, service.listen_port)
+            await aclose_quietly(client)
+            return
+        backend.active += 1
+        backend.total += 1
+        try:
+            try:
+                with trio.fail_after(self.config.connect_timeout_s):
+                    upstream = await connect_tcp(backend.host, service.backend_port)
+                if service.proxy_protocol:
+                    await upstream.send_all(
+                        encode_v2((peer[0], peer[1]), (str(vip), service.listen_port))
+                    )
+            except (RasError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                log.warning(
+                    "forward failed client=%s:%d gateway=%s reason=%s",
+                    *peer,
+                    backend.name,
+                    exc or "timeout",
+                )
+                self._result(backend, ok=False, why=f"forward: {exc or 'timeout'}")
+                await aclose_quietly(client)
+                return
+            stats = await relay(client, upstream)
+            log.debug(
+                "forward closed client=%s:%d gateway=%s up=%d down=%d",
+                *peer,
+                backend.name,
+                stats.a_to_b,
+                stats.b_to_a,
+            )
+        finally:
+            backend.active -= 1
+
+    def status(self) -> list[dict[str, Any]]:
+        return [b.status() for b in self.backends.values()]
+
+
+def _freebind_listener(address: ipaddress.IPv4Address, port: int) -> trio.SocketListener:
+    """Listen on ``address`` even before it is ours (IP_FREEBIND): a backup is ready the moment
+    it takes the VIP."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        raw.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
+        raw.bind((str(address), port))
+        raw.listen(1024)
+    except OSError as exc:
+        raw.close()
+        raise RasError(f"cannot listen on {address}:{port}: {exc.strerror}") from exc
+    return trio.SocketListener(trio.socket.from_stdlib_socket(raw))

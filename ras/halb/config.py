@@ -1,0 +1,109 @@
+"""The HALB's configuration (``halb.toml``)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from ras.config import Invalid, check_host, check_port, check_positive
+
+__all__ = ["GatewayRef", "HalbConfig", "ServiceConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """One balanced port: connections to VIP:listen_port go to gateway:backend_port."""
+
+    listen_port: int
+    backend_port: int
+    proxy_protocol: bool = True  # send a PROXY v2 header so the gateway sees the client
+
+    def __post_init__(self) -> None:
+        check_port("listen_port", self.listen_port, zero_ok=False)
+        check_port("backend_port", self.backend_port, zero_ok=False)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRef:
+    name: str
+    host: str
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise Invalid("name", "must not be empty")
+        check_host("host", self.host)
+
+
+@dataclass(frozen=True, slots=True)
+class HalbConfig:
+    """VRRP (who holds the VIPs) and the TCP balancing over the gateways."""
+
+    name: str
+    vips: tuple[str, ...]
+    interface: str = "eth0"
+    vrid: int = 51
+    priority: int = 100
+    advert_interval_s: float = 1.0
+    preempt: bool = True
+    preempt_delay_s: float = 0.0
+    services: tuple[ServiceConfig, ...] = field(
+        default_factory=lambda: (
+            ServiceConfig(80, 80),
+            ServiceConfig(443, 443),
+            ServiceConfig(3389, 3389),
+        )
+    )
+    gateways: tuple[GatewayRef, ...] = ()
+    health_port: int = 80
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 1.0
+    rise: int = 2
+    fall: int = 3
+    connect_timeout_s: float = 5.0
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 31006
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise Invalid("name", "must not be empty")
+        if not self.vips:
+            raise Invalid("vips", "at least one virtual IP is needed")
+        for vip in self.vips:
+            try:
+                iface = ipaddress.ip_interface(vip)
+            except ValueError:
+                raise Invalid(
+                    "vips", f"{vip!r} is not an IPv4 address (with an optional /prefix)"
+                ) from None
+            if iface.version != 4:
+                raise Invalid("vips", f"{vip!r}: only IPv4 VIPs (VRRPv3 over IPv4)")
+        if not 1 <= self.vrid <= 255:
+            raise Invalid("vrid", "must be between 1 and 255")
+        if not 1 <= self.priority <= 255:
+            raise Invalid("priority", "must be between 1 and 255 (255: the address owner)")
+        if not 0.01 <= self.advert_interval_s <= 40.95:
+            raise Invalid(
+                "advert_interval_s", "must be between 0.01 and 40.95 (VRRPv3 centiseconds)"
+            )
+        for key in ("health_interval_s", "health_timeout_s", "connect_timeout_s"):
+            check_positive(key, getattr(self, key))
+        if self.preempt_delay_s < 0:
+            raise Invalid("preempt_delay_s", "must not be negative")
+        if self.rise < 1 or self.fall < 1:
+            raise Invalid("rise", "rise and fall must be at least 1")
+        check_port("health_port", self.health_port, zero_ok=False)
+        check_port("admin_port", self.admin_port)
+        check_host("admin_host", self.admin_host)
+        if not self.interface or len(self.interface) > 15:
+            raise Invalid("interface", f"{self.interface!r} is not an interface name")
+        names = [g.name for g in self.gateways]
+        if len(set(names)) != len(names):
+            raise Invalid("gateways", "gateway names must be unique")
+        ports = [s.listen_port for s in self.services]
+        if len(set(ports)) != len(ports):
+            raise Invalid("services", "each listen_port may appear once")
+
+    @property
+    def vip_interfaces(self) -> tuple[ipaddress.IPv4Interface, ...]:
+        """The VIPs with their prefix (a bare address is a /32)."""
+        return tuple(ipaddress.IPv4Interface(v) for v in self.vips)

@@ -1,0 +1,211 @@
+"""The VRRP shell: raw sockets for IP protocol 112 around the sans-I/O ``VrrpRouter``.
+
+Receiving: an unbound raw socket that joined 224.0.0.18 on the interface (bound to the device,
+not to an address: a raw socket bound to the unicast address stops receiving multicast).
+Sending: a raw socket bound to the primary address (it goes into the checksum's
+pseudo-header) with multicast TTL 255 and no loopback. The router's commands are carried out
+here: adverts sent, VIPs added (plus gratuitous ARP) or removed. Timers are the router's
+``deadline``. On the way out a master sends a priority-0 advert and releases the VIPs, so a
+backup takes over after Skew_Time instead of Master_Down_Interval.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import socket
+import struct
+from collections.abc import Callable
+
+import trio
+
+from ras.errors import RasError, RemoteProtocolError
+from ras.halb.config import HalbConfig
+from ras.halb.vip import add_vip, interface_primary, remove_vip, send_gratuitous_arp
+from ras.protocol.vrrp import (
+    VRRP_GROUP,
+    VRRP_PROTOCOL,
+    VRRP_TTL,
+    Dropped,
+    ReleaseVips,
+    SendAdvertisement,
+    StateChanged,
+    TakeVips,
+    VrrpRouter,
+    VrrpState,
+    parse_ipv4_packet,
+)
+
+__all__ = ["Election"]
+
+log = logging.getLogger("ras.halb")
+_SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+
+def _open_sockets(
+    interface: str, primary: ipaddress.IPv4Address
+) -> tuple[socket.socket, socket.socket]:
+    try:
+        index = socket.if_nametoindex(interface)
+    except OSError:
+        raise RasError(f"no interface {interface!r}") from None
+    try:
+        rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, VRRP_PROTOCOL)
+        tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, VRRP_PROTOCOL)
+    except PermissionError:
+        raise RasError("VRRP needs CAP_NET_RAW (raw sockets for IP protocol 112)") from None
+    try:
+        rx.setsockopt(socket.SOL_SOCKET, _SO_BINDTODEVICE, interface.encode())
+        mreqn = struct.pack("4s4si", VRRP_GROUP.packed, primary.packed, index)
+        rx.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+        tx.bind((str(primary), 0))
+        tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, VRRP_TTL)
+        tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        tx.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, primary.packed)
+        rx.setblocking(False)
+        tx.setblocking(False)
+    except OSError as exc:
+        rx.close()
+        tx.close()
+        raise RasError(f"VRRP sockets on {interface}: {exc.strerror}") from exc
+    return rx, tx
+
+
+class Election:
+    """One VRRP instance: who holds the VIPs. ``state`` and ``master`` are for status."""
+
+    def __init__(
+        self, config: HalbConfig, *, on_change: Callable[[VrrpState], None] = lambda s: None
+    ) -> None:
+        self.config = config
+        self.on_change = on_change
+        self.state = VrrpState.INITIALIZE
+        self.master: str | None = None
+        self.primary: ipaddress.IPv4Address | None = None
+        self.adverts_sent = 0
+        self.adverts_received = 0
+        self.dropped: dict[str, int] = {}
+        self.holding = False
+        self._router: VrrpRouter | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        self.primary = await interface_primary(cfg.interface)
+        rx_raw, tx_raw = _open_sockets(cfg.interface, self.primary)
+        rx = trio.socket.from_stdlib_socket(rx_raw)
+        tx = trio.socket.from_stdlib_socket(tx_raw)
+        router = VrrpRouter(
+            vrid=cfg.vrid,
+            priority=cfg.priority,
+            primary=self.primary,
+            vips=tuple(v.ip for v in cfg.vip_interfaces),
+            advert_interval_s=cfg.advert_interval_s,
+            preempt=cfg.preempt,
+            preempt_delay_s=cfg.preempt_delay_s,
+        )
+        self._router = router
+        log.info(
+            "vrrp start name=%s interface=%s primary=%s vrid=%d priority=%d vips=%s interval=%.2fs",
+            cfg.name,
+            cfg.interface,
+            self.primary,
+            cfg.vrid,
+            cfg.priority,
+            ",".join(cfg.vips),
+            cfg.advert_interval_s,
+        )
+        try:
+            with rx, tx:
+                await self._apply(tx, router.start(trio.current_time()))
+                task_status.started()
+                while True:
+                    deadline = router.deadline if router.deadline is not None else math.inf
+                    with trio.move_on_at(deadline):
+                        data, _ = await rx.recvfrom(65535)
+                        try:
+                            src, _dst, ttl, proto, payload = parse_ipv4_packet(data)
+                        except RemoteProtocolError as exc:
+                            self._drop(f"malformed IPv4: {exc}")
+                            continue
+                        if proto != VRRP_PROTOCOL:
+                            continue
+                        if src != self.primary:
+                            self.adverts_received += 1
+                        await self._apply(
+                            tx, router.receive(trio.current_time(), src, ttl, payload)
+                        )
+                        continue
+                    await self._apply(tx, router.tick(trio.current_time()))
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self._leave(router)
+
+    async def _leave(self, router: VrrpRouter) -> None:
+        """Graceful stop: priority 0 advert from a master, VIPs released."""
+        assert self.primary is not None
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_RAW, VRRP_PROTOCOL) as raw:
+                raw.bind((str(self.primary), 0))
+                raw.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, VRRP_TTL)
+                raw.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+                raw.setblocking(False)
+                tx = trio.socket.from_stdlib_socket(raw)
+                await self._apply(tx, router.shutdown(trio.current_time()))
+        except (OSError, RasError) as exc:
+            log.warning("vrrp stop incomplete reason=%s", exc)
+        if self.holding:
+            await self._release()
+
+    async def set_priority(self, priority: int) -> None:
+        if self._router is not None:
+            self._router.set_priority(trio.current_time(), priority)
+
+    def _drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if self.dropped[reason] in (1, 10, 100, 1000):
+            log.info("vrrp dropped reason=%s count=%d", reason, self.dropped[reason])
+
+    async def _apply(self, tx: trio.socket.SocketType, commands: list[object]) -> None:
+        cfg = self.config
+        for cmd in commands:
+            match cmd:
+                case SendAdvertisement(advert=advert):
+                    assert self.primary is not None
+                    try:
+                        await tx.sendto(advert.encode(self.primary), (str(VRRP_GROUP), 0))
+                        self.adverts_sent += 1
+                    except OSError as exc:
+                        log.warning("vrrp send failed reason=%s", exc.strerror)
+                case TakeVips():
+                    for vip in cfg.vip_interfaces:
+                        await add_vip(cfg.interface, vip)
+                    self.holding = True
+                    send_gratuitous_arp(cfg.interface, [v.ip for v in cfg.vip_interfaces])
+                    log.info(
+                        "vip taken vips=%s interface=%s garp=sent",
+                        ",".join(cfg.vips),
+                        cfg.interface,
+                    )
+                case ReleaseVips():
+                    await self._release()
+                case StateChanged(old=old, new=new, reason=reason):
+                    self.state = new
+                    log.warning(
+                        "vrrp state name=%s %s->%s reason=%s", cfg.name, old.name, new.name, reason
+                    )
+                    self.on_change(new)
+                case Dropped(reason=reason):
+                    self._drop(reason)
+                case _:
+                    log.debug("vrrp command ignored %r", cmd)
+        if self._router is not None:
+            master = getattr(self._router, "master_address", None)
+            self.master = str(master) if master is not None else None
+
+    async def _release(self) -> None:
+        cfg = self.config
+        for vip in cfg.vip_interfaces:
+            await remove_vip(cfg.interface, vip)
+        self.holding = False
+        log.info("vip released vips=%s interface=%s", ",".join(cfg.vips), cfg.interface)
