@@ -7,6 +7,7 @@ import ssl
 import trio
 
 from ras.errors import TransportError
+from ras.net.channel import aclose_quietly
 
 __all__ = ["connect_tcp", "connect_tls"]
 
@@ -28,6 +29,9 @@ async def connect_tls(
     try:
         await stream.do_handshake()
     except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-        await tcp.aclose()
+        await aclose_quietly(tcp)
         raise TransportError(f"TLS with {host}:{port} failed: {exc}") from exc
+    except BaseException:  # cancelled mid-handshake: do not leak the socket
+        await aclose_quietly(tcp)
+        raise
     return stream
