@@ -9,6 +9,7 @@ from ras.broker.config import BrokerConfig
 from ras.client.config import ClientConfig
 from ras.config import load
 from ras.gateway.config import GatewayConfig
+from ras.halb.config import HalbConfig
 
 EXAMPLES = Path(__file__).parent.parent / "deploy" / "examples"
 
@@ -20,6 +21,7 @@ EXAMPLES = Path(__file__).parent.parent / "deploy" / "examples"
         ("gateway", GatewayConfig),
         ("agent", AgentConfig),
         ("client", ClientConfig),
+        ("halb", HalbConfig),
     ],
 )
 def test_example_config_loads(name, cls):
