@@ -16,7 +16,7 @@ import logging
 import math
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -27,6 +27,7 @@ from ras.protocol.vrrp import (
     VRRP_GROUP,
     VRRP_PROTOCOL,
     VRRP_TTL,
+    Command,
     Dropped,
     ReleaseVips,
     SendAdvertisement,
@@ -105,6 +106,8 @@ class Election:
             preempt_delay_s=cfg.preempt_delay_s,
         )
         self._router = router
+        # A crashed master leaves its VIPs behind: a node starts holding none of them.
+        await self._release()
         log.info(
             "vrrp start name=%s interface=%s primary=%s vrid=%d priority=%d vips=%s interval=%.2fs",
             cfg.name,
@@ -124,16 +127,16 @@ class Election:
                     with trio.move_on_at(deadline):
                         data, _ = await rx.recvfrom(65535)
                         try:
-                            src, _dst, ttl, proto, payload = parse_ipv4_packet(data)
+                            src, dst, ttl, proto, payload = parse_ipv4_packet(data)
                         except RemoteProtocolError as exc:
-                            self._drop(f"malformed IPv4: {exc}")
+                            self._drop("malformed IPv4", str(exc))
                             continue
                         if proto != VRRP_PROTOCOL:
                             continue
                         if src != self.primary:
                             self.adverts_received += 1
                         await self._apply(
-                            tx, router.receive(trio.current_time(), src, ttl, payload)
+                            tx, router.receive(trio.current_time(), src, ttl, payload, dst=dst)
                         )
                         continue
                     await self._apply(tx, router.tick(trio.current_time()))
@@ -157,16 +160,12 @@ class Election:
         if self.holding:
             await self._release()
 
-    async def set_priority(self, priority: int) -> None:
-        if self._router is not None:
-            self._router.set_priority(trio.current_time(), priority)
+    def _drop(self, reason: str, detail: str = "") -> None:
+        count = self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if count in (1, 10, 100, 1000) or count % 10000 == 0:  # a flood must not flood the log
+            log.info("vrrp dropped reason=%s count=%d %s", reason, count, detail)
 
-    def _drop(self, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        if self.dropped[reason] in (1, 10, 100, 1000):
-            log.info("vrrp dropped reason=%s count=%d", reason, self.dropped[reason])
-
-    async def _apply(self, tx: trio.socket.SocketType, commands: list[object]) -> None:
+    async def _apply(self, tx: trio.socket.SocketType, commands: Sequence[Command]) -> None:
         cfg = self.config
         for cmd in commands:
             match cmd:
@@ -195,10 +194,8 @@ class Election:
                         "vrrp state name=%s %s->%s reason=%s", cfg.name, old.name, new.name, reason
                     )
                     self.on_change(new)
-                case Dropped(reason=reason):
-                    self._drop(reason)
-                case _:
-                    log.debug("vrrp command ignored %r", cmd)
+                case Dropped(reason=reason, detail=detail):
+                    self._drop(reason, detail)
         if self._router is not None:
             master = getattr(self._router, "master_address", None)
             self.master = str(master) if master is not None else None
