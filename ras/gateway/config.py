@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,12 @@ __all__ = ["GatewayConfig"]
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    """Ports, certificates (public and farm), the broker, and the session limits."""
+    """Ports, certificates (public and farm), the broker, and the session limits.
+
+    ``trusted_proxies``: networks (CIDR) or addresses of the proxies in front of the gateway
+    (HALB nodes, forwarding gateways, haproxy) whose PROXY v2 header names the real client.
+    A PROXY v2 header from any other source is refused.
+    """
 
     name: str
     public_cert_file: Path
@@ -35,6 +41,7 @@ class GatewayConfig:
     connect_timeout_s: float = 10.0
     broker_timeout_s: float = 30.0
     link_ping_interval_s: float = 5.0
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -52,6 +59,16 @@ class GatewayConfig:
             "link_ping_interval_s",
         ):
             check_positive(key, getattr(self, key))
+        if isinstance(self.trusted_proxies, str):
+            raise Invalid("trusted_proxies", "must be a list of networks, not one string")
+        for i, network in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(network)
+            except ValueError as exc:
+                why = str(exc)
+                if "host bits" in why:  # 10.0.0.1/8: say which network was meant
+                    why += f" (the network is {ipaddress.ip_network(network, strict=False)})"
+                raise Invalid(f"trusted_proxies[{i}]", why) from None
         if not (self.plain_enabled or self.tls_enabled):
             raise Invalid(
                 "tls_enabled", "at least one of plain_enabled and tls_enabled must be true"

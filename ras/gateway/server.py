@@ -1,17 +1,22 @@
 """The Secure Gateway daemon: one front door per port, client sessions, ticketed tunnels.
 
-Each accepted connection is sniffed (``ras.net.sniff``): on the TLS port a ClientHello is
-terminated with the public certificate and the plaintext sniffed again. The control protocol
-gets a client session; HTTP gets a redirect to HTTPS on the plain port; anything else is
-closed with a log line. A client session answers ``hello`` itself, relays the client's
-requests to the broker over mutual TLS (``client_session`` first, so the broker knows the
-client's address), and on ``open_tunnel`` redeems the ticket at the broker and connects to
-the host:port the broker names, never to anything the client names. Then it relays bytes
-unchanged until either side ends, and audits the tunnel.
+Each accepted connection is sniffed (``ras.net.sniff``). A PROXY v2 header first (a HALB node
+or forwarding gateway relaying a client, before any TLS) is read only from a trusted proxy
+(``trusted_proxies``): the client it names is the session's client from then on, for the
+broker and the logs, and the rest of the stream is sniffed again; from anyone else it is
+refused. On the TLS port a ClientHello is terminated with the public certificate and the
+plaintext sniffed again. The control protocol gets a client session; HTTP gets a redirect to
+HTTPS on the plain port; anything else is closed with a log line. A client session answers
+``hello`` itself, relays the client's requests to the broker over mutual TLS
+(``client_session`` first, so the broker knows the client's address), and on ``open_tunnel``
+redeems the ticket at the broker and connects to the host:port the broker names, never to
+anything the client names. Then it relays bytes unchanged until either side ends, and audits
+the tunnel.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from functools import partial
@@ -19,7 +24,7 @@ from functools import partial
 import trio
 
 from ras import __version__
-from ras.errors import ErrorCode, TransportError
+from ras.errors import ErrorCode, RemoteProtocolError, TransportError
 from ras.gateway.config import GatewayConfig
 from ras.gateway.http import redirect_to_https, refuse_http
 from ras.net.channel import Channel, PeerError
@@ -41,6 +46,8 @@ from ras.protocol import (
     OpenTunnel,
     Ping,
     Pong,
+    ProxyCommand,
+    ProxyHeader,
     RedeemTicket,
     Registered,
     Role,
@@ -48,6 +55,7 @@ from ras.protocol import (
     TicketOk,
     TunnelOpen,
     Welcome,
+    parse_v2,
 )  # fmt: skip
 
 __all__ = ["Gateway"]
@@ -55,6 +63,7 @@ __all__ = ["Gateway"]
 log = logging.getLogger("ras.gateway")
 SOFTWARE = f"ras-gateway/{__version__}"
 _TO_BROKER = (Authenticate, AuthResponse, ListResources, Launch)
+_PROXY_READ = 4096
 
 
 class Gateway:
@@ -64,6 +73,7 @@ class Gateway:
         self._farm_tls = client_context(
             config.ca_file, cert_file=config.cert_file, key_file=config.key_file
         )
+        self._trusted_proxies = tuple(ipaddress.ip_network(n) for n in config.trusted_proxies)
         self.registered = trio.Event()
         self.tunnels = 0
 
@@ -93,17 +103,21 @@ class Gateway:
     # -- front doors -----------------------------------------------------------------------
 
     async def _handle_plain(self, stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
-        deadline = trio.current_time() + self.config.handshake_timeout_s
-        with trio.fail_at(deadline):
-            kind, stream = await sniff(stream)
-        await self._dispatch(kind, stream, peer, tls=False)
+        with trio.fail_after(self.config.handshake_timeout_s):
+            front = await self._sniff_front(stream, peer)
+        if front is not None:
+            kind, sniffed, client = front
+            await self._dispatch(kind, sniffed, client, tls=False)
 
     async def _handle_tls(self, stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
         with trio.fail_after(self.config.handshake_timeout_s):
-            kind, sniffed = await sniff(stream)
+            front = await self._sniff_front(stream, peer)
+            if front is None:
+                return
+            kind, sniffed, client = front
             if kind is not Kind.TLS:
                 log.info(
-                    "refused peer=%s:%d reason=not TLS on the TLS port (%s)", *peer, kind.value
+                    "refused peer=%s:%d reason=not TLS on the TLS port (%s)", *client, kind.value
                 )
                 return
             tls = trio.SSLStream(sniffed, self._public_tls, server_side=True)
@@ -112,7 +126,49 @@ class Gateway:
             except trio.BrokenResourceError as exc:
                 raise TransportError(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
             kind, inner = await sniff(tls)
-        await self._dispatch(kind, inner, peer, tls=True)
+        await self._dispatch(kind, inner, client, tls=True)
+
+    async def _sniff_front(
+        self, stream: trio.abc.Stream, peer: tuple[str, int]
+    ) -> tuple[Kind, PrefixedStream, tuple[str, int]] | None:
+        """Sniff a new connection; return (kind, stream, client). A PROXY v2 header from a
+        trusted proxy is read, the client it names becomes the client (after LOCAL, a health
+        check, the proxy itself stays the client), and the stream behind it is sniffed. None
+        when refused (logged). The caller owns the deadline."""
+        kind, sniffed = await sniff(stream)
+        if kind is not Kind.PROXY_V2:
+            return kind, sniffed, peer
+        if not self._is_trusted_proxy(peer[0]):
+            log.info("refused peer=%s:%d reason=PROXY v2 from an untrusted source", *peer)
+            return None
+        try:
+            header, rest = await _read_proxy_header(sniffed)
+        except RemoteProtocolError as exc:
+            log.info("refused peer=%s:%d reason=bad PROXY v2 header: %s", *peer, exc)
+            return None
+        client = peer if header.source is None else header.source
+        log.debug(
+            "proxy header peer=%s:%d command=%s client=%s:%d",
+            *peer,
+            header.command.name.lower(),
+            *client,
+        )
+        try:
+            kind, sniffed = await sniff(rest)
+        except TransportError:
+            if header.command is not ProxyCommand.LOCAL:
+                raise
+            # a proxy's TCP health check: connect, LOCAL header, close; not worth an info line
+            log.debug("health check peer=%s:%d", *peer)
+            return None
+        return kind, sniffed, client
+
+    def _is_trusted_proxy(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:  # "unknown": no socket address to trust
+            return False
+        return any(address in network for network in self._trusted_proxies)
 
     async def _dispatch(
         self, kind: Kind, stream: PrefixedStream, peer: tuple[str, int], *, tls: bool
@@ -310,3 +366,19 @@ class Gateway:
                 nonce += 1
                 with trio.fail_after(cfg.broker_timeout_s):
                     await chan.request(Ping(nonce))
+
+
+async def _read_proxy_header(stream: PrefixedStream) -> tuple[ProxyHeader, PrefixedStream]:
+    """Read a whole PROXY v2 header; return it and the stream that follows it (bytes read past
+    the header are put back). A bad header is a ``RemoteProtocolError``; the caller owns
+    the deadline."""
+    buffer = b""
+    while (header := parse_v2(buffer)) is None:
+        try:
+            data = await stream.receive_some(_PROXY_READ)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise TransportError(f"connection lost in the PROXY v2 header: {exc}") from exc
+        if not data:
+            raise TransportError("connection closed in the middle of the PROXY v2 header")
+        buffer += data
+    return header, PrefixedStream(stream, buffer[header.length :])
