@@ -17,7 +17,8 @@ from ras.protocol import PREFACE_PREFIX
 
 __all__ = ["Kind", "PrefixedStream", "classify", "sniff"]
 
-PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+from ras.protocol.proxy import PROXY_V2_SIGNATURE
+
 _MAX_METHOD = 16  # longest HTTP method told apart (RDG_OUT_DATA is 12)
 _HTTP_METHOD = re.compile(rb"[A-Z_]{3,%d} " % _MAX_METHOD)
 # Enough bytes to decide every case: the longest magic, or a method and its space.
