@@ -14,10 +14,9 @@ import trio
 
 from ras.errors import TransportError
 from ras.protocol import PREFACE_PREFIX
+from ras.protocol.proxy import PROXY_V2_SIGNATURE
 
 __all__ = ["Kind", "PrefixedStream", "classify", "sniff"]
-
-from ras.protocol.proxy import PROXY_V2_SIGNATURE
 
 _MAX_METHOD = 16  # longest HTTP method told apart (RDG_OUT_DATA is 12)
 _HTTP_METHOD = re.compile(rb"[A-Z_]{3,%d} " % _MAX_METHOD)
