@@ -66,6 +66,7 @@ class Backend:
 class Balancer:
     config: HalbConfig
     backends: dict[str, Backend] = field(default_factory=dict)
+    ready: trio.Event = field(default_factory=trio.Event)  # the first health rounds are done
     _turn: int = 0
 
     def __post_init__(self) -> None:
@@ -140,10 +141,15 @@ class Balancer:
                 )
 
     async def health_loop(self) -> None:
+        rounds = 0
         while True:
             async with trio.open_nursery() as nursery:
                 for backend in list(self.backends.values()):
                     nursery.start_soon(self.check, backend)
+            rounds += 1
+            # Ready once a gateway is up, or once ``rise`` rounds have shown none can be.
+            if any(b.healthy for b in self.backends.values()) or rounds >= self.config.rise:
+                self.ready.set()
             await trio.sleep(self.config.health_interval_s)
 
     # -- serving -------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ class Halb:
         async with trio.open_nursery() as nursery:
             services = await nursery.start(self.balancer.serve)
             admin = await nursery.start(serve_admin, self, cfg.admin_host, cfg.admin_port)
+            # Take part in the election only once we know which gateways serve: a node that
+            # won the VIP before its first health checks would refuse the first clients.
+            await self.balancer.ready.wait()
             await nursery.start(self.election.run)
             log.info(
                 "halb ready name=%s services=%s admin=%s:%d",

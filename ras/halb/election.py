@@ -167,7 +167,11 @@ class Election:
 
     async def _apply(self, tx: trio.socket.SocketType, commands: Sequence[Command]) -> None:
         cfg = self.config
-        for cmd in commands:
+        # Hold the VIPs (and tell the neighbours by gratuitous ARP) before announcing
+        # mastership: the old master releases them when it hears our advert, and a client must
+        # never be left sending to a MAC that no longer has the address.
+        ordered = sorted(commands, key=lambda c: not isinstance(c, TakeVips))
+        for cmd in ordered:
             match cmd:
                 case SendAdvertisement(advert=advert):
                     assert self.primary is not None

@@ -1,0 +1,247 @@
+"""Build HALB labs: real `ras gateway` and `ras halb` processes (and keepalived, haproxy) in
+network namespaces, and a probe that goes through the VIP the way a client does.
+
+A probe is a real control-protocol exchange (preface, hello, ping, pong) from the client host
+to VIP:port: it passes through the master's balancer, which adds a PROXY v2 header, to a
+gateway that trusts the lab subnet. So a good probe proves the whole path serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ras.errors import ProtocolError
+from ras.lab import Host, Lab
+from ras.pki import FarmPKI
+from ras.protocol import Connection, Hello, Ping, Pong, Role, Side, Welcome
+
+RAS = [sys.executable, "-m", "ras"]
+SERVICE_PORT = 8080  # the gateways' plain port, and the VIP port the HALB balances to it
+VRID = 51
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+@dataclass
+class HalbLab:
+    lab: Lab
+    tmp: Path
+    vip: str
+    client: Host
+    gateways: dict[str, Host] = field(default_factory=dict)
+    nodes: dict[str, Host] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    # -- gateways -----------------------------------------------------------------------------
+
+    def start_gateway(self, name: str) -> None:
+        host = self.gateways[name]
+        pki = FarmPKI(self.tmp / "pki")
+        cert, key = pki.ensure(name)
+        pub_cert, pub_key = pki.ensure_self_signed(f"{name}-public", [name, str(host.address)])
+        conf = self.tmp / f"{name}.toml"
+        conf.write_text(f"""
+name = "{name}"
+listen_host = "0.0.0.0"
+plain_port = {SERVICE_PORT}
+tls_enabled = false
+public_cert_file = "{pub_cert}"
+public_key_file = "{pub_key}"
+cert_file = "{cert}"
+key_file = "{key}"
+ca_file = "{pki.ca_path}"
+broker_host = "127.0.0.1"
+trusted_proxies = ["{self.lab.subnet}"]
+""")
+        self.procs[name] = host.popen([*RAS, "gateway", "--config", str(conf)])
+
+    # -- HALB nodes ---------------------------------------------------------------------------
+
+    def halb_config(
+        self,
+        name: str,
+        priority: int,
+        *,
+        advert_s: float = 0.1,
+        preempt: bool = True,
+        preempt_delay_s: float = 0.0,
+    ) -> Path:
+        conf = self.tmp / f"{name}.toml"
+        gateways = "".join(
+            f'\n[[gateways]]\nname = "{g}"\nhost = "{h.address}"\n'
+            for g, h in self.gateways.items()
+        )
+        conf.write_text(f"""
+name = "{name}"
+interface = "eth0"
+vips = ["{self.vip}/{self.lab.subnet.prefixlen}"]
+vrid = {VRID}
+priority = {priority}
+advert_interval_s = {advert_s}
+preempt = {"true" if preempt else "false"}
+preempt_delay_s = {preempt_delay_s}
+health_port = {SERVICE_PORT}
+health_interval_s = 0.2
+health_timeout_s = 0.5
+rise = 2
+fall = 2
+connect_timeout_s = 1
+
+[[services]]
+listen_port = {SERVICE_PORT}
+backend_port = {SERVICE_PORT}
+{gateways}""")
+        return conf
+
+    def start_halb(self, name: str, priority: int, **options: object) -> None:
+        conf = self.halb_config(name, priority, **options)  # type: ignore[arg-type]
+        self.procs[name] = self.nodes[name].popen([*RAS, "halb", "--config", str(conf)])
+
+    def start_keepalived(
+        self, name: str, priority: int, *, advert_s: float = 0.1, preempt: bool = True
+    ) -> None:
+        """keepalived 2.2.7 in the same VRRP group (the interop peer), run as the notes say."""
+        run = self.tmp / f"{name}-run"
+        run.mkdir(exist_ok=True)
+        conf = run / "keepalived.conf"
+        conf.write_text(f"""
+global_defs {{
+    vrrp_version 3
+    router_id {name}
+    vrrp_garp_master_delay 0
+    vrrp_garp_master_repeat 1
+}}
+vrrp_instance VI_1 {{
+    state BACKUP
+    interface eth0
+    virtual_router_id {VRID}
+    priority {priority}
+    advert_int {advert_s}
+    {"" if preempt else "nopreempt"}
+    virtual_ipaddress {{
+        {self.vip}/{self.lab.subnet.prefixlen} dev eth0
+    }}
+}}
+""")
+        self.procs[name] = self.nodes[name].popen(
+            [
+                "keepalived",
+                "-n",
+                "-l",
+                "-D",
+                "-f",
+                str(conf),
+                "-p",
+                str(run / "k.pid"),
+                "-r",
+                str(run / "vrrp.pid"),
+                "-c",
+                str(run / "chk.pid"),
+            ]
+        )
+
+    def kill(self, name: str) -> None:
+        """A crash: SIGKILL the process (and keepalived's VRRP child, found by its pid file)."""
+        proc = self.procs[name]
+        child = self.tmp / f"{name}-run" / "vrrp.pid"
+        if child.exists():
+            with contextlib.suppress(OSError):
+                subprocess.run(["kill", "-9", child.read_text().strip()], check=False)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self, name: str) -> int:
+        """A clean stop (SIGTERM); the process's exit code."""
+        proc = self.procs[name]
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(15)
+
+    def holders(self) -> list[str]:
+        """The nodes whose interface holds the VIP now."""
+        return [n for n, h in self.nodes.items() if self.vip in h.addresses()]
+
+    def status(self, name: str) -> dict[str, object]:
+        out = self.nodes[name].run([*RAS, "halb", "status", "--json"], timeout=20)
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    def log(self, name: str) -> str:
+        return self.lab.log_tail(self.procs[name], lines=60)
+
+    # -- the client's view ----------------------------------------------------------------------
+
+    def probe(self, timeout: float = 1.0) -> bool:
+        """One new connection through the VIP to a gateway: True if it was served."""
+        return self.probe_result(timeout) is Probe.OK
+
+    def probe_result(self, timeout: float = 1.0) -> Probe:
+        return probe(self.client, self.vip, SERVICE_PORT, timeout)
+
+
+class Probe(enum.Enum):
+    OK = "ok"  # served by a gateway through the VIP
+    NOT_CONNECTED = "not connected"  # the new connection failed: refused, unanswered
+    CUT = "cut"  # connected, then reset or closed before the pong (a connection in flight)
+
+
+def probe(client: Host, address: str, port: int, timeout: float = 1.0) -> Probe:
+    sock = client.socket()
+    sock.settimeout(timeout)
+    conn = Connection(Side.CLIENT)
+    try:
+        try:
+            sock.connect((address, port))
+        except OSError:
+            return Probe.NOT_CONNECTED
+        try:
+            sock.sendall(conn.send(Hello(Role.CLIENT, "lab-probe")))
+            replies: list[object] = []
+            while not any(isinstance(r, Welcome) for r in replies):
+                data = sock.recv(4096)
+                if not data:
+                    return Probe.CUT
+                replies += conn.receive_data(data)
+            sock.sendall(conn.send(Ping(7)))
+            while not any(isinstance(r, Pong) for r in replies):
+                data = sock.recv(4096)
+                if not data:
+                    return Probe.CUT
+                replies += conn.receive_data(data)
+        except (OSError, ProtocolError):
+            return Probe.CUT
+        return Probe.OK
+    finally:
+        sock.close()
+
+
+def wait_probe(lab: HalbLab, timeout: float) -> float:
+    """Probe every 10 ms until one succeeds; the seconds it took."""
+    start = time.monotonic()
+    while not lab.probe(timeout=0.2):
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"no probe succeeded in {timeout} s")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def build(make_lab, tmp_path: Path, *, nodes: int = 3, gateways: int = 2) -> HalbLab:
+    names = (
+        ["client"] + [f"gw{i + 1}" for i in range(gateways)] + [f"h{i + 1}" for i in range(nodes)]
+    )
+    lab = make_lab(*names)
+    vip = str(lab.spare_address())
+    hl = HalbLab(lab, tmp_path, vip, lab.hosts["client"])
+    hl.gateways = {n: lab.hosts[n] for n in names if n.startswith("gw")}
+    hl.nodes = {n: lab.hosts[n] for n in names if n.startswith("h")}
+    for name in hl.gateways:
+        hl.start_gateway(name)
+    return hl

@@ -1,0 +1,171 @@
+"""HALB in a network-namespace lab: real `ras halb` nodes elect a master by VRRP, move the VIP,
+and balance a client's connections over real `ras gateway` processes.
+
+Every wait is a poll with a generous deadline; timings are measured in benchmarks/, not here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from halbkit import RAS, Probe, build, wait_probe
+from labkit import require_lab, wait_until
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def halb(make_lab, tmp_path):
+    require_lab("keepalived")
+    return build(make_lab, tmp_path)
+
+
+def _one_master(hl, expected: str, timeout: float = 15.0) -> None:
+    wait_until(
+        lambda: hl.holders() == [expected],
+        timeout,
+        what=f"only {expected} holds the VIP",
+        ignore=(OSError,),
+    )
+
+
+def test_three_nodes_elect_the_highest_and_fail_over_on_crash(halb):
+    halb.start_halb("h1", 150)
+    halb.start_halb("h2", 100)
+    halb.start_halb("h3", 50)
+    _one_master(halb, "h1")
+    wait_probe(halb, 15)
+    status = halb.status("h1")
+    assert status["state"] == "MASTER"
+    assert {g["name"]: g["healthy"] for g in status["gateways"]} == {"gw1": True, "gw2": True}
+    assert halb.status("h2")["state"] == "BACKUP"
+
+    halb.kill("h1")  # SIGKILL: no priority-0 advert; the VIP stays on h1's interface
+    wait_until(lambda: "h2" in halb.holders(), 10, what="h2 takes the VIP")
+    wait_probe(halb, 10)  # a client's new connections reach a gateway again
+    assert halb.status("h2")["state"] == "MASTER"
+    assert halb.status("h3")["state"] == "BACKUP"
+
+
+def test_the_old_master_preempts_when_it_comes_back_without_a_failed_connection(halb):
+    halb.start_halb("h1", 150)
+    halb.start_halb("h2", 100)
+    _one_master(halb, "h1")
+    halb.stop("h1")  # graceful: priority 0, the VIP released at once
+    _one_master(halb, "h2")
+    wait_probe(halb, 10)
+    halb.start_halb("h1", 150)
+    results = []
+    deadline = time.monotonic() + 15
+    while halb.holders() != ["h1"] and time.monotonic() < deadline:
+        results.append(halb.probe_result(timeout=2.0))  # new connections all through the move
+        time.sleep(0.01)
+    _one_master(halb, "h1")
+    results += [halb.probe_result(timeout=2.0) for _ in range(30)]
+    # No new connection fails while the VIP moves back. The one connection (at most) that is in
+    # flight at the instant the VIP moves is cut, as with any VRRP pair: its next packet
+    # reaches the new master, which has no such connection.
+    assert Probe.NOT_CONNECTED not in results, results
+    assert results.count(Probe.CUT) <= 1, results
+    assert results.count(Probe.OK) >= 30
+
+
+def test_without_preempt_the_old_master_stays_backup(halb):
+    halb.start_halb("h1", 150, preempt=False)
+    halb.start_halb("h2", 100, preempt=False)
+    _one_master(halb, "h1")
+    halb.stop("h1")
+    _one_master(halb, "h2")
+    halb.start_halb("h1", 150, preempt=False)
+    wait_until(
+        lambda: halb.status("h1")["state"] == "BACKUP",
+        10,
+        what="h1 back as BACKUP",
+        ignore=(Exception,),
+    )
+    assert halb.holders() == ["h2"]
+    wait_probe(halb, 5)
+
+
+def test_a_partition_makes_two_masters_and_healing_leaves_one(halb):
+    halb.start_halb("h1", 150)
+    halb.start_halb("h2", 100)
+    halb.start_halb("h3", 50)
+    _one_master(halb, "h1")
+    h1 = halb.nodes["h1"]
+    for chain in ("INPUT", "OUTPUT"):
+        h1.iptables("-A", chain, "-p", "112", "-j", "DROP")
+    wait_until(lambda: sorted(halb.holders()) == ["h1", "h2"], 10, what="two masters (h1, h2)")
+    for chain in ("INPUT", "OUTPUT"):
+        h1.iptables("-D", chain, "-p", "112", "-j", "DROP")
+    _one_master(halb, "h1")
+    assert halb.status("h2")["state"] == "BACKUP"
+    wait_probe(halb, 5)
+
+
+def test_a_dead_gateway_gets_no_new_connections_after_the_fall_threshold(halb):
+    halb.start_halb("h1", 150)
+    _one_master(halb, "h1")
+    wait_until(
+        lambda: all(g["healthy"] for g in halb.status("h1")["gateways"]),
+        10,
+        what="both gateways healthy",
+        ignore=(Exception,),
+    )
+    halb.kill("gw1")
+    wait_until(
+        lambda: (
+            {g["name"]: g["healthy"] for g in halb.status("h1")["gateways"]}
+            == {"gw1": False, "gw2": True}
+        ),
+        10,
+        what="gw1 down, gw2 up",
+        ignore=(Exception,),
+    )
+    before = {g["name"]: g["total"] for g in halb.status("h1")["gateways"]}
+    assert all(halb.probe() for _ in range(20))
+    after = {g["name"]: g["total"] for g in halb.status("h1")["gateways"]}
+    assert after["gw1"] == before["gw1"]
+    assert after["gw2"] >= before["gw2"] + 20
+
+
+def test_draining_a_gateway_sends_it_no_new_connections(halb):
+    halb.start_halb("h1", 150)
+    _one_master(halb, "h1")
+    wait_until(
+        lambda: all(g["healthy"] for g in halb.status("h1")["gateways"]),
+        10,
+        what="both gateways healthy",
+        ignore=(Exception,),
+    )
+    halb.nodes["h1"].run([*RAS, "halb", "drain", "gw2"])
+    before = {g["name"]: g["total"] for g in halb.status("h1")["gateways"]}
+    assert all(halb.probe() for _ in range(10))
+    after = {g["name"]: g["total"] for g in halb.status("h1")["gateways"]}
+    assert after["gw2"] == before["gw2"]
+    assert after["gw1"] == before["gw1"] + 10
+
+
+# -- keepalived interop --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ours", "theirs", "winner"), [(150, 100, "h1"), (100, 150, "h2")])
+def test_keepalived_and_ras_the_higher_priority_wins(halb, ours, theirs, winner):
+    halb.start_halb("h1", ours)
+    halb.start_keepalived("h2", theirs)
+    _one_master(halb, winner)
+    wait_probe(halb, 10) if winner == "h1" else None
+    # each takes over when the other dies
+    loser = "h2" if winner == "h1" else "h1"
+    halb.kill(winner)
+    wait_until(lambda: loser in halb.holders(), 10, what=f"{loser} takes over from {winner}")
+    if loser == "h1":
+        wait_probe(halb, 10)
+
+
+def test_keepalived_and_ras_equal_priority_breaks_on_the_address(halb):
+    # h1 and h2 start together; the higher primary address (h2: the later host) must win.
+    halb.start_keepalived("h1", 100)
+    halb.start_halb("h2", 100)
+    _one_master(halb, "h2")
