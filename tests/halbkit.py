@@ -41,6 +41,7 @@ class HalbLab:
     gateways: dict[str, Host] = field(default_factory=dict)
     nodes: dict[str, Host] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    dead: set[str] = field(default_factory=set)  # nodes whose link is down
 
     # -- gateways -----------------------------------------------------------------------------
 
@@ -150,6 +151,14 @@ vrrp_instance VI_1 {{
             ]
         )
 
+    def kill_node(self, name: str) -> None:
+        """The node dies: its process is SIGKILLed and its link goes down. (A process killed
+        alone leaves the VIP on a host that still answers ARP for it, a different fault.)"""
+        self.kill(name)
+        host = self.nodes.get(name) or self.gateways[name]
+        host.run(["ip", "link", "set", "eth0", "down"])
+        self.dead.add(name)
+
     def kill(self, name: str) -> None:
         """A crash: SIGKILL the process (and keepalived's VRRP child, found by its pid file)."""
         proc = self.procs[name]
@@ -167,8 +176,10 @@ vrrp_instance VI_1 {{
         return proc.wait(15)
 
     def holders(self) -> list[str]:
-        """The nodes whose interface holds the VIP now."""
-        return [n for n, h in self.nodes.items() if self.vip in h.addresses()]
+        """The live nodes whose interface holds the VIP now."""
+        return [
+            n for n, h in self.nodes.items() if n not in self.dead and self.vip in h.addresses()
+        ]
 
     def status(self, name: str) -> dict[str, object]:
         out = self.nodes[name].run([*RAS, "halb", "status", "--json"], timeout=20)

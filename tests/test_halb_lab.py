@@ -41,7 +41,7 @@ def test_three_nodes_elect_the_highest_and_fail_over_on_crash(halb):
     assert {g["name"]: g["healthy"] for g in status["gateways"]} == {"gw1": True, "gw2": True}
     assert halb.status("h2")["state"] == "BACKUP"
 
-    halb.kill("h1")  # SIGKILL: no priority-0 advert; the VIP stays on h1's interface
+    halb.kill_node("h1")  # SIGKILL and link down: no priority-0 advert
     wait_until(lambda: "h2" in halb.holders(), 10, what="h2 takes the VIP")
     wait_probe(halb, 10)  # a client's new connections reach a gateway again
     assert halb.status("h2")["state"] == "MASTER"
@@ -155,17 +155,26 @@ def test_keepalived_and_ras_the_higher_priority_wins(halb, ours, theirs, winner)
     halb.start_halb("h1", ours)
     halb.start_keepalived("h2", theirs)
     _one_master(halb, winner)
-    wait_probe(halb, 10) if winner == "h1" else None
+    if winner == "h1":
+        wait_probe(halb, 10)  # our master balances to the gateways
     # each takes over when the other dies
     loser = "h2" if winner == "h1" else "h1"
-    halb.kill(winner)
-    wait_until(lambda: loser in halb.holders(), 10, what=f"{loser} takes over from {winner}")
+    halb.kill_node(winner)
+    _one_master(halb, loser, timeout=10)
     if loser == "h1":
         wait_probe(halb, 10)
 
 
-def test_keepalived_and_ras_equal_priority_breaks_on_the_address(halb):
-    # h1 and h2 start together; the higher primary address (h2: the later host) must win.
-    halb.start_keepalived("h1", 100)
-    halb.start_halb("h2", 100)
+@pytest.mark.parametrize("ours", ["h1", "h2"])
+def test_keepalived_and_ras_equal_priority_breaks_on_the_address(halb, ours):
+    """Two masters at once (partitioned), then healed: the higher primary address (h2) stays."""
+    theirs = "h2" if ours == "h1" else "h1"
+    h1 = halb.nodes["h1"]
+    for chain in ("INPUT", "OUTPUT"):
+        h1.iptables("-A", chain, "-p", "112", "-j", "DROP")
+    halb.start_halb(ours, 100)
+    halb.start_keepalived(theirs, 100)
+    wait_until(lambda: sorted(halb.holders()) == ["h1", "h2"], 15, what="both master")
+    for chain in ("INPUT", "OUTPUT"):
+        h1.iptables("-D", chain, "-p", "112", "-j", "DROP")
     _one_master(halb, "h2")
