@@ -11,11 +11,12 @@ from typing import Any
 import trio
 
 from ras.config import load
-from ras.errors import ConfigError
+from ras.errors import ConfigError, RasError
 from ras.halb.admin import serve_admin
 from ras.halb.balancer import Balancer
 from ras.halb.config import HalbConfig
 from ras.halb.election import Election
+from ras.halb.vip import missing_capabilities
 
 __all__ = ["Halb"]
 
@@ -33,6 +34,9 @@ class Halb:
         self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.config
+        missing = missing_capabilities()
+        if missing:
+            raise RasError(f"the HALB needs {' and '.join(missing)}; run it as root or grant them")
         async with trio.open_nursery() as nursery:
             services = await nursery.start(self.balancer.serve)
             admin = await nursery.start(serve_admin, self, cfg.admin_host, cfg.admin_port)

@@ -23,6 +23,7 @@ __all__ = [
     "arp_announcement",
     "interface_mac",
     "interface_primary",
+    "missing_capabilities",
     "remove_vip",
     "send_gratuitous_arp",
 ]
@@ -30,6 +31,27 @@ __all__ = [
 _ETH_P_ARP = 0x0806
 _SIOCGIFHWADDR = 0x8927
 _BROADCAST = b"\xff" * 6
+
+
+_CAP_NET_ADMIN = 12
+_CAP_NET_RAW = 13
+
+
+def missing_capabilities(status: Path = Path("/proc/self/status")) -> list[str]:
+    """The capabilities the HALB needs and this process lacks (from its effective set)."""
+    try:
+        line = next(x for x in status.read_text().splitlines() if x.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return []  # not Linux /proc: let the first operation say what fails
+    effective = int(line.split()[1], 16)
+    return [
+        name
+        for bit, name in (
+            (_CAP_NET_ADMIN, "CAP_NET_ADMIN (add and remove the VIPs)"),
+            (_CAP_NET_RAW, "CAP_NET_RAW (VRRP raw sockets, gratuitous ARP)"),
+        )
+        if not effective & (1 << bit)
+    ]
 
 
 def interface_mac(interface: str) -> bytes:
