@@ -12,6 +12,7 @@ import contextlib
 import enum
 import json
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from ras.protocol import Connection, Hello, Ping, Pong, Role, Side, Welcome
 
 RAS = [sys.executable, "-m", "ras"]
 SERVICE_PORT = 8080  # the gateways' plain port, and the VIP port the HALB balances to it
+OFFLOAD_PORT = 8443  # a VIP port where the HALB terminates TLS (offload) and forwards to 8080
 VRID = 51
 
 
@@ -76,6 +78,7 @@ trusted_proxies = ["{self.lab.subnet}"]
         advert_s: float = 0.1,
         preempt: bool = True,
         preempt_delay_s: float = 0.0,
+        offload: bool = False,
     ) -> Path:
         conf = self.tmp / f"{name}.toml"
         gateways = "".join(
@@ -101,8 +104,20 @@ connect_timeout_s = 1
 [[services]]
 listen_port = {SERVICE_PORT}
 backend_port = {SERVICE_PORT}
+{self._offload_service() if offload else ""}
 {gateways}""")
         return conf
+
+    def offload_cert(self) -> tuple[Path, Path]:
+        """The certificate HALB nodes offload TLS with (self-signed for the VIP)."""
+        return FarmPKI(self.tmp / "pki").ensure_self_signed("halb-offload", [self.vip])
+
+    def _offload_service(self) -> str:
+        cert, key = self.offload_cert()
+        return (
+            f"[[services]]\nlisten_port = {OFFLOAD_PORT}\nbackend_port = {SERVICE_PORT}\n"
+            f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
+        )
 
     def start_halb(self, name: str, priority: int, **options: object) -> None:
         conf = self.halb_config(name, priority, **options)  # type: ignore[arg-type]
@@ -204,9 +219,16 @@ class Probe(enum.Enum):
     CUT = "cut"  # connected, then reset or closed before the pong (a connection in flight)
 
 
-def probe(client: Host, address: str, port: int, timeout: float = 1.0) -> Probe:
-    sock = client.socket()
-    sock.settimeout(timeout)
+def probe(
+    client: Host, address: str, port: int, timeout: float = 1.0, tls: ssl.SSLContext | None = None
+) -> Probe:
+    raw = client.socket()
+    raw.settimeout(timeout)
+    sock = (
+        raw
+        if tls is None
+        else tls.wrap_socket(raw, server_hostname=address, do_handshake_on_connect=True)
+    )
     conn = Connection(Side.CLIENT)
     try:
         try:

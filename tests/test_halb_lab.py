@@ -6,10 +6,11 @@ Every wait is a poll with a generous deadline; timings are measured in benchmark
 
 from __future__ import annotations
 
+import ssl
 import time
 
 import pytest
-from halbkit import RAS, Probe, build, wait_probe
+from halbkit import OFFLOAD_PORT, RAS, Probe, build, probe, wait_probe
 from labkit import require_lab, wait_until
 
 pytestmark = pytest.mark.lab
@@ -178,3 +179,17 @@ def test_keepalived_and_ras_equal_priority_breaks_on_the_address(halb, ours):
     for chain in ("INPUT", "OUTPUT"):
         h1.iptables("-D", chain, "-p", "112", "-j", "DROP")
     _one_master(halb, "h2")
+
+
+def test_tls_offload_terminates_at_the_halb_and_reaches_the_plain_port(halb):
+    halb.start_halb("h1", 150, offload=True)
+    _one_master(halb, "h1")
+    wait_probe(halb, 10)
+    cert, _ = halb.offload_cert()
+    ctx = ssl.create_default_context(cafile=str(cert))
+    assert probe(halb.client, halb.vip, OFFLOAD_PORT, 2.0, tls=ctx) is Probe.OK
+    # a client that does not trust the certificate gets no service
+    assert (
+        probe(halb.client, halb.vip, OFFLOAD_PORT, 2.0, tls=ssl.create_default_context())
+        is Probe.NOT_CONNECTED
+    )

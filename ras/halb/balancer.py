@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from ras.net.channel import Channel, aclose_quietly
 from ras.net.listen import peer_address
 from ras.net.relay import relay
 from ras.net.tls import connect_tcp
+from ras.pki import server_context
 from ras.protocol import Hello, Ping, Pong, Role, Side, Welcome
 from ras.protocol.proxy import encode_v2
 
@@ -69,8 +71,15 @@ class Balancer:
     ready: trio.Event = field(default_factory=trio.Event)  # the first health rounds are done
     _turn: int = 0
 
+    _offload: dict[int, ssl.SSLContext] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self.set_gateways(self.config.gateways)
+        for service in self.config.services:
+            if service.tls_cert_file is not None and service.tls_key_file is not None:
+                self._offload[service.listen_port] = server_context(
+                    service.tls_cert_file, service.tls_key_file
+                )
 
     def set_gateways(self, gateways: tuple[GatewayRef, ...]) -> None:
         """Take a new gateway list (config reload): keep the state of those that stay."""
@@ -180,6 +189,17 @@ class Balancer:
         self, client: trio.abc.Stream, service: ServiceConfig, vip: ipaddress.IPv4Address
     ) -> None:
         peer = peer_address(client)
+        offload = self._offload.get(service.listen_port)
+        if offload is not None:
+            tls = trio.SSLStream(client, offload, server_side=True)
+            try:
+                with trio.fail_after(self.config.tls_handshake_timeout_s):
+                    await tls.do_handshake()
+            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                log.info("tls offload failed client=%s:%d reason=%s", *peer, exc or "timeout")
+                await aclose_quietly(client)
+                return
+            client = tls
         backend = self.pick()
         if backend is None:
             log.warning("no gateway for client=%s:%d port=%d", *peer, service.listen_port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ras.config import Invalid, check_host, check_port, check_positive
 
@@ -17,10 +18,20 @@ class ServiceConfig:
     listen_port: int
     backend_port: int
     proxy_protocol: bool = True  # send a PROXY v2 header so the gateway sees the client
+    # TLS offload: with a certificate, the HALB terminates TLS and forwards plaintext (to the
+    # gateway's plain port); without, TLS passes through to the gateway untouched.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     def __post_init__(self) -> None:
         check_port("listen_port", self.listen_port, zero_ok=False)
         check_port("backend_port", self.backend_port, zero_ok=False)
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise Invalid("tls_key_file", "TLS offload needs both tls_cert_file and tls_key_file")
+
+    @property
+    def offload(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +71,7 @@ class HalbConfig:
     rise: int = 2
     fall: int = 3
     connect_timeout_s: float = 5.0
+    tls_handshake_timeout_s: float = 10.0
     admin_host: str = "127.0.0.1"
     admin_port: int = 31006
 
@@ -85,7 +97,12 @@ class HalbConfig:
             raise Invalid(
                 "advert_interval_s", "must be between 0.01 and 40.95 (VRRPv3 centiseconds)"
             )
-        for key in ("health_interval_s", "health_timeout_s", "connect_timeout_s"):
+        for key in (
+            "health_interval_s",
+            "health_timeout_s",
+            "connect_timeout_s",
+            "tls_handshake_timeout_s",
+        ):
             check_positive(key, getattr(self, key))
         if self.preempt_delay_s < 0:
             raise Invalid("preempt_delay_s", "must not be negative")
