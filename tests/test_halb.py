@@ -11,6 +11,7 @@ import sys
 import pytest
 import trio
 from farmkit import farm
+from labkit import await_until
 
 from ras.config import from_mapping
 from ras.errors import ConfigError
@@ -150,3 +151,47 @@ async def test_health_checks_need_a_serving_gateway(tmp_path, nursery):
         assert "timed out" in silent.last_error
     for lst in mute:
         await lst.aclose()
+
+
+async def test_gateways_come_from_the_broker_too(tmp_path, nursery):
+    from ras.errors import ErrorCode
+    from ras.halb.daemon import Halb
+    from ras.net.channel import Channel, PeerError
+    from ras.net.tls import connect_tls
+    from ras.pki import client_context
+    from ras.protocol import Hello, RedeemTicket, Role, Side, Welcome
+
+    async with farm(tmp_path, gateways=("gw-a", "gw-b")) as f:
+        for gw in f.gateways.values():
+            with trio.fail_after(10):
+                await gw.registered.wait()
+        cert, key = f.pki.ensure("halb1", ("localhost",))
+        cfg = _config(
+            gateways=[{"name": "static", "host": "10.0.0.9"}, {"name": "gw-b", "host": "10.0.0.2"}],
+            broker_host="127.0.0.1",
+            broker_port=f.broker_addrs["gateways"][1],
+            cert_file=str(cert),
+            key_file=str(key),
+            ca_file=str(f.pki.ca_path),
+            broker_poll_interval_s=0.1,
+        )
+        halb = Halb(cfg)
+        nursery.start_soon(halb._broker_gateways)
+        with trio.fail_after(10):
+            await await_until(lambda: "gw-a" in halb.balancer.backends, what="gw-a listed")
+        hosts = {name: b.host for name, b in halb.balancer.backends.items()}
+        # the broker's gw-a joins; for gw-b, named in the config too, the config wins
+        assert hosts == {"static": "10.0.0.9", "gw-b": "10.0.0.2", "gw-a": "localhost"}
+
+        # a HALB certificate gets the gateway list and nothing else
+        ctx = client_context(f.pki.ca_path, cert_file=cert, key_file=key)
+        stream = await connect_tls(
+            "127.0.0.1", f.broker_addrs["gateways"][1], ctx, server_hostname="localhost"
+        )
+        async with Channel(stream, Side.CLIENT) as chan:
+            await chan.send(Hello(Role.HALB, "test"))
+            assert isinstance(await chan.receive(), Welcome)
+            with pytest.raises(PeerError) as info:
+                await chan.request(RedeemTicket("t1.x.y"))
+        assert info.value.code is ErrorCode.UNEXPECTED
+        nursery.cancel_scope.cancel()

@@ -40,11 +40,14 @@ from ras.protocol import (
     ConnectionClosed,
     Error,
     Event,
+    GatewayEntry,
+    GatewayList,
     GatewayRegister,
     Hello,
     HostKind,
     Launch,
     LaunchOk,
+    ListGateways,
     ListResources,
     LoadReport,
     Message,
@@ -79,6 +82,7 @@ TICKET = "v1.eyJ1IjoiYWxpY2UiLCJyIjoiZGVzayJ9.c2lnbmF0dXJl"
 # -- samples and helpers ------------------------------------------------------------------------
 
 DESK = Resource("desk", "Full desktop", ResourceKind.DESKTOP)
+GW1 = GatewayEntry("gw1", "10.0.0.11", 443)
 CALC = Resource("calc", "Calculator", ResourceKind.APPLICATION)
 
 # One valid instance of every message class, and the side that sends it.
@@ -106,6 +110,8 @@ SAMPLES: dict[MessageType, tuple[Side, Message]] = {
     MessageType.GATEWAY_REGISTER: (CLIENT, GatewayRegister("gw1", "gw1.farm.example", 443)),
     MessageType.CLIENT_SESSION: (CLIENT, ClientSession("2001:db8::7", 50122)),
     MessageType.REGISTERED: (SERVER, Registered("rdsh1", 5.0)),
+    MessageType.LIST_GATEWAYS: (CLIENT, ListGateways()),
+    MessageType.GATEWAY_LIST: (SERVER, GatewayList((GW1,))),
     MessageType.REDEEM_TICKET: (CLIENT, RedeemTicket(TICKET)),
     MessageType.TICKET_OK: (SERVER, TicketOk("10.0.0.21", 3389, "alice", "desk")),
     MessageType.PING: (SERVER, Ping(7)),
@@ -214,6 +220,15 @@ SESSIONS: dict[str, tuple[Flight, ...]] = {
         s(Welcome(1, "ras-broker/0.1")),
         c(GatewayRegister("gw1", "gw1.farm.example", 443)),
         s(Registered("gw1", 30.0)),
+    ),
+    # A HALB asking the broker which gateways to balance over.
+    "halb": (
+        c(Hello(Role.HALB, "ras-halb/0.1")),
+        s(Welcome(1, "ras-broker/0.1")),
+        c(ListGateways()),
+        s(GatewayList((GW1, GatewayEntry("gw2", "gw2.farm.example", 443)))),
+        c(ListGateways()),
+        s(GatewayList(())),
     ),
     # A gateway's connection to the broker on behalf of one client.
     "gateway-client": (
@@ -499,6 +514,11 @@ MESSAGE_STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
     MessageType.GATEWAY_REGISTER: st.builds(GatewayRegister, _names, _hosts, _ports),
     MessageType.CLIENT_SESSION: st.builds(ClientSession, _hosts, st.integers(0, 65535)),
     MessageType.REGISTERED: st.builds(Registered, _names, st.floats(0.1, 3600.0)),
+    MessageType.LIST_GATEWAYS: st.builds(ListGateways),
+    MessageType.GATEWAY_LIST: st.builds(
+        GatewayList,
+        st.lists(st.builds(GatewayEntry, _names, _hosts, _ports), max_size=3).map(tuple),
+    ),
     MessageType.REDEEM_TICKET: st.builds(RedeemTicket, _text(2048)),
     MessageType.TICKET_OK: st.builds(TicketOk, _hosts, _ports, _text(256), _names),
     MessageType.PING: st.builds(Ping, _nonce),

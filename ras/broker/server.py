@@ -35,10 +35,13 @@ from ras.protocol import (
     AuthOk,
     AuthResponse,
     ClientSession,
+    GatewayEntry,
+    GatewayList,
     GatewayRegister,
     Hello,
     Launch,
     LaunchOk,
+    ListGateways,
     ListResources,
     LoadReport,
     Message,
@@ -101,25 +104,29 @@ class Broker:
             log.info("broker ready name=%s resources=%d", cfg.name, len(cfg.resources))
             task_status.started({"gateways": gw[0], "agents": ag[0]})
 
-    async def _accept(self, stream: trio.abc.Stream, role: Role) -> tuple[Channel, str]:
-        """TLS handshake, the peer's certificate name, hello/welcome."""
+    async def _accept(self, stream: trio.abc.Stream, *roles: Role) -> tuple[Channel, str, Role]:
+        """TLS handshake, the peer's certificate name, hello/welcome; ``roles`` this port serves."""
         assert isinstance(stream, trio.SSLStream)
         with trio.fail_after(self.config.handshake_timeout_s):
             await stream.do_handshake()
             name = peer_name(stream.getpeercert(binary_form=True))
             chan = Channel(stream, Side.SERVER)
             hello = await chan.receive()
-            if not isinstance(hello, Hello) or hello.role is not role:
-                await chan.fail(ErrorCode.FORBIDDEN, f"this port serves {role} connections")
-                raise TransportError(f"{name} is not a {role}")
+            if not isinstance(hello, Hello) or hello.role not in roles:
+                served = " and ".join(roles)
+                await chan.fail(ErrorCode.FORBIDDEN, f"this port serves {served} connections")
+                raise TransportError(f"{name} is not a {served}")
             assert chan.conn.version is not None
             await chan.send(Welcome(chan.conn.version, SOFTWARE))
-        return chan, name
+        return chan, name, hello.role
 
     # -- gateways ---------------------------------------------------------------------------
 
     async def _handle_gateway(self, stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
-        chan, gateway = await self._accept(stream, Role.GATEWAY)
+        chan, gateway, role = await self._accept(stream, Role.GATEWAY, Role.HALB)
+        if role is Role.HALB:
+            await self._halb(chan, gateway)
+            return
         with trio.fail_after(self.config.handshake_timeout_s):
             first = await chan.receive()
         match first:
@@ -129,6 +136,26 @@ class Broker:
                 await self._client_session(chan, gateway, first)
             case _:
                 await chan.fail(ErrorCode.UNEXPECTED, "expected gateway_register or client_session")
+
+    async def _halb(self, chan: Channel, name: str) -> None:
+        """A HALB node asking which gateways are online, as often as it likes."""
+        log.info("halb connected name=%s", name)
+        while True:
+            msg = await chan.receive()
+            match msg:
+                case ListGateways():
+                    online = [g for g in self.gateways.values() if g.online]
+                    entries = tuple(
+                        GatewayEntry(g.name, g.public_host, g.public_port) for g in online
+                    )
+                    await chan.send(GatewayList(entries))
+                case Ping():
+                    await chan.send(Pong(msg.nonce))
+                case Pong():
+                    pass
+                case _:
+                    await chan.fail(ErrorCode.UNEXPECTED, f"{msg.TYPE} is not a HALB request")
+                    return
 
     async def _gateway_link(self, chan: Channel, gateway: str, reg: GatewayRegister) -> None:
         if reg.name != gateway:
@@ -297,7 +324,7 @@ class Broker:
     # -- agents -----------------------------------------------------------------------------
 
     async def _handle_agent(self, stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
-        chan, name = await self._accept(stream, Role.AGENT)
+        chan, name, _ = await self._accept(stream, Role.AGENT)
         with trio.fail_after(self.config.handshake_timeout_s):
             reg = await chan.receive()
         if not isinstance(reg, AgentRegister):

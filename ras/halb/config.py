@@ -74,6 +74,13 @@ class HalbConfig:
     tls_handshake_timeout_s: float = 10.0
     admin_host: str = "127.0.0.1"
     admin_port: int = 31006
+    # Gateways from the broker too (those whose link to it is up), over mutual TLS:
+    broker_host: str = ""  # empty: the [[gateways]] of this file only
+    broker_port: int = 20002
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    broker_poll_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -113,6 +120,13 @@ class HalbConfig:
         check_host("admin_host", self.admin_host)
         if not self.interface or len(self.interface) > 15:
             raise Invalid("interface", f"{self.interface!r} is not an interface name")
+        if self.broker_host:
+            check_host("broker_host", self.broker_host)
+            check_port("broker_port", self.broker_port, zero_ok=False)
+            check_positive("broker_poll_interval_s", self.broker_poll_interval_s)
+            for key in ("cert_file", "key_file", "ca_file"):
+                if getattr(self, key) is None:
+                    raise Invalid(key, "is needed with broker_host (mutual TLS with the broker)")
         names = [g.name for g in self.gateways]
         if len(set(names)) != len(names):
             raise Invalid("gateways", "gateway names must be unique")

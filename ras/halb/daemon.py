@@ -10,17 +10,24 @@ from typing import Any
 
 import trio
 
+from ras import __version__
 from ras.config import load
-from ras.errors import ConfigError, RasError
+from ras.errors import ConfigError, RasError, TransportError
 from ras.halb.admin import serve_admin
 from ras.halb.balancer import Balancer
-from ras.halb.config import HalbConfig
+from ras.halb.config import GatewayRef, HalbConfig
 from ras.halb.election import Election
 from ras.halb.vip import missing_capabilities
+from ras.net.channel import Channel
+from ras.net.tasks import reconnecting
+from ras.net.tls import connect_tls
+from ras.pki import client_context
+from ras.protocol import GatewayList, Hello, ListGateways, Role, Side, Welcome
 
 __all__ = ["Halb"]
 
 log = logging.getLogger("ras.halb")
+SOFTWARE = f"ras-halb/{__version__}"
 
 
 class Halb:
@@ -29,6 +36,8 @@ class Halb:
         self.config_path = config_path
         self.election = Election(config)
         self.balancer = Balancer(config)
+        self.gateways: tuple[GatewayRef, ...] = config.gateways  # from the config file
+        self.from_broker: tuple[GatewayRef, ...] = ()
 
     async def serve(
         self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
@@ -43,6 +52,8 @@ class Halb:
             # Take part in the election only once we know which gateways serve: a node that
             # won the VIP before its first health checks would refuse the first clients.
             await self.balancer.ready.wait()
+            if cfg.broker_host:
+                nursery.start_soon(self._broker_gateways)
             await nursery.start(self.election.run)
             log.info(
                 "halb ready name=%s services=%s admin=%s:%d",
@@ -51,6 +62,46 @@ class Halb:
                 *admin,
             )
             task_status.started({"services": services, "admin": admin})
+
+    # -- gateways from the broker ---------------------------------------------------------------
+
+    async def _broker_gateways(self) -> None:
+        cfg = self.config
+        await reconnecting(
+            self._poll_broker, log=log, what=f"halb broker={cfg.broker_host}:{cfg.broker_port}"
+        )
+
+    async def _poll_broker(self) -> None:
+        """Ask the broker for its online gateways every ``broker_poll_interval_s``. When the
+        broker is away, the last list stays: balancing goes on with what was known."""
+        cfg = self.config
+        assert cfg.ca_file is not None
+        ctx = client_context(cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file)
+        with trio.fail_after(cfg.connect_timeout_s):
+            stream = await connect_tls(cfg.broker_host, cfg.broker_port, ctx)
+        async with Channel(stream, Side.CLIENT) as chan:
+            with trio.fail_after(cfg.connect_timeout_s):
+                await chan.send(Hello(Role.HALB, SOFTWARE))
+                if not isinstance(await chan.receive_reply(), Welcome):
+                    raise TransportError("the broker did not welcome us")
+            while True:
+                with trio.fail_after(cfg.connect_timeout_s):
+                    reply = await chan.request(ListGateways())
+                if not isinstance(reply, GatewayList):
+                    raise TransportError(f"broker answered list_gateways with {reply.TYPE}")
+                self.from_broker = tuple(GatewayRef(g.name, g.host) for g in reply.gateways)
+                self._apply_gateways()
+                await trio.sleep(cfg.broker_poll_interval_s)
+
+    def _apply_gateways(self) -> None:
+        """The configured gateways, then the broker's (a name in both: the config wins)."""
+        configured = {g.name for g in self.gateways}
+        merged = (*self.gateways, *(g for g in self.from_broker if g.name not in configured))
+        if [(g.name, g.host) for g in merged] != [
+            (b.name, b.host) for b in self.balancer.backends.values()
+        ]:
+            log.info("gateways now=%s", ",".join(f"{g.name}@{g.host}" for g in merged) or "-")
+        self.balancer.set_gateways(merged)
 
     # -- the admin API ---------------------------------------------------------------------------
 
@@ -98,6 +149,7 @@ class Halb:
             raise ConfigError(
                 f"{self.config_path}: {', '.join(changed)} change only with a restart"
             )
-        self.balancer.set_gateways(new.gateways)
+        self.gateways = new.gateways
+        self._apply_gateways()
         log.info("config reloaded gateways=%s", ",".join(g.name for g in new.gateways))
         return f"{len(new.gateways)} gateways"

@@ -34,11 +34,14 @@ __all__ = [
     "Authenticate",
     "ClientSession",
     "Error",
+    "GatewayEntry",
+    "GatewayList",
     "GatewayRegister",
     "Hello",
     "HostKind",
     "Launch",
     "LaunchOk",
+    "ListGateways",
     "ListResources",
     "LoadReport",
     "Message",
@@ -89,6 +92,8 @@ class MessageType(enum.StrEnum):
     GATEWAY_REGISTER = "gateway_register"
     CLIENT_SESSION = "client_session"
     REGISTERED = "registered"
+    LIST_GATEWAYS = "list_gateways"
+    GATEWAY_LIST = "gateway_list"
     REDEEM_TICKET = "redeem_ticket"
     TICKET_OK = "ticket_ok"
     PING = "ping"
@@ -102,6 +107,7 @@ class Role(enum.StrEnum):
     CLIENT = "client"
     GATEWAY = "gateway"
     AGENT = "agent"
+    HALB = "halb"
 
 
 class Mode(enum.StrEnum):
@@ -407,6 +413,37 @@ class Registered(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ListGateways(Message):
+    """A HALB asks the broker for the gateways that are online now."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LIST_GATEWAYS
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayEntry:
+    """One online gateway (an item of ``gateway_list``): where a HALB reaches it."""
+
+    name: str
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        _check_name(self, "name")
+        _check_host(self, "host")
+        _check_range(self, "port", 1, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayList(Message):
+    TYPE: ClassVar[MessageType] = MessageType.GATEWAY_LIST
+    gateways: tuple[GatewayEntry, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.gateways) > MAX_LIST:
+            raise _fail(type(self), "gateways", f"more than {MAX_LIST} entries")
+
+
+@dataclass(frozen=True, slots=True)
 class RedeemTicket(Message):
     TYPE: ClassVar[MessageType] = MessageType.REDEEM_TICKET
     ticket: str = field(repr=False)
@@ -471,7 +508,8 @@ MESSAGE_CLASSES: Mapping[MessageType, type[Message]] = {
     for cls in (
         Hello, Welcome, Authenticate, AuthChallenge, AuthResponse, AuthOk, ListResources,
         ResourceList, Launch, LaunchOk, OpenTunnel, TunnelOpen, AgentRegister, LoadReport,
-        GatewayRegister, ClientSession, Registered, RedeemTicket, TicketOk, Ping, Pong, Error,
+        GatewayRegister, ClientSession, Registered, ListGateways, GatewayList, RedeemTicket,
+        TicketOk, Ping, Pong, Error,
     )
 }  # fmt: skip
 
@@ -484,16 +522,17 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+_ITEMS = (Resource, GatewayEntry)  # objects that appear in lists inside messages
 _FIELDS: dict[type, dict[str, Any]] = {
-    cls: _field_types(cls) for cls in (*MESSAGE_CLASSES.values(), Resource)
+    cls: _field_types(cls) for cls in (*MESSAGE_CLASSES.values(), *_ITEMS)
 }
 
 
 def _to_json(value: object) -> object:
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
-    if isinstance(value, Resource):
-        return {f: _to_json(getattr(value, f)) for f in _FIELDS[Resource]}
+    if isinstance(value, _ITEMS):
+        return {f: _to_json(getattr(value, f)) for f in _FIELDS[type(value)]}
     if isinstance(value, enum.IntEnum):
         return int(value)
     if isinstance(value, enum.StrEnum):
@@ -520,10 +559,10 @@ def _convert(tp: Any, value: object, where: str) -> object:
         if not isinstance(value, list) or len(value) > MAX_LIST:
             raise _bad(f"{where}: expected a list of at most {MAX_LIST} items")
         return tuple(_convert(item, v, f"{where}[]") for v in value)
-    if tp is Resource:
+    if tp in _ITEMS:
         if not isinstance(value, dict):
             raise _bad(f"{where}: expected an object")
-        return _build(Resource, value, where)
+        return _build(tp, value, where)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         base = int if issubclass(tp, enum.IntEnum) else str
         if type(value) is not base:
