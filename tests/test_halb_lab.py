@@ -53,7 +53,7 @@ def test_the_old_master_preempts_when_it_comes_back_without_a_failed_connection(
     halb.start_halb("h1", 150)
     halb.start_halb("h2", 100)
     _one_master(halb, "h1")
-    halb.stop("h1")  # graceful: priority 0, the VIP released at once
+    assert halb.stop("h1") == 0  # graceful: priority 0, the VIP released at once
     _one_master(halb, "h2")
     wait_probe(halb, 10)
     halb.start_halb("h1", 150)
@@ -193,3 +193,23 @@ def test_tls_offload_terminates_at_the_halb_and_reaches_the_plain_port(halb):
         probe(halb.client, halb.vip, OFFLOAD_PORT, 2.0, tls=ssl.create_default_context())
         is Probe.NOT_CONNECTED
     )
+
+
+def test_reload_takes_a_new_gateway_list_without_a_restart(halb):
+    halb.start_halb("h1", 150)
+    _one_master(halb, "h1")
+    conf = halb.tmp / "h1.toml"
+    text = conf.read_text()
+    gw1 = f'[[gateways]]\nname = "gw1"\nhost = "{halb.gateways["gw1"].address}"\n'
+    assert gw1 in text
+    conf.write_text(text.replace(gw1, ""))
+    out = halb.nodes["h1"].run([*RAS, "halb", "reload"])
+    assert '"reloaded": "1 gateways"' in out.stdout
+    assert [g["name"] for g in halb.status("h1")["gateways"]] == ["gw2"]
+    assert halb.status("h1")["state"] == "MASTER"  # the election went on
+    wait_probe(halb, 5)
+    # a change that needs a restart is refused with the reason, and nothing changes
+    conf.write_text(conf.read_text().replace(f"vrid = {51}", "vrid = 52"))
+    refused = halb.nodes["h1"].run([*RAS, "halb", "reload"], check=False)
+    assert refused.returncode == 2
+    assert "vrid change only with a restart" in refused.stderr
