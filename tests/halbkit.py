@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -119,9 +121,21 @@ backend_port = {SERVICE_PORT}
             f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n'
         )
 
-    def start_halb(self, name: str, priority: int, **options: object) -> None:
+    def start_halb(
+        self, name: str, priority: int, *, slow_ip_s: float = 0.0, **options: object
+    ) -> None:
+        """Start a node; ``slow_ip_s`` puts an ``ip`` first on its PATH that takes that long
+        (moving the VIP then outlasts a 100 ms advert interval)."""
         conf = self.halb_config(name, priority, **options)  # type: ignore[arg-type]
-        self.procs[name] = self.nodes[name].popen([*RAS, "halb", "--config", str(conf)])
+        env = None
+        if slow_ip_s:
+            shim = self.tmp / f"{name}-slow-bin"
+            shim.mkdir(exist_ok=True)
+            real = shutil.which("ip")
+            (shim / "ip").write_text(f'#!/bin/sh\nsleep {slow_ip_s}\nexec {real} "$@"\n')
+            (shim / "ip").chmod(0o755)
+            env = {"PATH": f"{shim}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        self.procs[name] = self.nodes[name].popen([*RAS, "halb", "--config", str(conf)], env=env)
 
     def start_keepalived(
         self, name: str, priority: int, *, advert_s: float = 0.1, preempt: bool = True

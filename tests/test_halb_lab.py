@@ -74,8 +74,11 @@ def test_the_old_master_preempts_when_it_comes_back_without_a_failed_connection(
 
 def test_without_preempt_the_old_master_stays_backup(halb):
     halb.start_halb("h1", 150, preempt=False)
+    _one_master(halb, "h1")  # h1 first: without preempt, whoever is master first stays master
     halb.start_halb("h2", 100, preempt=False)
-    _one_master(halb, "h1")
+    wait_until(
+        lambda: halb.status("h2")["state"] == "BACKUP", 10, what="h2 BACKUP", ignore=(Exception,)
+    )
     halb.stop("h1")
     _one_master(halb, "h2")
     halb.start_halb("h1", 150, preempt=False)
@@ -213,3 +216,13 @@ def test_reload_takes_a_new_gateway_list_without_a_restart(halb):
     refused = halb.nodes["h1"].run([*RAS, "halb", "reload"], check=False)
     assert refused.returncode == 2
     assert "vrid change only with a restart" in refused.stderr
+
+
+def test_a_slow_vip_move_is_never_cut_short_by_a_timer(halb):
+    """h2's `ip` takes 0.3 s, three advert intervals: when h1 preempts it, h2 must still finish
+    removing the VIP (a timer firing meanwhile once cancelled the removal half-way)."""
+    halb.start_halb("h2", 100, slow_ip_s=0.3)
+    _one_master(halb, "h2")
+    halb.start_halb("h1", 150)
+    _one_master(halb, "h1")
+    wait_probe(halb, 5)

@@ -123,23 +123,26 @@ class Election:
                 await self._apply(tx, router.start(trio.current_time()))
                 task_status.started()
                 while True:
+                    # Wait for a packet or the router's next timer; act on either OUTSIDE the
+                    # wait's cancel scope, so a timer can never cut a VIP move in half.
                     deadline = router.deadline if router.deadline is not None else math.inf
+                    data: bytes | None = None
                     with trio.move_on_at(deadline):
                         data, _ = await rx.recvfrom(65535)
-                        try:
-                            src, dst, ttl, proto, payload = parse_ipv4_packet(data)
-                        except RemoteProtocolError as exc:
-                            self._drop("malformed IPv4", str(exc))
-                            continue
-                        if proto != VRRP_PROTOCOL:
-                            continue
-                        if src != self.primary:
-                            self.adverts_received += 1
-                        await self._apply(
-                            tx, router.receive(trio.current_time(), src, ttl, payload, dst=dst)
-                        )
+                    now = trio.current_time()
+                    if data is None:
+                        await self._apply(tx, router.tick(now))
                         continue
-                    await self._apply(tx, router.tick(trio.current_time()))
+                    try:
+                        src, dst, ttl, proto, payload = parse_ipv4_packet(data)
+                    except RemoteProtocolError as exc:
+                        self._drop("malformed IPv4", str(exc))
+                        continue
+                    if proto != VRRP_PROTOCOL:
+                        continue
+                    if src != self.primary:
+                        self.adverts_received += 1
+                    await self._apply(tx, router.receive(now, src, ttl, payload, dst=dst))
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await self._leave(router)
