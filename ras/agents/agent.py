@@ -14,20 +14,17 @@ from ras import __version__
 from ras.agents.config import AgentConfig
 from ras.agents.load import CpuSampler, memory_percent, rdp_sessions
 from ras.errors import TransportError
-from ras.net.channel import Channel
+from ras.net.channel import Channel, greet
 from ras.net.tasks import race, reconnecting
 from ras.net.tls import connect_tls
 from ras.pki import client_context
 from ras.protocol import (
     AgentRegister,
-    Hello,
     LoadReport,
     Ping,
     Pong,
     Registered,
     Role,
-    Side,
-    Welcome,
 )
 
 __all__ = ["Agent"]
@@ -73,12 +70,9 @@ class Agent:
         cfg = self.config
         with trio.fail_after(cfg.connect_timeout_s):
             stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._tls)
-        async with Channel(stream, Side.CLIENT) as chan:
+            chan = await greet(stream, Role.AGENT, SOFTWARE)
+        async with chan:
             with trio.fail_after(cfg.connect_timeout_s):
-                await chan.send(Hello(Role.AGENT, SOFTWARE))
-                welcome = await chan.receive_reply()
-                if not isinstance(welcome, Welcome):
-                    raise TransportError(f"broker answered hello with {welcome.TYPE}")
                 reply = await chan.request(
                     AgentRegister(cfg.name, cfg.kind, cfg.rdp_host, cfg.rdp_port, cfg.max_sessions)
                 )

@@ -17,7 +17,7 @@ import trio
 from ras import __version__
 from ras.client.config import ClientConfig
 from ras.errors import AuthError, ErrorCode, TransportError
-from ras.net.channel import Channel, PeerError
+from ras.net.channel import Channel, PeerError, greet
 from ras.net.sniff import PrefixedStream
 from ras.net.tls import connect_tcp, connect_tls
 from ras.pki import client_context
@@ -26,7 +26,6 @@ from ras.protocol import (
     Authenticate,
     AuthOk,
     AuthResponse,
-    Hello,
     Launch,
     LaunchOk,
     ListResources,
@@ -36,9 +35,7 @@ from ras.protocol import (
     Resource,
     ResourceList,
     Role,
-    Side,
     TunnelOpen,
-    Welcome,
 )  # fmt: skip
 
 __all__ = ["ChallengeHandler", "ClientSession"]
@@ -69,17 +66,7 @@ class ClientSession:
                 )
             else:
                 stream = await connect_tcp(config.server_host, config.server_port)
-            chan = Channel(stream, Side.CLIENT)
-            try:
-                await chan.send(Hello(Role.CLIENT, SOFTWARE))
-                welcome = await chan.receive_reply()
-            except BaseException:
-                await chan.aclose()
-                raise
-        if not isinstance(welcome, Welcome):
-            await chan.aclose()
-            raise TransportError(f"gateway answered hello with {welcome.TYPE}")
-        return chan
+            return await greet(stream, Role.CLIENT, SOFTWARE)
 
     @classmethod
     async def connect(cls, config: ClientConfig) -> ClientSession:

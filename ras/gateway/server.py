@@ -27,7 +27,7 @@ from ras import __version__
 from ras.errors import ErrorCode, RemoteProtocolError, TransportError
 from ras.gateway.config import GatewayConfig
 from ras.gateway.http import redirect_to_https, refuse_http
-from ras.net.channel import Channel, PeerError
+from ras.net.channel import Channel, PeerError, greet
 from ras.net.listen import serve_tcp
 from ras.net.relay import relay
 from ras.net.sniff import Kind, PrefixedStream, sniff
@@ -188,12 +188,8 @@ class Gateway:
     async def _open_broker(self, peer: tuple[str, int]) -> Channel:
         cfg = self.config
         stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._farm_tls)
-        chan = Channel(stream, Side.CLIENT)
+        chan = await greet(stream, Role.GATEWAY, SOFTWARE)
         try:
-            await chan.send(Hello(Role.GATEWAY, SOFTWARE))
-            welcome = await chan.receive_reply()
-            if not isinstance(welcome, Welcome):
-                raise TransportError(f"broker answered hello with {welcome.TYPE}")
             await chan.send(ClientSession(peer[0], peer[1]))
         except BaseException:
             await chan.aclose()
@@ -349,10 +345,9 @@ class Gateway:
         cfg = self.config
         with trio.fail_after(cfg.broker_timeout_s):
             stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._farm_tls)
-        async with Channel(stream, Side.CLIENT) as chan:
+            chan = await greet(stream, Role.GATEWAY, SOFTWARE)
+        async with chan:
             with trio.fail_after(cfg.broker_timeout_s):
-                await chan.send(Hello(Role.GATEWAY, SOFTWARE))
-                await chan.receive_reply()
                 reply = await chan.request(
                     GatewayRegister(cfg.name, cfg.public_host, cfg.public_port)
                 )

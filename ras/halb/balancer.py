@@ -24,12 +24,12 @@ import trio
 from ras import __version__
 from ras.errors import RasError, TransportError
 from ras.halb.config import GatewayRef, HalbConfig, ServiceConfig
-from ras.net.channel import Channel, aclose_quietly
+from ras.net.channel import aclose_quietly, greet
 from ras.net.listen import peer_address
 from ras.net.relay import relay
 from ras.net.tls import connect_tcp
 from ras.pki import server_context
-from ras.protocol import Hello, Ping, Pong, Role, Side, Welcome
+from ras.protocol import Ping, Pong, Role
 from ras.protocol.proxy import encode_v2
 
 __all__ = ["Backend", "Balancer"]
@@ -109,10 +109,7 @@ class Balancer:
         try:
             with trio.fail_after(cfg.health_timeout_s):
                 stream = await connect_tcp(backend.host, cfg.health_port)
-                async with Channel(stream, Side.CLIENT) as chan:
-                    await chan.send(Hello(Role.CLIENT, SOFTWARE))
-                    if not isinstance(await chan.receive(), Welcome):
-                        raise TransportError("no welcome")
+                async with await greet(stream, Role.CLIENT, SOFTWARE) as chan:
                     await chan.send(Ping(1))
                     if not isinstance(await chan.receive(), Pong):
                         raise TransportError("no pong")

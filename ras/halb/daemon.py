@@ -18,11 +18,11 @@ from ras.halb.balancer import Balancer
 from ras.halb.config import GatewayRef, HalbConfig
 from ras.halb.election import Election
 from ras.halb.vip import missing_capabilities
-from ras.net.channel import Channel
+from ras.net.channel import greet
 from ras.net.tasks import reconnecting
 from ras.net.tls import connect_tls
 from ras.pki import client_context
-from ras.protocol import GatewayList, Hello, ListGateways, Role, Side, Welcome
+from ras.protocol import GatewayList, ListGateways, Role
 
 __all__ = ["Halb"]
 
@@ -79,11 +79,8 @@ class Halb:
         ctx = client_context(cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file)
         with trio.fail_after(cfg.connect_timeout_s):
             stream = await connect_tls(cfg.broker_host, cfg.broker_port, ctx)
-        async with Channel(stream, Side.CLIENT) as chan:
-            with trio.fail_after(cfg.connect_timeout_s):
-                await chan.send(Hello(Role.HALB, SOFTWARE))
-                if not isinstance(await chan.receive_reply(), Welcome):
-                    raise TransportError("the broker did not welcome us")
+            chan = await greet(stream, Role.HALB, SOFTWARE)
+        async with chan:
             while True:
                 with trio.fail_after(cfg.connect_timeout_s):
                     reply = await chan.request(ListGateways())

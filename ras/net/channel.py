@@ -16,9 +16,21 @@ from types import TracebackType
 import trio
 
 from ras.errors import ErrorCode, ProtocolError, RemoteProtocolError, TransportError
-from ras.protocol import Connection, ConnectionClosed, Error, Message, Ping, Pong, Side, State
+from ras.protocol import (
+    Connection,
+    ConnectionClosed,
+    Error,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Role,
+    Side,
+    State,
+    Welcome,
+)  # fmt: skip
 
-__all__ = ["Channel", "PeerError"]
+__all__ = ["Channel", "PeerError", "greet"]
 
 RECEIVE_SIZE = 65536
 
@@ -149,3 +161,21 @@ async def aclose_quietly(stream: trio.abc.AsyncResource) -> None:
             await stream.aclose()
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError):
         pass
+
+
+async def greet(stream: trio.abc.Stream, role: Role, software: str) -> Channel:
+    """Open the control protocol on a connected ``stream`` as ``role``: preface and ``hello``,
+    then the peer's ``welcome``. The stream is closed if that fails. The caller owns the
+    deadline."""
+    chan = Channel(stream, Side.CLIENT)
+    try:
+        await chan.send(Hello(role, software))
+        welcome = await chan.receive_reply()
+        if not isinstance(welcome, Welcome):
+            if isinstance(welcome, Error):
+                raise PeerError(welcome)
+            raise TransportError(f"the peer answered hello with {welcome.TYPE}")
+    except BaseException:
+        await chan.aclose()
+        raise
+    return chan
