@@ -270,6 +270,36 @@ def probe(
         sock.close()
 
 
+class Session:
+    """A long-lived control-protocol connection from ``client`` (hello done), for pings."""
+
+    def __init__(self, client: Host, address: str, port: int, timeout: float = 5.0) -> None:
+        self.sock = client.socket()
+        self.sock.settimeout(timeout)
+        self.sock.connect((address, port))
+        self.conn = Connection(Side.CLIENT)
+        self.sock.sendall(self.conn.send(Hello(Role.CLIENT, "lab-session")))
+        self._until(Welcome)
+
+    def _until(self, kind: type) -> bool:
+        while True:
+            data = self.sock.recv(4096)
+            if not data:
+                return False
+            if any(isinstance(m, kind) for m in self.conn.receive_data(data)):
+                return True
+
+    def ping(self) -> bool:
+        try:
+            self.sock.sendall(self.conn.send(Ping(9)))
+            return self._until(Pong)
+        except (OSError, ProtocolError):
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def wait_probe(lab: HalbLab, timeout: float) -> float:
     """Probe every 10 ms until one succeeds; the seconds it took."""
     start = time.monotonic()

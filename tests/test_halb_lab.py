@@ -10,7 +10,7 @@ import ssl
 import time
 
 import pytest
-from halbkit import OFFLOAD_PORT, RAS, Probe, build, probe, wait_probe
+from halbkit import OFFLOAD_PORT, RAS, SERVICE_PORT, Probe, Session, build, probe, wait_probe
 from labkit import require_lab, wait_until
 
 pytestmark = pytest.mark.lab
@@ -134,7 +134,7 @@ def test_a_dead_gateway_gets_no_new_connections_after_the_fall_threshold(halb):
     assert after["gw2"] >= before["gw2"] + 20
 
 
-def test_draining_a_gateway_sends_it_no_new_connections(halb):
+def test_draining_a_gateway_sends_it_no_new_connections_and_keeps_its_tunnels(halb):
     halb.start_halb("h1", 150)
     _one_master(halb, "h1")
     wait_until(
@@ -143,12 +143,18 @@ def test_draining_a_gateway_sends_it_no_new_connections(halb):
         what="both gateways healthy",
         ignore=(Exception,),
     )
-    halb.nodes["h1"].run([*RAS, "halb", "drain", "gw2"])
+    node = halb.nodes["h1"]
+    node.run([*RAS, "halb", "drain", "gw1"])
+    held = Session(halb.client, halb.vip, SERVICE_PORT)  # a long-lived connection: to gw2
+    node.run([*RAS, "halb", "undrain", "gw1"])
+    node.run([*RAS, "halb", "drain", "gw2"])
     before = {g["name"]: g["total"] for g in halb.status("h1")["gateways"]}
     assert all(halb.probe() for _ in range(10))
     after = {g["name"]: g["total"] for g in halb.status("h1")["gateways"]}
     assert after["gw2"] == before["gw2"]
     assert after["gw1"] == before["gw1"] + 10
+    assert held.ping(), "the drained gateway's open connection was cut"
+    held.close()
 
 
 # -- keepalived interop --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import trio
 
 from ras.errors import RasError, RemoteProtocolError
 from ras.halb.config import HalbConfig
-from ras.halb.vip import add_vip, interface_primary, remove_vip, send_gratuitous_arp
+from ras.halb.vip import ArpAnnouncer, add_vip, interface_primary, remove_vip
 from ras.protocol.vrrp import (
     VRRP_GROUP,
     VRRP_PROTOCOL,
@@ -89,11 +89,13 @@ class Election:
         self.dropped: dict[str, int] = {}
         self.holding = False
         self._router: VrrpRouter | None = None
+        self._arp: ArpAnnouncer | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
         self.primary = await interface_primary(cfg.interface)
         rx_raw, tx_raw = _open_sockets(cfg.interface, self.primary)
+        self._arp = ArpAnnouncer(cfg.interface)
         rx = trio.socket.from_stdlib_socket(rx_raw)
         tx = trio.socket.from_stdlib_socket(tx_raw)
         router = VrrpRouter(
@@ -146,6 +148,7 @@ class Election:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await self._leave(router)
+            self._arp.close()
 
     async def _leave(self, router: VrrpRouter) -> None:
         """Graceful stop: priority 0 advert from a master, VIPs released."""
@@ -187,7 +190,8 @@ class Election:
                     for vip in cfg.vip_interfaces:
                         await add_vip(cfg.interface, vip)
                     self.holding = True
-                    send_gratuitous_arp(cfg.interface, [v.ip for v in cfg.vip_interfaces])
+                    assert self._arp is not None
+                    self._arp.announce([v.ip for v in cfg.vip_interfaces])
                     log.info(
                         "vip taken vips=%s interface=%s garp=sent",
                         ",".join(cfg.vips),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 
 import trio
@@ -13,9 +14,25 @@ __all__ = ["connect_tcp", "connect_tls"]
 
 
 async def connect_tcp(host: str, port: int) -> trio.SocketStream:
-    """A TCP connection with TCP_NODELAY; failures become ``TransportError``."""
+    """A TCP connection with TCP_NODELAY; failures become ``TransportError``.
+
+    A numeric address gets one plain socket connect (the balancer's hot path); a name goes
+    through trio's resolver and happy-eyeballs."""
     try:
-        return await trio.open_tcp_stream(host, port)
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    try:
+        if address is None:
+            return await trio.open_tcp_stream(host, port)
+        family = trio.socket.AF_INET6 if address.version == 6 else trio.socket.AF_INET
+        sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+        try:
+            await sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)  # sets TCP_NODELAY
     except OSError as exc:
         raise TransportError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
 
