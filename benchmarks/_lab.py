@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ras.lab import Host, Lab
+from ras.lab.daemons import Probe, gateway_config, keepalived_config, probe
 from ras.pki import FarmPKI
 
 HERE = Path(__file__).resolve().parent
@@ -161,24 +162,14 @@ class Bench:
 
     def start_gateways(self) -> None:
         for name, host in self.gateways.items():
-            cert, key = self.pki.ensure(name)
-            pub_cert, pub_key = self.pki.ensure_self_signed(
-                f"{name}-public", [name, str(host.address)]
+            conf = gateway_config(
+                self.tmp / f"{self.lab.prefix}-{name}.toml",
+                name,
+                host,
+                self.pki,
+                port=SERVICE_PORT,
+                trusted=self.lab.subnet,
             )
-            conf = self.tmp / f"{self.lab.prefix}-{name}.toml"
-            conf.write_text(f"""
-name = "{name}"
-listen_host = "0.0.0.0"
-plain_port = {SERVICE_PORT}
-tls_enabled = false
-public_cert_file = "{pub_cert}"
-public_key_file = "{pub_key}"
-cert_file = "{cert}"
-key_file = "{key}"
-ca_file = "{self.pki.ca_path}"
-broker_host = "127.0.0.1"
-trusted_proxies = ["{self.lab.subnet}"]
-""")
             self.procs[name] = host.popen([*RAS, "gateway", "--config", str(conf)])
         for name, host in self.gateways.items():
             self._wait_serving(name, str(host.address), SERVICE_PORT, control_probe)
@@ -283,25 +274,14 @@ backend_port = {backend_port}
         run.mkdir(exist_ok=True)
         for stale in run.glob("*.pid"):
             stale.unlink()
-        keepalived_conf = run / "keepalived.conf"
-        keepalived_conf.write_text(f"""
-global_defs {{
-    vrrp_version 3
-    router_id {node}
-    vrrp_garp_master_delay 0
-    vrrp_garp_master_repeat 1
-}}
-vrrp_instance VI_{vrid} {{
-    state BACKUP
-    interface eth0
-    virtual_router_id {vrid}
-    priority {priority}
-    advert_int {advert_s}
-    virtual_ipaddress {{
-        {vip}/{self.lab.subnet.prefixlen} dev eth0
-    }}
-}}
-""")
+        keepalived_conf = keepalived_config(
+            run / "keepalived.conf",
+            router_id=node,
+            vrid=vrid,
+            priority=priority,
+            advert_s=advert_s,
+            vip_cidr=f"{vip}/{self.lab.subnet.prefixlen}",
+        )
         servers = "".join(
             f"    server {g} {h.address}:{backend_port} check inter {int(HEALTH_INTERVAL_S * 1000)}"
             " rise 2 fall 2 send-proxy-v2\n"
@@ -430,29 +410,7 @@ listen ras
 
 def control_probe(client: Host, address: str, port: int) -> bool:
     """One control-protocol hello/ping/pong to address:port from the client host."""
-    from ras.errors import ProtocolError
-    from ras.protocol import Connection, Hello, Ping, Pong, Role, Side, Welcome
-
-    sock = client.socket()
-    sock.settimeout(1.0)
-    conn = Connection(Side.CLIENT)
-    try:
-        sock.connect((address, port))
-        sock.sendall(conn.send(Hello(Role.CLIENT, "bench")))
-        for wanted, after in ((Welcome, Ping(7)), (Pong, None)):
-            replies: list[object] = []
-            while not any(isinstance(r, wanted) for r in replies):
-                data = sock.recv(4096)
-                if not data:
-                    return False
-                replies += conn.receive_data(data)
-            if after is not None:
-                sock.sendall(conn.send(after))
-        return True
-    except (OSError, ProtocolError):
-        return False
-    finally:
-        sock.close()
+    return probe(client, address, port) is Probe.OK
 
 
 def http_probe(client: Host, address: str, port: int) -> bool:

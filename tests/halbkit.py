@@ -9,12 +9,10 @@ gateway that trusts the lab subnet. So a good probe proves the whole path serves
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import os
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 
 from ras.errors import ProtocolError
 from ras.lab import Host, Lab
+from ras.lab.daemons import Probe, gateway_config, keepalived_argv, keepalived_config, probe
 from ras.pki import FarmPKI
 from ras.protocol import Connection, Hello, Ping, Pong, Role, Side, Welcome
 
@@ -51,23 +50,14 @@ class HalbLab:
 
     def start_gateway(self, name: str) -> None:
         host = self.gateways[name]
-        pki = FarmPKI(self.tmp / "pki")
-        cert, key = pki.ensure(name)
-        pub_cert, pub_key = pki.ensure_self_signed(f"{name}-public", [name, str(host.address)])
-        conf = self.tmp / f"{name}.toml"
-        conf.write_text(f"""
-name = "{name}"
-listen_host = "0.0.0.0"
-plain_port = {SERVICE_PORT}
-tls_enabled = false
-public_cert_file = "{pub_cert}"
-public_key_file = "{pub_key}"
-cert_file = "{cert}"
-key_file = "{key}"
-ca_file = "{pki.ca_path}"
-broker_host = "127.0.0.1"
-trusted_proxies = ["{self.lab.subnet}"]
-""")
+        conf = gateway_config(
+            self.tmp / f"{name}.toml",
+            name,
+            host,
+            FarmPKI(self.tmp / "pki"),
+            port=SERVICE_PORT,
+            trusted=self.lab.subnet,
+        )
         self.procs[name] = host.popen([*RAS, "gateway", "--config", str(conf)])
 
     # -- HALB nodes ---------------------------------------------------------------------------
@@ -143,42 +133,16 @@ backend_port = {SERVICE_PORT}
         """keepalived 2.2.7 in the same VRRP group (the interop peer), run as the notes say."""
         run = self.tmp / f"{name}-run"
         run.mkdir(exist_ok=True)
-        conf = run / "keepalived.conf"
-        conf.write_text(f"""
-global_defs {{
-    vrrp_version 3
-    router_id {name}
-    vrrp_garp_master_delay 0
-    vrrp_garp_master_repeat 1
-}}
-vrrp_instance VI_1 {{
-    state BACKUP
-    interface eth0
-    virtual_router_id {VRID}
-    priority {priority}
-    advert_int {advert_s}
-    {"" if preempt else "nopreempt"}
-    virtual_ipaddress {{
-        {self.vip}/{self.lab.subnet.prefixlen} dev eth0
-    }}
-}}
-""")
-        self.procs[name] = self.nodes[name].popen(
-            [
-                "keepalived",
-                "-n",
-                "-l",
-                "-D",
-                "-f",
-                str(conf),
-                "-p",
-                str(run / "k.pid"),
-                "-r",
-                str(run / "vrrp.pid"),
-                "-c",
-                str(run / "chk.pid"),
-            ]
+        conf = keepalived_config(
+            run / "keepalived.conf",
+            router_id=name,
+            vrid=VRID,
+            priority=priority,
+            advert_s=advert_s,
+            vip_cidr=f"{self.vip}/{self.lab.subnet.prefixlen}",
+            preempt=preempt,
         )
+        self.procs[name] = self.nodes[name].popen(keepalived_argv(conf, run))
 
     def kill_node(self, name: str) -> None:
         """The node dies: its process is SIGKILLed and its link goes down. (A process killed
@@ -225,49 +189,6 @@ vrrp_instance VI_1 {{
 
     def probe_result(self, timeout: float = 1.0) -> Probe:
         return probe(self.client, self.vip, SERVICE_PORT, timeout)
-
-
-class Probe(enum.Enum):
-    OK = "ok"  # served by a gateway through the VIP
-    NOT_CONNECTED = "not connected"  # the new connection failed: refused, unanswered
-    CUT = "cut"  # connected, then reset or closed before the pong (a connection in flight)
-
-
-def probe(
-    client: Host, address: str, port: int, timeout: float = 1.0, tls: ssl.SSLContext | None = None
-) -> Probe:
-    raw = client.socket()
-    raw.settimeout(timeout)
-    sock = (
-        raw
-        if tls is None
-        else tls.wrap_socket(raw, server_hostname=address, do_handshake_on_connect=True)
-    )
-    conn = Connection(Side.CLIENT)
-    try:
-        try:
-            sock.connect((address, port))
-        except OSError:
-            return Probe.NOT_CONNECTED
-        try:
-            sock.sendall(conn.send(Hello(Role.CLIENT, "lab-probe")))
-            replies: list[object] = []
-            while not any(isinstance(r, Welcome) for r in replies):
-                data = sock.recv(4096)
-                if not data:
-                    return Probe.CUT
-                replies += conn.receive_data(data)
-            sock.sendall(conn.send(Ping(7)))
-            while not any(isinstance(r, Pong) for r in replies):
-                data = sock.recv(4096)
-                if not data:
-                    return Probe.CUT
-                replies += conn.receive_data(data)
-        except (OSError, ProtocolError):
-            return Probe.CUT
-        return Probe.OK
-    finally:
-        sock.close()
 
 
 class Session:
