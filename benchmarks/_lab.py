@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ras.lab import Host, Lab
-from ras.lab.daemons import Probe, gateway_config, keepalived_config, probe
+from ras.lab.daemons import Probe, gateway_config, halb_config, keepalived_config, probe
 from ras.pki import FarmPKI
 
 HERE = Path(__file__).resolve().parent
@@ -226,30 +226,19 @@ frontend fast
     ) -> Stack:
         """`ras halb` on `node`; with `profile`, under cProfile, the stats written there when
         it stops."""
-        gateways = "".join(
-            f'\n[[gateways]]\nname = "{g}"\nhost = "{h.address}"\n'
-            for g, h in self.gateways.items()
+        conf = halb_config(
+            self.tmp / f"{self.lab.prefix}-{node}-halb.toml",
+            node,
+            vip_cidr=f"{vip}/{self.lab.subnet.prefixlen}",
+            vrid=vrid,
+            priority=priority,
+            advert_s=advert_s,
+            gateways=self.gateways,
+            listen_port=port,
+            backend_port=backend_port,
+            health_port=SERVICE_PORT,
+            health_interval_s=HEALTH_INTERVAL_S,
         )
-        conf = self.tmp / f"{self.lab.prefix}-{node}-halb.toml"
-        conf.write_text(f"""
-name = "{node}"
-interface = "eth0"
-vips = ["{vip}/{self.lab.subnet.prefixlen}"]
-vrid = {vrid}
-priority = {priority}
-advert_interval_s = {advert_s}
-preempt = true
-health_port = {SERVICE_PORT}
-health_interval_s = {HEALTH_INTERVAL_S}
-health_timeout_s = 0.5
-rise = 2
-fall = 2
-connect_timeout_s = 1
-
-[[services]]
-listen_port = {port}
-backend_port = {backend_port}
-{gateways}""")
         host = self.hosts[node]
         argv = [*RAS, "halb", "--config", str(conf)]
         if profile is not None:

@@ -21,7 +21,14 @@ from pathlib import Path
 
 from ras.errors import ProtocolError
 from ras.lab import Host, Lab
-from ras.lab.daemons import Probe, gateway_config, keepalived_argv, keepalived_config, probe
+from ras.lab.daemons import (
+    Probe,
+    gateway_config,
+    halb_config,
+    keepalived_argv,
+    keepalived_config,
+    probe,
+)
 from ras.pki import FarmPKI
 from ras.protocol import Connection, Hello, Ping, Pong, Role, Side, Welcome
 
@@ -72,32 +79,21 @@ class HalbLab:
         preempt_delay_s: float = 0.0,
         offload: bool = False,
     ) -> Path:
-        conf = self.tmp / f"{name}.toml"
-        gateways = "".join(
-            f'\n[[gateways]]\nname = "{g}"\nhost = "{h.address}"\n'
-            for g, h in self.gateways.items()
+        conf = halb_config(
+            self.tmp / f"{name}.toml",
+            name,
+            vip_cidr=f"{self.vip}/{self.lab.subnet.prefixlen}",
+            vrid=VRID,
+            priority=priority,
+            advert_s=advert_s,
+            gateways=self.gateways,
+            listen_port=SERVICE_PORT,
+            backend_port=SERVICE_PORT,
+            health_port=SERVICE_PORT,
+            preempt=preempt,
+            preempt_delay_s=preempt_delay_s,
+            extra_services=self._offload_service() if offload else "",
         )
-        conf.write_text(f"""
-name = "{name}"
-interface = "eth0"
-vips = ["{self.vip}/{self.lab.subnet.prefixlen}"]
-vrid = {VRID}
-priority = {priority}
-advert_interval_s = {advert_s}
-preempt = {"true" if preempt else "false"}
-preempt_delay_s = {preempt_delay_s}
-health_port = {SERVICE_PORT}
-health_interval_s = 0.2
-health_timeout_s = 0.5
-rise = 2
-fall = 2
-connect_timeout_s = 1
-
-[[services]]
-listen_port = {SERVICE_PORT}
-backend_port = {SERVICE_PORT}
-{self._offload_service() if offload else ""}
-{gateways}""")
         return conf
 
     def offload_cert(self) -> tuple[Path, Path]:

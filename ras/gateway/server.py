@@ -75,7 +75,6 @@ class Gateway:
         )
         self._trusted_proxies = tuple(ipaddress.ip_network(n) for n in config.trusted_proxies)
         self.registered = trio.Event()
-        self.tunnels = 0
 
     async def serve(
         self, *, task_status: trio.TaskStatus[dict[str, tuple[str, int]]] = trio.TASK_STATUS_IGNORED
@@ -305,11 +304,7 @@ class Gateway:
             tls,
         )
         started = time.monotonic()
-        self.tunnels += 1
-        try:
-            stats = await relay(client, host)
-        finally:
-            self.tunnels -= 1
+        stats = await relay(client, host)
         log.info(
             "tunnel closed user=%s resource=%s client=%s:%d rdp=%s:%d gateway=%s "
             "bytes_up=%d bytes_down=%d seconds=%.1f reset=%s",

@@ -16,7 +16,7 @@ import logging
 import math
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import trio
 
@@ -76,11 +76,8 @@ def _open_sockets(
 class Election:
     """One VRRP instance: who holds the VIPs. ``state`` and ``master`` are for status."""
 
-    def __init__(
-        self, config: HalbConfig, *, on_change: Callable[[VrrpState], None] = lambda s: None
-    ) -> None:
+    def __init__(self, config: HalbConfig) -> None:
         self.config = config
-        self.on_change = on_change
         self.state = VrrpState.INITIALIZE
         self.master: str | None = None
         self.primary: ipaddress.IPv4Address | None = None
@@ -204,7 +201,6 @@ class Election:
                     log.warning(
                         "vrrp state name=%s %s->%s reason=%s", cfg.name, old.name, new.name, reason
                     )
-                    self.on_change(new)
                 case Dropped(reason=reason, detail=detail):
                     self._drop(reason, detail)
         if self._router is not None:

@@ -15,7 +15,14 @@ from ras.lab.netns import Host
 from ras.pki import FarmPKI
 from ras.protocol import Connection, Hello, Ping, Pong, Role, Side, Welcome
 
-__all__ = ["Probe", "gateway_config", "keepalived_argv", "keepalived_config", "probe"]
+__all__ = [
+    "Probe",
+    "gateway_config",
+    "halb_config",
+    "keepalived_argv",
+    "keepalived_config",
+    "probe",
+]
 
 
 def gateway_config(
@@ -45,6 +52,51 @@ ca_file = "{pki.ca_path}"
 broker_host = "127.0.0.1"
 trusted_proxies = ["{trusted}"]
 """)
+    return path
+
+
+def halb_config(
+    path: Path,
+    name: str,
+    *,
+    vip_cidr: str,
+    vrid: int,
+    priority: int,
+    advert_s: float,
+    gateways: dict[str, Host],
+    listen_port: int,
+    backend_port: int,
+    health_port: int,
+    health_interval_s: float = 0.2,
+    preempt: bool = True,
+    preempt_delay_s: float = 0.0,
+    extra_services: str = "",
+) -> Path:
+    """A `ras halb` config: one balanced service, the given gateways, quick health checks."""
+    listed = "".join(
+        f'\n[[gateways]]\nname = "{g}"\nhost = "{h.address}"\n' for g, h in gateways.items()
+    )
+    path.write_text(f"""
+name = "{name}"
+interface = "eth0"
+vips = ["{vip_cidr}"]
+vrid = {vrid}
+priority = {priority}
+advert_interval_s = {advert_s}
+preempt = {"true" if preempt else "false"}
+preempt_delay_s = {preempt_delay_s}
+health_port = {health_port}
+health_interval_s = {health_interval_s}
+health_timeout_s = 0.5
+rise = 2
+fall = 2
+connect_timeout_s = 1
+
+[[services]]
+listen_port = {listen_port}
+backend_port = {backend_port}
+{extra_services}
+{listed}""")
     return path
 
 
