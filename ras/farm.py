@@ -31,6 +31,7 @@ __all__ = ["FarmPorts", "FarmState", "init_farm", "run_farm"]
 
 log = logging.getLogger("ras.farm")
 DEMO_USER = "demo"
+ADMIN_USER = "admin"  # in the ras-admins group: may log on to the admin API
 LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 
 
@@ -40,6 +41,7 @@ class FarmPorts:
     gateway_tls: int = 18443
     broker_gateways: int = 20002
     broker_agents: int = 20003
+    broker_admin: int = 20443
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,10 @@ class FarmState:
     @property
     def password_file(self) -> Path:
         return self.directory / "demo.password"
+
+    @property
+    def admin_password_file(self) -> Path:
+        return self.directory / "admin.password"
 
 
 def _toml_str(value: str) -> str:
@@ -92,6 +98,7 @@ def init_farm(
     pki.ensure("broker", LOOPBACK_NAMES)
     pki.ensure("gateway", LOOPBACK_NAMES)
     pki.ensure(agent_name)
+    pki.ensure("admin")  # the admin API's client certificate (admin_cert_names below)
     pki.ensure_self_signed("gateway-public", LOOPBACK_NAMES)
     _write_once(
         state.broker_toml,
@@ -101,6 +108,8 @@ name = "broker"
 listen_host = "127.0.0.1"
 gateway_port = {ports.broker_gateways}
 agent_port = {ports.broker_agents}
+admin_port = {ports.broker_admin}
+admin_cert_names = ["admin"]
 database = "broker.sqlite3"
 cert_file = "pki/broker.pem"
 key_file = "pki/broker.key"
@@ -169,6 +178,10 @@ listen_port = 13389
             password = secrets.token_urlsafe(12)
             store.put_user(UserRecord(DEMO_USER, hash_password(password), ("users",)))
             write_atomic(state.password_file, password.encode() + b"\n", mode=0o600)
+        if store.get_user(ADMIN_USER) is None:
+            password = secrets.token_urlsafe(12)
+            store.put_user(UserRecord(ADMIN_USER, hash_password(password), ("ras-admins",)))
+            write_atomic(state.admin_password_file, password.encode() + b"\n", mode=0o600)
     finally:
         store.close()
     return state

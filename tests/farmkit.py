@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,14 +17,28 @@ import trio
 from ras.agents.agent import Agent
 from ras.agents.config import AgentConfig
 from ras.broker.config import BrokerConfig, ResourceConfig
+from ras.broker.directory import Directory
 from ras.broker.passwords import hash_password
 from ras.broker.server import Broker
 from ras.broker.store import SQLiteStore, UserRecord
 from ras.client.config import ClientConfig
+from ras.errors import ErrorCode
 from ras.gateway.config import GatewayConfig
 from ras.gateway.server import Gateway
-from ras.pki import FarmPKI
-from ras.protocol import Mode
+from ras.net.channel import Channel, greet
+from ras.net.tls import connect_tls
+from ras.pki import FarmPKI, client_context
+from ras.protocol import (
+    AuthChallenge,
+    Authenticate,
+    AuthOk,
+    AuthResponse,
+    ClientSession,
+    Error,
+    Message,
+    Mode,
+    Role,
+)
 
 USER = "alice"
 PASSWORD = "correct horse battery staple"
@@ -67,6 +81,7 @@ async def farm(
     gateways: Sequence[str] = ("gateway",),
     ticket_ttl_s: float = 60.0,
     resources: Sequence[ResourceConfig] = (ResourceConfig("desktop", "Desktop"),),
+    directory: Callable[[SQLiteStore], Directory] | None = None,
     **broker_options: object,
 ) -> AsyncIterator[Farm]:
     """A running farm. ``rdp_hosts``: (agent name, RDP host, RDP port) for each agent."""
@@ -82,11 +97,11 @@ async def farm(
         agent_port=0,
         ticket_ttl_s=ticket_ttl_s,
         resources=tuple(resources),
-        **broker_options,  # type: ignore[arg-type]
+        **{"admin_port": 0, **broker_options},  # type: ignore[arg-type]
     )
     store = SQLiteStore(cfg.database)
     store.put_user(UserRecord(USER, hash_password(PASSWORD), ("users",)))
-    broker = Broker(cfg, store)
+    broker = Broker(cfg, store, directory=None if directory is None else directory(store))
     async with trio.open_nursery() as nursery:
         addrs = await nursery.start(broker.serve)
         f = Farm(pki, broker, store, addrs)
@@ -146,6 +161,54 @@ async def add_agent(
         with trio.fail_after(30):
             await agent.registered.wait()
     return agent
+
+
+@contextlib.asynccontextmanager
+async def broker_session(
+    f: Farm, *, gateway: str = "gw-test", client: str = "192.0.2.7"
+) -> AsyncIterator[Channel]:
+    """A connection to the broker as gateway ``gateway`` (its own farm certificate) on behalf
+    of a client at ``client``: what a gateway opens for each client, without the gateway."""
+    cert, key = f.pki.ensure(gateway)
+    ctx = client_context(f.pki.ca_path, cert_file=cert, key_file=key)
+    host, port = f.broker_addrs["gateways"]
+    with trio.fail_after(30):
+        stream = await connect_tls(host, port, ctx, server_hostname="localhost")
+        chan = await greet(stream, Role.GATEWAY, "farmkit")
+    async with chan:
+        await chan.send(ClientSession(client, 0))
+        yield chan
+
+
+async def login(
+    chan: Channel, user: str, password: str, answers: Sequence[str] = ()
+) -> tuple[ErrorCode | None, str]:
+    """Log in on a broker session, answering challenges with ``answers`` in turn: (None,
+    canonical user name) when logged in, else the refusal's (code, message)."""
+    pending = list(answers)
+    msg: Message = Authenticate(user, password)
+    with trio.fail_after(30):
+        while True:
+            reply = await _ask(chan, msg)
+            if isinstance(reply, AuthOk):
+                return None, reply.user
+            if isinstance(reply, Error):
+                return reply.code, reply.message
+            assert isinstance(reply, AuthChallenge), reply
+            msg = AuthResponse(pending.pop(0) if pending else "")
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait until ``condition()`` holds: for state a test cannot wait on otherwise (the broker's
+    view of an agent's report). The deadline is a hang guard, not a timing assertion."""
+    with trio.fail_after(20):
+        while not condition():  # noqa: ASYNC110 (polled state, no event to wait on)
+            await trio.sleep(0.02)
+
+
+async def _ask(chan: Channel, msg: Message) -> Message:
+    await chan.send(msg)
+    return await chan.receive_reply()
 
 
 def replace(cfg: ClientConfig, **changes: object) -> ClientConfig:

@@ -235,11 +235,13 @@ def test_an_offline_host_gets_nothing():
 
 def test_a_full_host_gets_nothing():
     reg = registry("small", "big", max_sessions=4)
-    reg.report("small", load(sessions=2, disc=2), now=1)  # disconnected sessions hold seats
+    # "sessions" counts the disconnected ones too (protocol: "of which disconnected"): they
+    # hold their seats.
+    reg.report("small", load(sessions=4, disc=3), now=1)
     reg.report("big", load(cpu=90, mem=90, sessions=3), now=1)
     assert reg.pick(now=1).name == "big"  # type: ignore[union-attr]
     assert reg.pick(now=1) is None  # big is full with the pending launch
-    reg.report("small", load(sessions=1, disc=2), now=2)
+    reg.report("small", load(sessions=3, disc=3), now=2)
     assert reg.pick(now=2).name == "small"  # type: ignore[union-attr]
     assert reg.pick(now=2) is None
 
@@ -442,3 +444,65 @@ def test_store_files_are_private_even_with_a_permissive_umask(db):
             store.close()
     finally:
         os.umask(old)
+
+
+# -- everything configured survives a restart ---------------------------------------------------
+
+
+async def test_what_an_administrator_configures_survives_a_broker_restart(tmp_path):
+    from farmkit import farm
+
+    from ras.broker.model import (
+        Balancing,
+        Factor,
+        FactorRule,
+        Filter,
+        GroupRecord,
+        HostRecord,
+        PoolRecord,
+        ResourceKind,
+        ResourceRecord,
+    )  # fmt: skip
+    from ras.broker.server import Broker
+
+    configured = [
+        GroupRecord("Staff", ("alice", "bob"), "office staff"),
+        PoolRecord("rr", Balancing.ROUND_ROBIN),
+        HostRecord("h1", pools=("rr",), max_sessions=3),
+        ResourceRecord("calc", "Calculator", ResourceKind.APPLICATION, command="calc.exe",
+                       pools=("rr",), filter=Filter(groups=("staff",), clients=("10.0.0.0/8",))),
+        FactorRule("outside", Factor.RADIUS, Filter(clients=("0.0.0.0/0",)), order=5),
+    ]  # fmt: skip
+    async with farm(tmp_path) as f:
+        for record in configured:
+            f.store.put_object(record)
+        await f.broker.drain_host("h2", True)  # a host no agent has registered yet
+        config = f.broker.config
+    store = SQLiteStore(config.database)
+    try:
+        broker = Broker(config, store)
+        for record in configured:
+            assert store.get_object(type(record), record.key.upper()) == record
+        assert store.get_object(HostRecord, "h2") == HostRecord("h2", drained=True)
+        assert [r.id for r in broker.resources()] == ["desktop", "calc"]
+        assert broker.resource_origins() == {"desktop": "config", "calc": "store"}
+        assert broker.hosts.pool_members("RR") == ["h1"]
+        assert broker.hosts.settings["h2"].drained
+        assert store.delete_object(PoolRecord, "RR") is True
+        assert store.list_objects(PoolRecord) == []
+    finally:
+        store.close()
+
+
+def test_a_damaged_stored_record_is_a_clear_state_error(db):
+    from ras.broker.model import HostRecord
+    from ras.broker.store import StateError
+
+    store = SQLiteStore(db)
+    try:
+        store.put_object(HostRecord("h1"))
+        store._db.execute("UPDATE objects SET body = '{\"name\": \"h1\", \"colour\": 1}'")
+        with pytest.raises(StateError, match="stored host 'h1' is damaged: colour: unknown"):
+            store.list_objects(HostRecord)
+    finally:
+        store.close()

@@ -57,6 +57,13 @@ HELP = [
     (("farm", "up"), ["--state-dir", "--rdp", "HOST:PORT", "--gateway-port",
                       "--gateway-tls-port"]),
     (("farm", "init"), ["--state-dir", "--rdp"]),
+    (("agent",), ["--simulate", "--profile", "--seed", "--pki-dir", "--cert-cache", "--ramp-s"]),
+    (("admin",), ["--url", "--ca-file", "--cert", "--key", "--user", "--password-file", "--json",
+                  "user", "group", "host", "pool", "resource", "rule", "session", "gateway",
+                  "explain", "status", "exit codes"]),
+    (("admin", "resource", "add"), ["--users", "--groups", "--clients", "--gateways", "--command",
+                                    "--args", "--workdir", "--target", "--hosts", "--pools"]),
+    (("admin", "user", "add"), ["--group", "--user-password-file", "--totp", "--disabled"]),
 ]  # fmt: skip
 
 

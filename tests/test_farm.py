@@ -28,7 +28,7 @@ def _free_ports(n: int) -> list[int]:
 
 @pytest.fixture
 def farm_up(tmp_path: Path):
-    plain, tls, brk, agt = _free_ports(4)
+    plain, tls, brk, agt, adm = _free_ports(5)
     state = tmp_path / "state"
     log = tmp_path / "farm.log"
     args = [
@@ -47,6 +47,8 @@ def farm_up(tmp_path: Path):
         str(brk),
         "--agent-port",
         str(agt),
+        "--admin-port",
+        str(adm),
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
@@ -106,6 +108,25 @@ def test_farm_up_serves_the_demo_user(farm_up, tmp_path):
         assert (state / name).exists(), name
     assert (state / "demo.password").stat().st_mode & 0o777 == 0o600
     assert (state / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_farm_up_prints_ras_admin_commands_that_work(farm_up):
+    state, _, log = farm_up
+    printed = [line.strip() for line in log.read_text().splitlines() if " admin --url " in line]
+    assert printed, log.read_text()
+    words = printed[0].split()
+    command = [*RAS, *words[words.index("admin") :]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=state.parent)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].split()[:3] == ["host1", "rdsh", "yes"]
+    # The admin user logs on with its password too; the demo user is no admin.
+    for user, pw_file, code in (("admin", "admin.password", 0), ("demo", "demo.password", 3)):
+        result = subprocess.run(
+            [*command[: command.index("--cert")], "--user", user, "--password-file",
+             str(state / pw_file), "status"],
+            capture_output=True, text=True, timeout=60, cwd=state.parent,
+        )  # fmt: skip
+        assert result.returncode == code, result.stderr
 
 
 def test_farm_up_twice_reuses_its_state(tmp_path):

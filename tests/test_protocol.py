@@ -30,6 +30,8 @@ from ras.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ras.protocol import (
     MAX_FRAME_SIZE,
     MESSAGE_CLASSES,
+    AcmeChallenge,
+    AcmeWithdraw,
     AgentRegister,
     AuthChallenge,
     Authenticate,
@@ -56,12 +58,22 @@ from ras.protocol import (
     OpenTunnel,
     Ping,
     Pong,
+    PublicCertificate,
+    RdpToken,
+    RdpTokenOk,
     RedeemTicket,
     Registered,
     Resource,
     ResourceKind,
     ResourceList,
     Role,
+    Route,
+    RouteOk,
+    SessionAction,
+    SessionActionKind,
+    SessionActionOk,
+    SessionInfo,
+    SessionState,
     Side,
     State,
     TicketOk,
@@ -84,6 +96,14 @@ TICKET = "v1.eyJ1IjoiYWxpY2UiLCJyIjoiZGVzayJ9.c2lnbmF0dXJl"
 DESK = Resource("desk", "Full desktop", ResourceKind.DESKTOP)
 GW1 = GatewayEntry("gw1", "10.0.0.11", 443)
 CALC = Resource("calc", "Calculator", ResourceKind.APPLICATION)
+
+ACME_TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
+THUMBPRINT = "9jg46WB3rR_AHD-EBXdN7cBkH1WOu0tA3M9fm21mqTI"
+CERT_PEM = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ==\n-----END CERTIFICATE-----\n"
+KEY_PEM = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49==\n-----END PRIVATE KEY-----\n"
+
+SESSION_BOB = SessionInfo("rdp-7", "bob", SessionState.ACTIVE)
+SESSION_CAROL = SessionInfo("rdp-9", "carol", SessionState.DISCONNECTED)
 
 # One valid instance of every message class, and the side that sends it.
 SAMPLES: dict[MessageType, tuple[Side, Message]] = {
@@ -117,6 +137,15 @@ SAMPLES: dict[MessageType, tuple[Side, Message]] = {
     MessageType.PING: (SERVER, Ping(7)),
     MessageType.PONG: (CLIENT, Pong(7)),
     MessageType.ERROR: (SERVER, Error(ErrorCode.NOT_FOUND, "no such resource")),
+    MessageType.SESSION_ACTION: (SERVER, SessionAction("rdp-7", SessionActionKind.LOGOFF)),
+    MessageType.SESSION_ACTION_OK: (CLIENT, SessionActionOk("rdp-7")),
+    MessageType.ROUTE: (CLIENT, Route(TICKET, "")),
+    MessageType.ROUTE_OK: (SERVER, RouteOk("10.0.0.21", 3389, "alice", "desk")),
+    MessageType.RDP_TOKEN: (CLIENT, RdpToken("desk")),
+    MessageType.RDP_TOKEN_OK: (SERVER, RdpTokenOk(TICKET, 28800)),
+    MessageType.ACME_CHALLENGE: (SERVER, AcmeChallenge(ACME_TOKEN, f"{ACME_TOKEN}.{THUMBPRINT}")),
+    MessageType.ACME_WITHDRAW: (SERVER, AcmeWithdraw(ACME_TOKEN)),
+    MessageType.PUBLIC_CERTIFICATE: (SERVER, PublicCertificate(CERT_PEM, KEY_PEM)),
 }
 
 
@@ -212,7 +241,12 @@ SESSIONS: dict[str, tuple[Flight, ...]] = {
         s(Registered("rdsh1", 5.0)),
         c(LoadReport(37.5, 61.0, 12, 3), LoadReport(40.25, 61.5, 13, 2)),
         s(Ping(1)),
-        c(Pong(1)),
+        c(Pong(1), LoadReport(5.0, 20.0, 2, 1, (SESSION_BOB, SESSION_CAROL))),
+        # the broker asks for a log off and a disconnect; the agent answers each
+        s(SessionAction("rdp-9", SessionActionKind.LOGOFF)),
+        c(SessionActionOk("rdp-9")),
+        s(SessionAction("rdp-7", SessionActionKind.DISCONNECT)),
+        c(Error(ErrorCode.NOT_FOUND, "no session rdp-7 on this host")),
     ),
     # A gateway's long-lived link to the broker.
     "gateway-link": (
@@ -220,6 +254,10 @@ SESSIONS: dict[str, tuple[Flight, ...]] = {
         s(Welcome(1, "ras-broker/0.1")),
         c(GatewayRegister("gw1", "gw1.farm.example", 443)),
         s(Registered("gw1", 30.0)),
+        # pushed by the broker at any time: ACME HTTP-01 tokens, a new public certificate
+        s(AcmeChallenge(ACME_TOKEN, f"{ACME_TOKEN}.{THUMBPRINT}")),
+        c(Ping(2)),
+        s(Pong(2), PublicCertificate(CERT_PEM, KEY_PEM), AcmeWithdraw(ACME_TOKEN)),
     ),
     # A HALB asking the broker which gateways to balance over.
     "halb": (
@@ -239,6 +277,27 @@ SESSIONS: dict[str, tuple[Flight, ...]] = {
         c(RedeemTicket(TICKET)),
         s(TicketOk("10.0.0.21", 3389, "alice", "desk")),
         c(Error(ErrorCode.INTERNAL, "relay failed")),
+    ),
+    # A user asks for a routing token for an .rdp file (relayed by the gateway like launch).
+    "client-rdp-token": (
+        c(Hello(Role.CLIENT, "ras-client/0.1")),
+        s(Welcome(1, "ras-gateway/0.1")),
+        c(RdpToken("desk")),
+        s(Error(ErrorCode.AUTH_REQUIRED, "authenticate first")),
+        c(Authenticate("alice", PASSWORD)),
+        s(AuthOk("alice", ())),
+        c(RdpToken("desk")),
+        s(RdpTokenOk(TICKET, 28800)),
+    ),
+    # RDP load balancing: a gateway asks where a native RDP connection may go, then holds the
+    # connection (session affinity) until the RDP connection ends.
+    "gateway-route": (
+        c(Hello(Role.GATEWAY, "ras-gateway/0.1")),
+        s(Welcome(1, "ras-broker/0.1")),
+        c(ClientSession("198.51.100.7", 50200), Route("", "mallory")),
+        s(Error(ErrorCode.FORBIDDEN, "no route for this user")),
+        c(Route(TICKET, "")),
+        s(RouteOk("10.0.0.21", 3389, "alice", "desk")),
     ),
 }
 
@@ -423,6 +482,28 @@ def test_encode_body_is_compact_utf8_json_with_type_first() -> None:
     )
 
 
+def test_optional_fields_are_left_out_at_their_default_and_taken_when_absent() -> None:
+    # load_report without sessions_detail (as version-1 agents send it) is the empty list.
+    old = b'{"type":"load_report","cpu_percent":1,"memory_percent":2,"sessions":0,"disconnected":0}'
+    assert decode_body(old) == LoadReport(1.0, 2.0, 0, 0)
+    assert encode_body(LoadReport(1.0, 2.0, 0, 0)) == old.replace(b":1,", b":1.0,").replace(
+        b":2,", b":2.0,"
+    )
+    detailed = LoadReport(1.0, 2.0, 1, 0, (SESSION_BOB,))
+    assert encode_body(detailed).endswith(
+        b',"sessions_detail":[{"id":"rdp-7","user":"bob","state":"active"}]}'
+    )
+    assert decode_body(encode_body(detailed)) == detailed
+    app = LaunchOk(Mode.DIRECT, "10.0.0.5", 3389, "", 0, command="calc.exe")
+    assert b'"command":"calc.exe"' in encode_body(app)
+    assert b"arguments" not in encode_body(app)
+    # Required fields stay required.
+    with pytest.raises(RemoteProtocolError, match="missing field 'disconnected'"):
+        decode_body(b'{"type":"load_report","cpu_percent":1,"memory_percent":2,"sessions":0}')
+    with pytest.raises(RemoteProtocolError, match="missing field 'state'"):
+        decode_body(old[:-1] + b',"sessions_detail":[{"id":"a","user":"b"}]}')
+
+
 def test_decode_accepts_any_key_order_and_whitespace() -> None:
     body = b' {\n "port" : 3389 , "host" : "10.0.0.21", "type": "tunnel_open"}\t'
     assert decode_body(body) == TunnelOpen("10.0.0.21", 3389)
@@ -478,6 +559,8 @@ def _text(limit: int, *, empty: bool = False) -> st.SearchStrategy[str]:
 
 
 _names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._@\\-]{0,40}", fullmatch=True)
+_acme_tokens = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
+_pem_bodies = st.from_regex(r"[A-Za-z0-9+/=\n]{0,200}", fullmatch=True)
 _hosts = st.ip_addresses().map(str) | st.from_regex(
     r"[A-Za-z0-9][A-Za-z0-9-]{0,20}(\.[A-Za-z0-9][A-Za-z0-9-]{0,20}){0,4}\.?", fullmatch=True
 )
@@ -504,13 +587,25 @@ MESSAGE_STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
         _ports,
         _text(2048, empty=True),
         st.integers(0, 86400),
+        command=_text(1024, empty=True),
+        target=_text(1024, empty=True),
     ),
     MessageType.OPEN_TUNNEL: st.builds(OpenTunnel, _text(2048)),
     MessageType.TUNNEL_OPEN: st.builds(TunnelOpen, _hosts, _ports),
     MessageType.AGENT_REGISTER: st.builds(
         AgentRegister, _names, st.sampled_from(HostKind), _hosts, _ports, st.integers(1, 100_000)
     ),
-    MessageType.LOAD_REPORT: st.builds(LoadReport, _percent, _percent, _counts, _counts),
+    MessageType.LOAD_REPORT: st.builds(
+        LoadReport,
+        _percent,
+        _percent,
+        _counts,
+        _counts,
+        st.lists(
+            st.builds(SessionInfo, _text(256), _text(256), st.sampled_from(SessionState)),
+            max_size=3,
+        ).map(tuple),
+    ),
     MessageType.GATEWAY_REGISTER: st.builds(GatewayRegister, _names, _hosts, _ports),
     MessageType.CLIENT_SESSION: st.builds(ClientSession, _hosts, st.integers(0, 65535)),
     MessageType.REGISTERED: st.builds(Registered, _names, st.floats(0.1, 3600.0)),
@@ -524,6 +619,22 @@ MESSAGE_STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
     MessageType.PING: st.builds(Ping, _nonce),
     MessageType.PONG: st.builds(Pong, _nonce),
     MessageType.ERROR: st.builds(Error, st.sampled_from(ErrorCode), _text(1024, empty=True)),
+    MessageType.SESSION_ACTION: st.builds(
+        SessionAction, _text(256), st.sampled_from(SessionActionKind)
+    ),
+    MessageType.SESSION_ACTION_OK: st.builds(SessionActionOk, _text(256)),
+    MessageType.ROUTE: st.builds(Route, _text(2048), st.just(""))
+    | st.builds(Route, st.just(""), _text(256)),
+    MessageType.ROUTE_OK: st.builds(RouteOk, _hosts, _ports, _text(256), _names),
+    MessageType.RDP_TOKEN: st.builds(RdpToken, _names),
+    MessageType.RDP_TOKEN_OK: st.builds(RdpTokenOk, _text(2048), st.integers(0, 604800)),
+    MessageType.ACME_CHALLENGE: _acme_tokens.map(lambda t: AcmeChallenge(t, f"{t}.{THUMBPRINT}")),
+    MessageType.ACME_WITHDRAW: st.builds(AcmeWithdraw, _acme_tokens),
+    MessageType.PUBLIC_CERTIFICATE: st.builds(
+        PublicCertificate,
+        _pem_bodies.map(lambda b: f"-----BEGIN CERTIFICATE-----\n{b}\n-----END CERTIFICATE-----\n"),
+        _pem_bodies.map(lambda b: f"-----BEGIN PRIVATE KEY-----\n{b}\n-----END PRIVATE KEY-----\n"),
+    ),
 }
 
 

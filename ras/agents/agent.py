@@ -1,30 +1,40 @@
 """The host agent: registers its host with the broker over mutual TLS and reports its load.
 
 It reconnects with a capped backoff when the broker goes away, so a broker restart costs a
-host only the seconds until the next attempt.
+host only the seconds until the next attempt. With ``sessions_from = "utmp"`` it also lists
+who the sessions are, and carries out the broker's ``session_action`` requests (log off,
+disconnect) by running the configured command for that session.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
 
 import trio
 
 from ras import __version__
 from ras.agents.config import AgentConfig
-from ras.agents.load import CpuSampler, memory_percent, rdp_sessions
-from ras.errors import TransportError
+from ras.agents.load import CpuSampler, UtmpSession, memory_percent, rdp_sessions, utmp_sessions
+from ras.errors import ErrorCode, TransportError
 from ras.net.channel import Channel, greet
 from ras.net.tasks import race, reconnecting
 from ras.net.tls import connect_tls
 from ras.pki import client_context
 from ras.protocol import (
     AgentRegister,
+    Error,
     LoadReport,
+    Message,
     Ping,
     Pong,
     Registered,
     Role,
+    SessionAction,
+    SessionActionKind,
+    SessionActionOk,
+    SessionInfo,
+    SessionState,
 )
 
 __all__ = ["Agent"]
@@ -43,11 +53,58 @@ class Agent:
         self.registered = trio.Event()
 
     def measure(self) -> LoadReport:
-        return LoadReport(
-            cpu_percent=round(self._cpu.sample(), 1),
-            memory_percent=round(memory_percent(), 1),
-            sessions=rdp_sessions(self.config.rdp_port),
-            disconnected=0,
+        cpu, memory = round(self._cpu.sample(), 1), round(memory_percent(), 1)
+        if self.config.sessions_from == "utmp":
+            detail = tuple(
+                SessionInfo(str(s.pid), s.user or "?", SessionState.ACTIVE)
+                for s in utmp_sessions(self.config.utmp_file)[:1000]
+            )
+            return LoadReport(cpu, memory, len(detail), 0, detail)
+        return LoadReport(cpu, memory, rdp_sessions(self.config.rdp_port), 0)
+
+    async def act(self, request: SessionAction) -> Message:
+        """Carry out a ``session_action``: the answer to send the broker."""
+        cfg = self.config
+        command = (
+            cfg.logoff_command
+            if request.action is SessionActionKind.LOGOFF
+            else cfg.disconnect_command
+        )
+        if cfg.sessions_from != "utmp" or not command:
+            return Error(ErrorCode.FORBIDDEN, f"this agent does not {request.action} sessions")
+        session = self._utmp_session(request.session_id)
+        if session is None:
+            return Error(ErrorCode.NOT_FOUND, f"no session {request.session_id} on this host")
+        argv = [
+            w.format(id=request.session_id, pid=session.pid, user=session.user, line=session.line)
+            for w in command
+        ]
+        try:
+            with trio.fail_after(cfg.action_timeout_s):
+                done = await trio.run_process(
+                    argv, check=False, stdin=subprocess.DEVNULL, capture_stdout=True,
+                    capture_stderr=True,
+                )  # fmt: skip
+        except (OSError, trio.TooSlowError) as exc:
+            why = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            log.warning("session %s failed id=%s: %s", request.action, request.session_id, why)
+            return Error(ErrorCode.INTERNAL, f"{request.action} failed: {why}")
+        if done.returncode != 0:
+            err = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+            log.warning(
+                "session %s failed id=%s exit=%d %s",
+                request.action, request.session_id, done.returncode, err[0],
+            )  # fmt: skip
+            return Error(
+                ErrorCode.INTERNAL,
+                f"{request.action} failed: exit {done.returncode} {err[0]}"[:1000],
+            )
+        log.info("session %s id=%s user=%s", request.action, request.session_id, session.user)
+        return SessionActionOk(request.session_id)
+
+    def _utmp_session(self, session_id: str) -> UtmpSession | None:
+        return next(
+            (s for s in utmp_sessions(self.config.utmp_file) if str(s.pid) == session_id), None
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -99,8 +156,11 @@ class Agent:
             await chan.send(self.measure())
 
     async def _answer(self, chan: Channel) -> None:
-        """Answer the broker's pings; a closed link ends the session."""
+        """Answer the broker's pings and session actions; a closed link ends the session."""
         while True:
             msg = await chan.receive()
             if isinstance(msg, Ping):
                 await chan.send(Pong(msg.nonce))
+            elif isinstance(msg, SessionAction):
+                await chan.send(await self.act(msg))
+                await chan.send(self.measure())  # the broker sees the change at once

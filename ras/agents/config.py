@@ -27,6 +27,15 @@ class AgentConfig:
     broker_port: int = 20003
     connect_timeout_s: float = 10.0
     retry_max_s: float = 10.0
+    # Where sessions are counted: "tcp" (connections to rdp_port) or "utmp" (user sessions in
+    # utmp_file, with their users, so the broker knows who is where and can log them off).
+    sessions_from: str = "tcp"
+    utmp_file: Path = Path("/var/run/utmp")
+    # What the agent runs when the broker asks it to log off / disconnect a session (utmp
+    # sessions only). Each word may use {id}, {pid}, {user} and {line}; empty: not supported.
+    logoff_command: tuple[str, ...] = ("pkill", "-HUP", "-s", "{pid}")
+    disconnect_command: tuple[str, ...] = ()
+    action_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -39,3 +48,12 @@ class AgentConfig:
             raise Invalid("max_sessions", "must be between 1 and 100000")
         check_positive("connect_timeout_s", self.connect_timeout_s)
         check_positive("retry_max_s", self.retry_max_s)
+        check_positive("action_timeout_s", self.action_timeout_s)
+        if self.sessions_from not in ("tcp", "utmp"):
+            raise Invalid("sessions_from", f"{self.sessions_from!r} is not tcp or utmp")
+        for key in ("logoff_command", "disconnect_command"):
+            for i, word in enumerate(getattr(self, key)):
+                try:
+                    word.format(id="", pid="", user="", line="")
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise Invalid(f"{key}[{i}]", f"{word!r}: bad placeholder {exc}") from None

@@ -1,15 +1,18 @@
 """What a Linux host's load is, read from /proc: CPU and memory use, RDP sessions.
 
-Sessions are the established TCP connections to the host's RDP port (each RDP client holds
-one); disconnected sessions are not visible from /proc and are reported as 0 on Linux.
+Sessions are either the established TCP connections to the host's RDP port (each RDP client
+holds one), or the user sessions of utmp (what ``who`` lists: xrdp's sesman and other login
+services write them), which also say whose they are. Neither tells a disconnected session on
+Linux, so disconnected sessions are reported as 0.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuSampler", "memory_percent", "rdp_sessions"]
+__all__ = ["CpuSampler", "UtmpSession", "memory_percent", "rdp_sessions", "utmp_sessions"]
 
 
 @dataclass(slots=True)
@@ -61,3 +64,42 @@ def rdp_sessions(port: int, proc: Path = Path("/proc")) -> int:
             if len(parts) > 3 and parts[3] == "01" and int(parts[1].rsplit(":", 1)[1], 16) == port:
                 count += 1
     return count
+
+
+# struct utmp on Linux (glibc, x86-64 and aarch64; <bits/utmp.h>): 384 bytes.
+_UTMP = struct.Struct("<hhi32s4s32s256shhiii16s20s")
+USER_PROCESS = 7
+
+
+@dataclass(frozen=True, slots=True)
+class UtmpSession:
+    """A logged-in session from utmp (what ``who`` lists)."""
+
+    pid: int
+    user: str
+    line: str  # the terminal or display (``pts/3``, ``:10``)
+    host: str  # where the user came from, if known
+    since: int  # unix seconds
+
+
+def utmp_sessions(path: Path = Path("/var/run/utmp")) -> list[UtmpSession]:
+    """The user sessions in a utmp file (USER_PROCESS entries), in file order. A missing file
+    means no sessions; a truncated last record is ignored."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    found = []
+    for offset in range(0, len(data) - _UTMP.size + 1, _UTMP.size):
+        fields = _UTMP.unpack_from(data, offset)
+        kind, pid, line, user, host, since = (
+            fields[0], fields[2], fields[3], fields[5], fields[6], fields[10]
+        )  # fmt: skip
+        if kind != USER_PROCESS or pid <= 0:
+            continue
+        found.append(UtmpSession(pid, _c(user), _c(line), _c(host), since))
+    return found
+
+
+def _c(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")

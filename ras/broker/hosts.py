@@ -1,20 +1,49 @@
-"""The hosts the agents registered, their load, and the least-loaded choice (pure logic).
+"""The hosts the agents registered, their load, and the choice of a host (pure logic).
 
-Load score (resource-based balancing, as RAS does it): the used share of sessions, CPU and
-memory combined, ``0.5 * sessions/max_sessions + 0.25 * cpu + 0.25 * memory`` (each 0..1);
-the lowest score wins, ties go to the name. Launches since a host's last report count as
-sessions, so a burst of launches spreads before the next report arrives. A host that has not
-reported within ``timeout_s``, or whose agent disconnected, or which is full, gets nothing.
+Theory of operation. Each agent's link registers a :class:`Host` and feeds it load reports.
+A report that cannot be true (not finite, negative, CPU or memory over 100 %, more sessions
+than ``max_sessions`` allows by far, more disconnected sessions than sessions, a session list
+that disagrees with the counts) is refused: the host is marked *lying* and takes no new
+session until a sane report arrives. A host that has not reported within ``timeout_s`` is
+*silent*, one whose agent disconnected is *offline*; neither takes anything.
+
+Choosing a host for a launch (:meth:`HostRegistry.choose`), among the resource's candidates:
+
+1. **Affinity.** A host where the user already has a session the launch should go back to
+   (a disconnected one; on VDI and Remote PC also an active one) wins if it is reachable
+   (online, reporting, sane, enabled), even when drained or full: the session is there.
+2. Otherwise only *usable* hosts count: reachable, enabled, not drained, not full. Full means
+   ``sessions + pending >= max_sessions``, where ``sessions`` includes the disconnected ones
+   (they hold a seat) and ``max_sessions`` is the agent's, capped by the administrator's, and
+   1 for VDI and Remote PC hosts (one user each).
+3. **Resource-based** (the RAS way): the lowest load wins, ties to the name. The load adds the
+   used shares of the three counters, each weighted (``weight_*`` in broker.toml; 0 removes a
+   counter)::
+
+       load = w_sessions * (sessions + pending) / max_sessions
+            + w_memory   * memory_percent / 100
+            + w_cpu      * cpu_percent / 100          (defaults 0.5, 0.25, 0.25)
+
+   which is the same as picking the best combined free/used ratio. Launches since a host's
+   last report count as sessions (``pending``), so a burst spreads before the next report,
+   in proportion to the free capacity.
+4. **Round robin**: the usable hosts in name order, each in turn, per pool.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
+from ras.broker.model import Balancing, HostRecord
 from ras.protocol import HostKind, LoadReport
 
-__all__ = ["Host", "HostRegistry"]
+__all__ = ["Candidate", "Choice", "Host", "HostRegistry"]
+
+# A report claiming more sessions than this many times max_sessions is not believed.
+INSANE_SESSIONS_FACTOR = 2
+SINGLE_USER = (HostKind.VDI, HostKind.REMOTE_PC)
 
 
 @dataclass(slots=True)
@@ -23,7 +52,7 @@ class Host:
     kind: HostKind
     rdp_host: str
     rdp_port: int
-    max_sessions: int
+    max_sessions: int  # as the agent announced it
     last_report: float
     cpu_percent: float = 0.0
     memory_percent: float = 0.0
@@ -31,55 +60,220 @@ class Host:
     disconnected: int = 0
     pending: int = 0  # launches since the last report
     online: bool = True
+    insane: str = ""  # why the last report was refused; "" when it was sane
+    weights: tuple[float, float, float] = (0.5, 0.25, 0.25)  # sessions, memory, cpu
+    settings: HostRecord | None = None  # the administrator's, if any
+
+    @property
+    def capacity(self) -> int:
+        cap = self.max_sessions
+        if self.settings is not None and self.settings.max_sessions is not None:
+            cap = min(cap, self.settings.max_sessions)
+        return 1 if self.kind in SINGLE_USER else cap
 
     @property
     def score(self) -> float:
-        used = (self.sessions + self.pending) / self.max_sessions
-        return 0.5 * used + 0.25 * self.cpu_percent / 100 + 0.25 * self.memory_percent / 100
+        ws, wm, wc = self.weights
+        used = (self.sessions + self.pending) / self.capacity
+        return ws * used + wm * self.memory_percent / 100 + wc * self.cpu_percent / 100
 
     @property
     def full(self) -> bool:
-        return self.sessions + self.disconnected + self.pending >= self.max_sessions
+        return self.sessions + self.pending >= self.capacity
+
+    @property
+    def drained(self) -> bool:
+        return self.settings is not None and self.settings.drained
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings is None or self.settings.enabled
+
+    def unreachable(self, now: float, timeout_s: float) -> str:
+        """Why no session at all can go here now ("" if one can)."""
+        if not self.online:
+            return "offline: its agent is not connected"
+        if now - self.last_report > timeout_s:
+            return f"silent: no load report for {now - self.last_report:.0f} s"
+        if self.insane:
+            return f"lying: its last report was refused ({self.insane})"
+        if not self.enabled:
+            return "disabled by an administrator"
+        return ""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One host considered for a launch, and what was thought of it (for ``explain``)."""
+
+    host: str
+    usable: bool
+    reason: str  # why not, or "" when usable
+    score: float | None = None
+    sessions: int = 0
+    capacity: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "host": self.host,
+            "usable": self.usable,
+            "reason": self.reason,
+            "score": None if self.score is None else round(self.score, 4),
+            "sessions": self.sessions,
+            "capacity": self.capacity,
+        }
+
+
+@dataclass(slots=True)
+class Choice:
+    host: Host | None
+    method: str  # "affinity", "resource", "round_robin", or "none"
+    why: str
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+def check_report(load: LoadReport, max_sessions: int) -> str:
+    """Why a report cannot be true ("" if it can)."""
+    for key in ("cpu_percent", "memory_percent"):
+        value = getattr(load, key)
+        if not math.isfinite(value) or not 0 <= value <= 100:
+            return f"{key} {value!r} is not a percentage"
+    for key in ("sessions", "disconnected"):
+        value = getattr(load, key)
+        if not isinstance(value, int) or value < 0:
+            return f"{key} {value!r} is not a count"
+    if load.sessions > INSANE_SESSIONS_FACTOR * max_sessions:
+        return f"{load.sessions} sessions on a host of at most {max_sessions}"
+    if load.disconnected > load.sessions:
+        return f"{load.disconnected} disconnected of {load.sessions} sessions"
+    detail = getattr(load, "sessions_detail", ())
+    if detail:
+        if len(detail) != load.sessions:
+            return f"{len(detail)} sessions listed, {load.sessions} counted"
+        disconnected = sum(1 for s in detail if s.state == "disconnected")
+        if disconnected != load.disconnected:
+            return f"{disconnected} disconnected sessions listed, {load.disconnected} counted"
+    return ""
 
 
 class HostRegistry:
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(
+        self, timeout_s: float, weights: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    ) -> None:
         self.timeout_s = timeout_s
+        self.weights = weights
         self.hosts: dict[str, Host] = {}
+        self.settings: dict[str, HostRecord] = {}  # by case-folded name
+        self._turn: dict[str, str] = {}  # round robin: the last host picked, per pool
 
     def register(
         self, name: str, kind: HostKind, rdp_host: str, rdp_port: int, max_sessions: int, now: float
     ) -> Host:
-        host = Host(name, kind, rdp_host, rdp_port, max_sessions, last_report=now)
+        host = Host(
+            name, kind, rdp_host, rdp_port, max_sessions, last_report=now, weights=self.weights,
+            settings=self.settings.get(name.casefold()),
+        )  # fmt: skip
         self.hosts[name] = host
         return host
 
-    def report(self, name: str, load: LoadReport, now: float) -> None:
+    def configure(self, records: Iterable[HostRecord]) -> None:
+        """The administrator's host settings (all of them, replacing the previous ones)."""
+        self.settings = {r.name.casefold(): r for r in records}
+        for host in self.hosts.values():
+            host.settings = self.settings.get(host.name.casefold())
+
+    def report(self, name: str, load: LoadReport, now: float) -> str:
+        """Take a load report; returns why it was refused ("" if taken)."""
         host = self.hosts[name]
+        host.last_report = now
+        why = check_report(load, host.max_sessions)
+        host.insane = why
+        if why:
+            return why
         host.cpu_percent = load.cpu_percent
         host.memory_percent = load.memory_percent
         host.sessions = load.sessions
         host.disconnected = load.disconnected
         host.pending = 0
-        host.last_report = now
+        return ""
 
     def disconnect(self, name: str, host: Host) -> None:
         if self.hosts.get(name) is host:
             host.online = False
 
-    def usable(self, now: float, names: Iterable[str] = ()) -> list[Host]:
-        wanted = set(names)
+    def pool_members(self, pool: str) -> list[str]:
+        wanted = pool.casefold()
+        return [r.name for r in self.settings.values() if wanted in (p.casefold() for p in r.pools)]
+
+    def _named(self, names: Iterable[str] | None) -> list[Host]:
+        if names is None:
+            return list(self.hosts.values())
+        wanted = {n.casefold() for n in names}
+        return [h for h in self.hosts.values() if h.name.casefold() in wanted]
+
+    def usable(self, now: float, names: Iterable[str] | None = None) -> list[Host]:
         return [
-            h for h in self.hosts.values()
-            if h.online and now - h.last_report <= self.timeout_s and not h.full
-            and (not wanted or h.name in wanted)
+            h for h in self._named(names)
+            if not h.unreachable(now, self.timeout_s) and not h.drained and not h.full
         ]  # fmt: skip
+
+    def choose(
+        self,
+        now: float,
+        names: Iterable[str] | None = None,
+        *,
+        method: Balancing = Balancing.RESOURCE,
+        turn_key: str = "",
+        affinity: Sequence[tuple[str, str]] = (),
+        dry_run: bool = False,
+    ) -> Choice:
+        """Pick a host among ``names`` (None: every host). ``affinity``: (host, why) where
+        the user has a session to go back to, best first. ``dry_run`` changes nothing."""
+        names = None if names is None else tuple(names)
+        hosts = sorted(self._named(names), key=lambda h: h.name)
+        candidates = [self._judge(h, now) for h in hosts]
+        known = {h.name.casefold() for h in hosts}
+        candidates += [
+            Candidate(n, False, "unknown: no agent registered") for n in sorted(set(names or ()))
+            if n.casefold() not in known
+        ]  # fmt: skip
+        eligible = {h.name.casefold(): h for h in hosts}
+        for name, why in affinity:
+            host = eligible.get(name.casefold())
+            if host is not None and not host.unreachable(now, self.timeout_s):
+                return Choice(host, "affinity", why, candidates)
+        usable = [h for h, c in zip(hosts, candidates, strict=False) if c.usable]
+        if not usable:
+            return Choice(None, "none", "no candidate host can take a session now", candidates)
+        if method is Balancing.ROUND_ROBIN:
+            last = self._turn.get(turn_key, "")
+            best = next((h for h in usable if h.name > last), usable[0])
+            why = f"round robin: next after {last!r}" if last else "round robin: first in turn"
+            if not dry_run:
+                self._turn[turn_key] = best.name
+        else:
+            best = min(usable, key=lambda h: (h.score, h.name))
+            why = f"resource-based: lowest load {best.score:.3f}"
+        if not dry_run:
+            best.pending += 1
+        return Choice(best, str(method), why, candidates)
 
     def pick(self, now: float, names: Iterable[str] = ()) -> Host | None:
         """The least-loaded usable host among ``names`` (all hosts if empty), counted as used."""
-        hosts = self.usable(now, names)
-        if not hosts:
-            return None
-        best = min(hosts, key=lambda h: (h.score, h.name))
-        best.pending += 1
-        return best
+        names = tuple(names)
+        return self.choose(now, names or None).host
+
+    def _judge(self, host: Host, now: float) -> Candidate:
+        why = host.unreachable(now, self.timeout_s)
+        if not why and host.drained:
+            why = "drained: takes no new sessions"
+        if not why and host.full:
+            why = f"full: {host.sessions + host.pending} of {host.capacity} sessions"
+        return Candidate(
+            host.name,
+            not why,
+            why,
+            None if why else host.score,
+            host.sessions + host.pending,
+            host.capacity,
+        )

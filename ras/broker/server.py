@@ -6,26 +6,51 @@ and redeem the tickets of the tunnels they are asked to open. Agents (``agent_po
 the host they run on and report its load. Both present a certificate from the farm CA; the
 name in it is who they are (an agent may only register the host its certificate names; a
 ticket can only be redeemed by the gateway it was issued through).
+
+A login goes: throttle (refused before the directory is asked), the directory (built-in or
+LDAP), the second factor the rules name (TOTP or RADIUS, in challenge rounds). The published
+resources, hosts, pools, groups and factor rules come from ``broker.toml`` and from the store
+(the admin API); the store's are re-read whenever it changed (``Store.generation``). What the
+broker decides and why is in ``docs/broker.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
 
 from ras import __version__
-from ras.broker.config import BrokerConfig, ResourceConfig
-from ras.broker.hosts import HostRegistry
-from ras.broker.passwords import verify_password
+from ras.broker import policy, routing
+from ras.broker.config import BrokerConfig
+from ras.broker.directory import Directory, DirectoryUnavailable, open_directory
+from ras.broker.gatewaylink import GatewayLinks
+from ras.broker.hosts import Choice, HostRegistry
+from ras.broker.model import (
+    Factor,
+    FactorRule,
+    GroupRecord,
+    HostKind,
+    HostRecord,
+    PoolRecord,
+    ResourceKind,
+    ResourceRecord,
+    SessionState,
+)
+from ras.broker.radius import Accept, Challenge, RadiusClient, RadiusUnavailable
+from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
+from ras.broker.throttle import Throttle
 from ras.broker.tickets import TicketAuthority
 from ras.broker.totp import verify_totp
-from ras.errors import ErrorCode, RemoteProtocolError, TicketError, TransportError
-from ras.net.channel import Channel
+from ras.errors import ErrorCode, RasError, RemoteProtocolError, TicketError, TransportError
+from ras.net.channel import Channel, PeerError
 from ras.net.listen import serve_tcp
 from ras.pki import peer_name, server_context
 from ras.protocol import (
@@ -35,6 +60,7 @@ from ras.protocol import (
     AuthOk,
     AuthResponse,
     ClientSession,
+    Error,
     GatewayEntry,
     GatewayList,
     GatewayRegister,
@@ -47,11 +73,16 @@ from ras.protocol import (
     Message,
     Ping,
     Pong,
+    RdpToken,
     RedeemTicket,
     Registered,
     Resource,
     ResourceList,
     Role,
+    Route,
+    SessionAction,
+    SessionActionKind,
+    SessionActionOk,
     Side,
     TicketOk,
     Welcome,
@@ -78,15 +109,72 @@ class GatewayInfo:
     online: bool = True
 
 
-class Broker:
-    """State and request handling of one broker; ``serve`` runs its listeners."""
+@dataclass(frozen=True, slots=True)
+class Configured:
+    """What the administrator configured, from broker.toml and the store, at one moment."""
 
-    def __init__(self, config: BrokerConfig, store: Store) -> None:
+    resources: tuple[ResourceRecord, ...]  # broker.toml's first, then the store's
+    origins: dict[str, str]  # resource id (case-folded) -> "config" or "store"
+    groups: tuple[GroupRecord, ...]
+    hosts: tuple[HostRecord, ...]
+    pools: tuple[PoolRecord, ...]
+    rules: tuple[FactorRule, ...]
+    pool_members: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _AgentLink:
+    """An agent's connection, for the broker's requests to it (one at a time)."""
+
+    chan: Channel
+    lock: trio.Lock
+    replies: trio.MemorySendChannel[Message]
+    answers: trio.MemoryReceiveChannel[Message]
+    waiting: bool = False
+
+
+MAX_CHALLENGE_ROUNDS = 5
+_PROMPT_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
+
+
+class Broker:
+    """State and request handling of one broker; ``serve`` runs its listeners.
+
+    ``directory`` and ``radius`` default to what ``config`` names (tests give their own)."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        store: Store,
+        *,
+        directory: Directory | None = None,
+        radius: RadiusClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.store = store
-        self.hosts = HostRegistry(config.host_timeout_s)
+        self.hosts = HostRegistry(
+            config.host_timeout_s, (config.weight_sessions, config.weight_memory, config.weight_cpu)
+        )
+        self.sessions = SessionTable(launch_timeout_s=max(120.0, 2 * config.ticket_ttl_s))
+        self.directory: Directory = directory or open_directory(config, store)
+        self.throttle = Throttle(
+            max_failures_per_user=config.max_failures_per_user,
+            max_failures_per_address=config.max_failures_per_address,
+            window_s=config.failure_window_s,
+            lockout_s=config.lockout_s,
+            clock=clock,
+        )
+        # made now, so a bad [radius] (its secret file) stops the broker at start, not a login
+        self._radius = radius or (RadiusClient(config.radius) if config.radius else None)
+        self._agents: dict[str, _AgentLink] = {}
+        self._config_resources = tuple(r.record() for r in config.resources)
+        self._config_rules = tuple(r.rule() for r in config.factor_rules)
+        self._generation = -1
+        self._configured = self._load_configured()
         self.gateways: dict[str, GatewayInfo] = {}
         self.tickets = TicketAuthority(store.secret("ticket-key"))
+        self.links = GatewayLinks()  # ACME tokens and the public certificate, pushed to gateways
         self._ssl = server_context(config.cert_file, config.key_file, client_ca_file=config.ca_file)
 
     async def serve(
@@ -101,8 +189,13 @@ class Broker:
             ag = await nursery.start(
                 partial(listen, self._handle_agent, port=cfg.agent_port, what="agents")
             )
+            addrs = {"gateways": gw[0], "agents": ag[0]}
+            if cfg.admin_enabled:  # the HTTPS admin API (ras.broker.admin)
+                from ras.broker.admin import serve_admin
+
+                addrs["admin"] = await nursery.start(partial(serve_admin, self))
             log.info("broker ready name=%s resources=%d", cfg.name, len(cfg.resources))
-            task_status.started({"gateways": gw[0], "agents": ag[0]})
+            task_status.started(addrs)
 
     async def _accept(self, stream: trio.abc.Stream, *roles: Role) -> tuple[Channel, str, Role]:
         """TLS handshake, the peer's certificate name, hello/welcome; ``roles`` this port serves."""
@@ -168,6 +261,7 @@ class Broker:
         log.info("gateway online name=%s public=%s:%d", gateway, reg.public_host, reg.public_port)
         await chan.send(Registered(gateway, self.config.report_interval_s))
         try:
+            await self.links.attach(gateway, chan)
             while True:
                 with trio.fail_after(self.config.host_timeout_s):
                     msg = await chan.receive()
@@ -175,6 +269,7 @@ class Broker:
                     await chan.send(Pong(msg.nonce))
         finally:
             info.online = False
+            self.links.detach(gateway, chan)
             log.info("gateway offline name=%s", gateway)
 
     async def _client_session(self, chan: Channel, gateway: str, origin: ClientSession) -> None:
@@ -183,11 +278,17 @@ class Broker:
         while True:
             msg = await chan.receive()
             if isinstance(msg, Authenticate):  # it keeps its own deadlines (a user types codes)
-                user = await self._authenticate(chan, msg, client, gateway)
-                if user is None:
-                    await chan.refuse(ErrorCode.AUTH_FAILED, "wrong user name or password")
-                else:
+                result = await self._authenticate(chan, msg, client, gateway)
+                if isinstance(result, _User):
+                    user = result
                     await chan.send(AuthOk(user.name, user.groups))
+                else:
+                    user = None
+                    await chan.refuse(*result)
+                continue
+            if isinstance(msg, (Route, RdpToken)):  # RDP load balancing: ras/broker/routing.py
+                if await routing.handle(self, chan, msg, user, client, gateway):
+                    return  # a route holds the connection for the RDP connection's life
                 continue
             with trio.fail_after(self.config.request_timeout_s):
                 match msg:
@@ -195,12 +296,9 @@ class Broker:
                         if user is None:
                             await chan.refuse(ErrorCode.AUTH_REQUIRED, "authenticate first")
                         else:
+                            visible = self._visible(user, client, gateway)
                             await chan.send(
-                                ResourceList(
-                                    tuple(
-                                        Resource(r.id, r.name, r.kind) for r in self._visible(user)
-                                    )
-                                )
+                                ResourceList(tuple(Resource(r.id, r.name, r.kind) for r in visible))
                             )
                     case Launch():
                         if user is None:
@@ -217,52 +315,205 @@ class Broker:
                         await chan.fail(ErrorCode.UNEXPECTED, f"{msg.TYPE} is not a request")
                         return
 
+    # -- logins -----------------------------------------------------------------------------
+
     async def _authenticate(
         self, chan: Channel, msg: Authenticate, client: str, gateway: str
-    ) -> _User | None:
-        """Password, then the second factor if the user has one (a challenge round)."""
-        with trio.fail_after(self.config.request_timeout_s):
-            record = await trio.to_thread.run_sync(self.store.get_user, msg.username)
-            stored = record.password_hash if record is not None and record.enabled else None
-            ok = await trio.to_thread.run_sync(verify_password, msg.password, stored)
+    ) -> _User | tuple[ErrorCode, str]:
+        """Throttle, password, then the second factor the rules name (challenge rounds)."""
         where = f"client={client} gateway={gateway}"
-        if not ok or record is None:
-            reason = "unknown or disabled user" if stored is None else "wrong password"
-            log.warning("auth failed user=%s %s reason=%s", msg.username, where, reason)
-            return None
-        if record.totp_secret is not None:
-            await chan.send(AuthChallenge("Verification code from your authenticator app:", True))
-            with trio.fail_after(self.config.challenge_timeout_s):
-                answer = await chan.receive()
-            if not isinstance(answer, AuthResponse):
-                await chan.fail(ErrorCode.UNEXPECTED, "expected auth_response")
-                raise RemoteProtocolError("expected auth_response", ErrorCode.UNEXPECTED)
-            step = verify_totp(record.totp_secret, answer.answer, time.time())
-            if step is None or not await trio.to_thread.run_sync(
-                self.store.use_totp_step, record.name, step
-            ):
-                why = "wrong one-time code" if step is None else "one-time code already used"
-                log.warning("auth failed user=%s %s reason=%s", record.name, where, why)
-                return None
-        factors = "password+totp" if record.totp_secret is not None else "password"
-        log.info("auth ok user=%s %s factors=%s", record.name, where, factors)
-        return _User(record.name, record.groups)
+        lock = self.throttle.check(msg.username, client)
+        if lock is not None:  # refused before the directory is asked anything
+            log.warning(
+                "auth throttled user=%s %s locked=%s retry_in=%.0fs",
+                msg.username, where, lock.what, lock.retry_after_s,
+            )  # fmt: skip
+            return ErrorCode.THROTTLED, "too many failed logins; try again later"
+        try:
+            with trio.fail_after(self.config.request_timeout_s):
+                identity = await self.directory.authenticate(msg.username, msg.password)
+        except (DirectoryUnavailable, trio.TooSlowError) as exc:
+            why = str(exc) if isinstance(exc, DirectoryUnavailable) else "no answer in time"
+            log.error("auth unavailable user=%s %s reason=directory: %s", msg.username, where, why)
+            return ErrorCode.UNAVAILABLE, "the directory cannot be reached; try again later"
+        if identity is None:
+            return self._failed(msg.username, where, "unknown user or wrong password", client)
+        cfg = self._config()
+        groups = policy.groups_of(identity.name, identity.groups, cfg.groups)
+        record = await trio.to_thread.run_sync(self.store.get_user, identity.name)
+        secret = record.totp_secret if record is not None and record.enabled else None
+        factor, rule = policy.factor_for(
+            (*self._config_rules, *cfg.rules), identity.name, groups, client, gateway,
+            has_totp=secret is not None,
+        )  # fmt: skip
+        if factor is Factor.TOTP:
+            if secret is None:
+                return self._failed(
+                    identity.name, where, f"needs TOTP ({rule}), none enrolled", client
+                )
+            why = await self._totp(chan, identity.name, secret)
+        elif factor is Factor.RADIUS:
+            try:
+                why = await self._radius_rounds(chan, identity.name, client)
+            except RadiusUnavailable as exc:
+                log.error(
+                    "auth unavailable user=%s %s reason=radius: %s", identity.name, where, exc
+                )
+                return ErrorCode.UNAVAILABLE, "the second-factor server cannot be reached"
+        else:
+            why = ""
+        if why:
+            return self._failed(identity.name, where, why, client)
+        self.throttle.succeeded(msg.username)
+        self.throttle.succeeded(identity.name)
+        factors = "password" if factor is Factor.NONE else f"password+{factor}"
+        log.info(
+            "auth ok user=%s %s factors=%s source=%s rule=%s",
+            identity.name, where, factors, identity.source, rule,
+        )  # fmt: skip
+        return _User(identity.name, groups)
 
-    def _visible(self, user: _User) -> list[ResourceConfig]:
-        return [
-            r for r in self.config.resources
-            if (not r.users and not r.groups) or user.name.lower() in (u.lower() for u in r.users)
-            or set(r.groups) & set(user.groups)
-        ]  # fmt: skip
+    def _failed(self, user: str, where: str, why: str, client: str) -> tuple[ErrorCode, str]:
+        lock = self.throttle.failed(user, client)
+        locked = f" now locked={lock.what} for={lock.retry_after_s:.0f}s" if lock else ""
+        log.warning("auth failed user=%s %s reason=%s%s", user, where, why, locked)
+        return ErrorCode.AUTH_FAILED, "wrong user name or password"
+
+    async def _answer(self, chan: Channel, prompt: str, echo: bool) -> str:
+        """One challenge round: show ``prompt``, return what the user typed."""
+        prompt = _PROMPT_CONTROL.sub(" ", prompt).strip()[:512] or "Answer:"
+        await chan.send(AuthChallenge(prompt, echo))
+        with trio.fail_after(self.config.challenge_timeout_s):
+            answer = await chan.receive_reply()
+        if not isinstance(answer, AuthResponse):
+            await chan.fail(ErrorCode.UNEXPECTED, "expected auth_response")
+            raise RemoteProtocolError("expected auth_response", ErrorCode.UNEXPECTED)
+        return answer.answer
+
+    async def _totp(self, chan: Channel, user: str, secret: bytes) -> str:
+        """Why the TOTP round failed ("" if it passed)."""
+        code = await self._answer(chan, "Verification code from your authenticator app:", True)
+        step = verify_totp(secret, code, time.time())
+        if step is None:
+            return "wrong one-time code"
+        if not await trio.to_thread.run_sync(self.store.use_totp_step, user, step):
+            return "one-time code already used"
+        return ""
+
+    async def _radius_rounds(self, chan: Channel, user: str, client: str) -> str:
+        """Why the RADIUS rounds failed ("" if the server accepted). The first answer (the
+        code the user types) is the RADIUS password; Access-Challenges are further rounds."""
+        if self._radius is None:  # a rule from the admin API on a broker with no [radius]
+            raise RadiusUnavailable("a factor rule needs RADIUS but broker.toml has no [radius]")
+        answer = await self._answer(chan, "Verification code:", False)
+        state: bytes | None = None
+        for _ in range(MAX_CHALLENGE_ROUNDS):
+            result = await self._radius.authenticate(
+                user, answer, state=state, calling_station=client
+            )
+            if isinstance(result, Accept):
+                return ""
+            if not isinstance(result, Challenge):
+                return "RADIUS server rejected the code"
+            answer = await self._answer(chan, result.prompt, result.echo)
+            state = result.state
+        return f"more than {MAX_CHALLENGE_ROUNDS} RADIUS challenge rounds"
+
+    # -- what is published, and where -------------------------------------------------------
+
+    def _load_configured(self) -> Configured:
+        generation = self.store.generation
+        stored = tuple(self.store.list_objects(ResourceRecord))
+        config_ids = {r.id.casefold() for r in self._config_resources}
+        origins = {r.id.casefold(): "config" for r in self._config_resources}
+        extra = tuple(r for r in stored if r.id.casefold() not in config_ids)
+        origins.update({r.id.casefold(): "store" for r in extra})
+        hosts = tuple(self.store.list_objects(HostRecord))
+        self.hosts.configure(hosts)
+        members: dict[str, list[str]] = {}
+        for host in hosts:
+            for pool in host.pools:
+                members.setdefault(pool.casefold(), []).append(host.name)
+        self._generation = generation
+        return Configured(
+            resources=self._config_resources + extra,
+            origins=origins,
+            groups=tuple(self.store.list_objects(GroupRecord)),
+            hosts=hosts,
+            pools=tuple(self.store.list_objects(PoolRecord)),
+            rules=tuple(self.store.list_objects(FactorRule)),
+            pool_members=members,
+        )
+
+    def _config(self) -> Configured:
+        """The configuration now (re-read from the store when it changed since last time)."""
+        if self.store.generation != self._generation:
+            self._configured = self._load_configured()
+        return self._configured
+
+    def resources(self) -> list[ResourceRecord]:
+        """Every published resource: broker.toml's (read-only), then the store's."""
+        return list(self._config().resources)
+
+    def resource_origins(self) -> dict[str, str]:
+        """Where each resource comes from: case-folded id -> "config" or "store"."""
+        return dict(self._config().origins)
+
+    def _visible(
+        self, user: _User, client: str | None = None, gateway: str | None = None
+    ) -> list[ResourceRecord]:
+        """What this login may see. An unknown ``client`` or ``gateway`` (None) fails every
+        filter that names client networks or gateways."""
+        return policy.visible(
+            self._config().resources, user.name, user.groups, client or "", gateway or ""
+        )
+
+    def choose_host(self, resource: ResourceRecord, user: str, *, dry_run: bool = False) -> Choice:
+        """The host for ``user``'s launch of ``resource`` (counted as used unless dry_run)."""
+        cfg = self._config()
+        place = policy.placement(resource, cfg.pools, cfg.pool_members, self.config.balancing)
+        kinds = {h.name: h.kind for h in self.hosts.hosts.values()}
+        return self.hosts.choose(
+            time.monotonic(),
+            place.hosts,
+            method=place.method,
+            turn_key=place.turn_key,
+            affinity=self.sessions.affinity(user, kinds),
+            dry_run=dry_run,
+        )
+
+    def _program(self, resource: ResourceRecord) -> dict[str, str]:
+        """What launch_ok tells the client to start (nothing for a desktop)."""
+        if resource.kind is ResourceKind.APPLICATION:
+            return {
+                "command": resource.command,
+                "arguments": resource.arguments,
+                "working_dir": resource.working_dir,
+            }
+        if resource.kind is ResourceKind.DOCUMENT:
+            wanted = resource.application.casefold()
+            app = next((r for r in self._config().resources if r.id.casefold() == wanted), None)
+            return {
+                "command": app.command if app is not None else resource.command,
+                "arguments": app.arguments if app is not None else resource.arguments,
+                "working_dir": resource.working_dir,
+                "target": resource.target,
+            }
+        if resource.kind is ResourceKind.FOLDER:
+            return {"target": resource.target, "working_dir": resource.working_dir}
+        return {}
 
     def _launch(
         self, msg: Launch, user: _User, client: str, gateway: str
     ) -> Message | tuple[ErrorCode, str]:
-        resource = next((r for r in self._visible(user) if r.id == msg.resource), None)
+        resource = next(
+            (r for r in self._visible(user, client, gateway) if r.id == msg.resource), None
+        )
         if resource is None:
             return ErrorCode.NOT_FOUND, f"no resource {msg.resource!r} is published to you"
         now = time.time()
-        host = self.hosts.pick(time.monotonic(), resource.hosts)
+        choice = self.choose_host(resource, user.name)
+        host = choice.host
         if host is None:
             log.warning(
                 "launch failed user=%s resource=%s reason=no host available", user.name, resource.id
@@ -280,21 +531,120 @@ class Broker:
                 now=now,
                 ttl_s=self.config.ticket_ttl_s,
             )
+        if choice.method != "affinity":
+            self.sessions.launched(
+                user=user.name, host=host.name, resource=resource.id, gateway=gateway,
+                client=client, now=now,
+            )  # fmt: skip
         log.info(
-            "launch user=%s resource=%s host=%s rdp=%s:%d mode=%s client=%s gateway=%s score=%.3f",
-            user.name,
-            resource.id,
-            host.name,
-            host.rdp_host,
-            host.rdp_port,
-            msg.mode,
-            client,
-            gateway,
-            host.score,
-        )
+            "launch user=%s resource=%s host=%s rdp=%s:%d mode=%s client=%s gateway=%s "
+            "score=%.3f why=%s",
+            user.name, resource.id, host.name, host.rdp_host, host.rdp_port, msg.mode, client,
+            gateway, host.score, choice.why,
+        )  # fmt: skip
         return LaunchOk(
-            msg.mode, host.rdp_host, host.rdp_port, ticket, int(self.config.ticket_ttl_s)
+            msg.mode, host.rdp_host, host.rdp_port, ticket, int(self.config.ticket_ttl_s),
+            **self._program(resource),
+        )  # fmt: skip
+
+    async def explain(
+        self, user: str, resource: str, client: str = "127.0.0.1", gateway: str = ""
+    ) -> dict[str, object]:
+        """Why a launch of ``resource`` by ``user`` from ``client`` through ``gateway`` would
+        go where it would go (nothing is changed: no host is counted as used)."""
+        out: dict[str, object] = {
+            "user": user, "resource": resource, "client": client, "gateway": gateway,
+            "pick": None,
+        }  # fmt: skip
+        try:
+            identity = await self.directory.lookup(user)
+        except DirectoryUnavailable as exc:
+            out["why"] = f"the directory cannot be reached: {exc}"
+            return out
+        if identity is None:
+            out["why"] = "no such user in the directory"
+            return out
+        cfg = self._config()
+        groups = policy.groups_of(identity.name, identity.groups, cfg.groups)
+        out.update(user=identity.name, groups=list(groups))
+        record = next((r for r in cfg.resources if r.id.casefold() == resource.casefold()), None)
+        if record is None:
+            out["why"] = "no such resource"
+            return out
+        out.update(resource=record.id, origin=cfg.origins.get(record.id.casefold(), "store"))
+        refusal = record.filter.why_not(identity.name, groups, client, gateway)
+        if not record.enabled or refusal:
+            out["published"] = False
+            out["why"] = "resource disabled" if not record.enabled else f"filtered out: {refusal}"
+            return out
+        out["published"] = True
+        choice = self.choose_host(record, identity.name, dry_run=True)
+        kinds = {h.name: h.kind for h in self.hosts.hosts.values()}
+        out.update(
+            method=choice.method,
+            why=choice.why,
+            pick=None if choice.host is None else choice.host.name,
+            affinity=[
+                {"host": h, "why": w} for h, w in self.sessions.affinity(identity.name, kinds)
+            ],
+            candidates=[c.to_json() for c in choice.candidates],
         )
+        return out
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def session_action(self, session_id: str, action: str) -> dict[str, object]:
+        """Ask the agent of the session's host to log it off or disconnect it. LookupError if
+        there is no such session; a RasError if the agent is away or refuses."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise LookupError(f"no session {session_id!r}")
+        try:
+            kind = SessionActionKind(action)
+        except ValueError:
+            raise RasError(f"{action!r} is not logoff or disconnect") from None
+        if session.state is SessionState.LAUNCHING:
+            raise RasError(f"session {session_id} has not started on host {session.host} yet")
+        link = self._agents.get(session.host)
+        if link is None:
+            raise TransportError(f"the agent of host {session.host} is not connected")
+        agent_id = SessionTable.agent_id(session)
+        async with link.lock:
+            link.waiting = True
+            try:
+                await link.chan.send(SessionAction(agent_id, kind))
+                with trio.fail_after(self.config.request_timeout_s):
+                    reply = await link.answers.receive()
+            except trio.TooSlowError:
+                raise TransportError(f"the agent of host {session.host} did not answer") from None
+            except trio.EndOfChannel:
+                raise TransportError(f"the agent of host {session.host} went away") from None
+            finally:
+                link.waiting = False
+        if isinstance(reply, Error):
+            log.warning(
+                "session %s refused id=%s host=%s reason=%s", kind, session_id, session.host,
+                reply.message,
+            )  # fmt: skip
+            raise PeerError(reply)
+        log.info("session %s id=%s user=%s host=%s", kind, session_id, session.user, session.host)
+        if kind is SessionActionKind.LOGOFF:
+            self.sessions.remove(session_id)
+        return {"host": session.host, "user": session.user}
+
+    async def drain_host(self, name: str, drained: bool) -> HostRecord:
+        """Drain (no new sessions; users still reconnect to theirs) or undrain a host."""
+        record = await trio.to_thread.run_sync(self.store.get_object, HostRecord, name)
+        live = next(
+            (h for h in self.hosts.hosts.values() if h.name.casefold() == name.casefold()), None
+        )
+        if record is None:
+            kind = live.kind if live is not None else HostKind.RDSH
+            record = HostRecord(live.name if live is not None else name, kind)
+        record = dataclasses.replace(record, drained=drained)
+        await trio.to_thread.run_sync(self.store.put_object, record)
+        log.info("host %s name=%s", "drained" if drained else "undrained", record.name)
+        return record
 
     async def _redeem(
         self, msg: RedeemTicket, client: str, gateway: str
@@ -346,6 +696,9 @@ class Broker:
             reg.max_sessions,
         )
         await chan.send(Registered(reg.name, self.config.report_interval_s))
+        replies, answers = trio.open_memory_channel[Message](1)
+        link = _AgentLink(chan, trio.Lock(), replies, answers)
+        self._agents[reg.name] = link
         try:
             while True:
                 with trio.move_on_after(self.config.host_timeout_s) as idle:
@@ -358,7 +711,9 @@ class Broker:
                     return
                 match msg:
                     case LoadReport():
-                        self.hosts.report(reg.name, msg, time.monotonic())
+                        self._report(reg.name, msg)
+                    case SessionActionOk() | Error() if link.waiting:
+                        replies.send_nowait(msg)
                     case Ping():
                         await chan.send(Pong(msg.nonce))
                     case Pong():
@@ -369,5 +724,21 @@ class Broker:
                         )
                         return
         finally:
+            if self._agents.get(reg.name) is link:
+                del self._agents[reg.name]
+            replies.close()
             self.hosts.disconnect(reg.name, host)
             log.info("agent gone host=%s", reg.name)
+
+    def _report(self, name: str, load: LoadReport) -> None:
+        host = self.hosts.hosts[name]
+        was = host.insane
+        why = self.hosts.report(name, load, time.monotonic())
+        if why:
+            if why != was:
+                log.warning("agent report refused host=%s reason=%s (no new sessions)", name, why)
+            return
+        if was:
+            log.info("agent report sane again host=%s", name)
+        if load.sessions_detail or load.sessions == 0:
+            self.sessions.reported(name, load.sessions_detail, time.time())

@@ -14,11 +14,15 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
+from ras.broker.model import MODELS
+from ras.config import Invalid
 from ras.errors import RasError
 
 __all__ = ["SQLiteStore", "StateError", "Store", "UserRecord"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,9 @@ class StateError(RasError):
 
 
 class Store(Protocol):
+    # Counts the changes to configured objects, so that readers can cache them.
+    generation: int
+
     def get_user(self, name: str) -> UserRecord | None: ...
     def put_user(self, user: UserRecord) -> None: ...
     def delete_user(self, name: str) -> bool: ...
@@ -42,6 +49,10 @@ class Store(Protocol):
     def secret(self, name: str, size: int = 32) -> bytes: ...
     def redeem_once(self, ticket_id: str, expires: float) -> bool: ...
     def use_totp_step(self, name: str, step: int) -> bool: ...
+    def get_object(self, cls: type[T], key: str) -> T | None: ...
+    def put_object(self, obj: Any) -> None: ...
+    def delete_object(self, cls: type[Any], key: str) -> bool: ...
+    def list_objects(self, cls: type[T]) -> list[T]: ...
     def close(self) -> None: ...
 
 
@@ -58,6 +69,16 @@ CREATE TABLE IF NOT EXISTS users (
 );
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS redeemed_tickets (id TEXT PRIMARY KEY, expires REAL NOT NULL);
+""",
+    # 2: what an administrator configures (groups, hosts, pools, resources, factor rules), as
+    # the JSON of ras.broker.model records, one table for all kinds.
+    """
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL COLLATE NOCASE,
+    body TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+);
 """,
 )
 
@@ -83,6 +104,7 @@ class SQLiteStore:
         if not path.exists():
             path.touch(mode=0o600)
         self._lock = threading.Lock()
+        self.generation = 0
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -163,6 +185,60 @@ class SQLiteStore:
             )
             return bool(cur.rowcount == 1)
 
+    # -- configured objects (ras.broker.model records) ---------------------------------------
+
+    def get_object(self, cls: type[T], key: str) -> T | None:
+        kind = _kind(cls)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key, body FROM objects WHERE kind = ? AND key = ?", (kind, key)
+            ).fetchone()
+        return None if row is None else _object(cls, kind, row)
+
+    def put_object(self, obj: Any) -> None:
+        """Create or replace ``obj`` (a record of ``MODELS``), found by its kind and key."""
+        kind = _kind(type(obj))
+        body = json.dumps(obj.to_json(), separators=(",", ":"), ensure_ascii=False)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO objects (kind, key, body) VALUES (?, ?, ?) "
+                "ON CONFLICT(kind, key) DO UPDATE SET key = excluded.key, body = excluded.body",
+                (kind, obj.key, body),
+            )
+            self.generation += 1
+
+    def delete_object(self, cls: type[Any], key: str) -> bool:
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM objects WHERE kind = ? AND key = ?", (_kind(cls), key)
+            )
+            self.generation += 1
+            return cur.rowcount > 0
+
+    def list_objects(self, cls: type[T]) -> list[T]:
+        """Every record of this kind, sorted by key (without regard to case)."""
+        kind = _kind(cls)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, body FROM objects WHERE kind = ? ORDER BY key", (kind,)
+            ).fetchall()
+        return [_object(cls, kind, r) for r in rows]
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _kind(cls: type[Any]) -> str:
+    kind = getattr(cls, "KIND", None)
+    if not isinstance(kind, str) or MODELS.get(kind) is not cls:
+        raise TypeError(f"{cls.__name__} is not a stored kind of record")
+    return kind
+
+
+def _object(cls: type[T], kind: str, row: tuple[object, ...]) -> T:
+    key, body = row
+    try:
+        return typing.cast(T, cls.from_json(json.loads(str(body))))  # type: ignore[attr-defined]
+    except (ValueError, Invalid) as exc:
+        raise StateError(f"stored {kind} {key!r} is damaged: {exc}") from None

@@ -79,18 +79,40 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def run_daemon(main: Callable[[], Awaitable[None]]) -> int:
+def run_daemon(
+    main: Callable[[], Awaitable[None]],
+    *,
+    stop: Callable[[], None] | None = None,
+    reload: Callable[[], object] | None = None,
+) -> int:
     """Run ``main`` until it returns or SIGINT/SIGTERM arrives (then cancel it). A RasError
-    becomes a one-line message and its exit code; anything else is a bug and propagates."""
+    becomes a one-line message and its exit code; anything else is a bug and propagates.
+
+    With ``stop``, the first SIGINT/SIGTERM calls it instead (a graceful drain: ``main``
+    returns when done) and a second one cancels. With ``reload``, SIGHUP calls it."""
     log = logging.getLogger("ras")
 
     async def runner() -> None:
         async with trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                wanted = {signal.SIGINT, signal.SIGTERM}
+                if reload is not None:
+                    wanted.add(signal.SIGHUP)
+                draining = False
+                with trio.open_signal_receiver(*wanted) as signals:
                     async for signum in signals:
-                        log.info("stopping signal=%s", signal.Signals(signum).name)
+                        name = signal.Signals(signum).name
+                        if signum == signal.SIGHUP and reload is not None:
+                            log.info("reloading signal=%s", name)
+                            reload()
+                            continue
+                        if stop is not None and not draining:
+                            log.info("draining signal=%s (again to stop at once)", name)
+                            draining = True
+                            stop()
+                            continue
+                        log.info("stopping signal=%s", name)
                         nursery.cancel_scope.cancel()
                         return
 

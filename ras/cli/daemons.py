@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from ras.cli.common import EXIT, exit_code_for, load_config, run_daemon
 from ras.errors import RasError
 from ras.gateway.config import GatewayConfig
 from ras.gateway.server import Gateway
+from ras.net.workers import run_workers, tune_gc
 
 __all__ = ["add_parsers", "read_secret"]
 
@@ -90,14 +92,25 @@ def _broker_users(args: argparse.Namespace) -> int:
 
 def _run_gateway(args: argparse.Namespace) -> int:
     try:
-        gateway = Gateway(load_config(GatewayConfig, args.config))
+        config = load_config(GatewayConfig, args.config)
+        if args.workers is not None:
+            config = dataclasses.replace(config, workers=args.workers)
+        gateway = Gateway(config)
     except RasError as exc:
         print(f"ras gateway: {exc}", file=sys.stderr)
         return exit_code_for(exc)
-    return run_daemon(gateway.serve)
+    tune_gc()
+    # SIGTERM drains (drain_timeout_s), a second one stops at once; SIGHUP rereads the
+    # public certificate files. With several workers, the parent passes signals on.
+    return run_workers(
+        config.workers,
+        lambda: run_daemon(gateway.serve, stop=gateway.stop, reload=gateway.reload_certificate),
+    )
 
 
 def _run_agent(args: argparse.Namespace) -> int:
+    if args.simulate is not None:
+        return _simulate_agents(args)
     try:
         agent = Agent(load_config(AgentConfig, args.config))
     except RasError as exc:
@@ -106,6 +119,33 @@ def _run_agent(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         await agent.run()
+
+    return run_daemon(main)
+
+
+def _simulate_agents(args: argparse.Namespace) -> int:
+    """``ras agent --simulate N``: N simulated hosts in this process (ras.agents.simulate)."""
+    from ras.agents.simulate import Profile, simulate
+
+    if args.simulate < 1:
+        print("ras agent: --simulate needs at least 1 host", file=sys.stderr)
+        return EXIT.USAGE
+    try:
+        cfg = load_config(AgentConfig, args.config)
+    except RasError as exc:
+        print(f"ras agent: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+
+    async def main() -> None:
+        await simulate(
+            cfg,
+            args.simulate,
+            profile=Profile(args.profile),
+            seed=args.seed,
+            pki_dir=args.pki_dir,
+            cache_dir=args.cert_cache,
+            ramp_s=args.ramp_s,
+        )
 
     return run_daemon(main)
 
@@ -153,7 +193,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         formatter_class=_FMT,
         help="run the Secure Gateway",
         description="Run the Secure Gateway: clients connect on its plain and TLS ports; it relays "
-        "their requests to the broker and opens tunnels only to the hosts of redeemed tickets.",
+        "their requests to the broker and opens tunnels only to the hosts of redeemed tickets "
+        '(or, with mode = "forwarding", passes every connection on to the next gateway). '
+        "SIGTERM drains: no new connections, open tunnels run on up to drain_timeout_s; a second "
+        "SIGTERM stops at once. SIGHUP rereads the public certificate files.",
         epilog="example:\n  ras gateway --config state/gateway.toml",
     )
     gateway.add_argument(
@@ -161,6 +204,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         type=Path,
         default=Path("/etc/ras/gateway.toml"),
         help="gateway config file (default: /etc/ras/gateway.toml)",
+    )
+    gateway.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the ports through SO_REUSEPORT, one trio loop each; "
+        "about one per core (default: the config's workers, 1)",
     )
     gateway.set_defaults(func=_run_gateway)
 
@@ -170,12 +220,43 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="run a host agent",
         description="Run a host agent on an RDP host: it registers the host with the broker over "
         "mutual TLS (its certificate must name the host) and reports CPU, memory and sessions.",
-        epilog="example:\n  ras agent --config state/agent.toml",
+        epilog="examples:\n  ras agent --config state/agent.toml\n"
+        "  ras agent --config state/agent.toml --simulate 500 --profile random --seed 7",
     )
     agent.add_argument(
         "--config",
         type=Path,
         default=Path("/etc/ras/agent.toml"),
         help="agent config file (default: /etc/ras/agent.toml)",
+    )
+    sim = agent.add_argument_group(
+        "simulation",
+        "Run N simulated hosts (for scale tests and demos) instead of this host's agent: each "
+        "is named <name>-0001... after the config's name, gets its own farm certificate (issued "
+        "from the CA key in --pki-dir, cached), its own mTLS connection, and reports scripted "
+        "load. The rest of the config (broker, kind, max_sessions) is shared.",
+    )
+    sim.add_argument("--simulate", type=int, metavar="N", help="run N simulated agents")
+    sim.add_argument(
+        "--profile",
+        choices=["steady", "busy", "random"],
+        default="steady",
+        help="the scripted load (default: steady)",
+    )
+    sim.add_argument("--seed", type=int, default=0, help="seed of the load scripts (default: 0)")
+    sim.add_argument(
+        "--pki-dir",
+        type=Path,
+        help="the farm PKI directory holding ca.pem and ca.key (default: ca_file's folder)",
+    )
+    sim.add_argument(
+        "--cert-cache",
+        type=Path,
+        help="where the simulated hosts' certificates are kept (default: <pki-dir>/simulated)",
+    )
+    sim.add_argument(
+        "--ramp-s",
+        type=float,
+        help="spread the agents' connections over this many seconds (default: N/250)",
     )
     agent.set_defaults(func=_run_agent)

@@ -34,6 +34,7 @@ def _init(args: argparse.Namespace) -> FarmState:
         gateway_tls=args.gateway_tls_port,
         broker_gateways=args.broker_port,
         broker_agents=args.agent_port,
+        broker_admin=args.admin_port,
     )
     return init_farm(args.state_dir, rdp_host=host, rdp_port=port, ports=ports)
 
@@ -60,17 +61,25 @@ def _next_steps(state: FarmState, addrs: dict[str, tuple[str, int]]) -> str:
         return f"{host}:{port}"
 
     pw = f"--password-file {rel}/demo.password"
+    admin = (
+        f"--url https://{at('broker_admin')} --ca-file {rel}/pki/ca.pem "
+        f"--cert {rel}/pki/admin.pem --key {rel}/pki/admin.key"
+    )
     ras = _command_name()
     return f"""
 RAS farm is up (state in {rel}/):
   gateway  {at("gateway_plain")} (plain)  {at("gateway_tls")} (TLS)
            its self-signed certificate: {rel}/pki/gateway-public.pem
   broker   {at("broker_gateways")} (gateways, mTLS)  {at("broker_agents")} (agents, mTLS)
+  admin    https://{at("broker_admin")} (the admin API, for `ras admin`; an admin
+           certificate: {rel}/pki/admin.pem; admin user: admin, password in {rel}/admin.password)
   user     demo, password in {rel}/demo.password
 Next, in another shell:
   {ras} client --config {rel}/client.toml {pw} list
   {ras} client --config {rel}/client.toml {pw} launch desktop --listen 127.0.0.1:13389
   xfreerdp /v:127.0.0.1:13389 /u:<user on the RDP host> /cert:ignore
+  {ras} admin {admin} host list
+  {ras} admin {admin} session list
 Stop with Ctrl-C.
 """
 
@@ -148,5 +157,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             type=int,
             default=FarmPorts().broker_agents,
             help=f"broker port for agents (default: {FarmPorts().broker_agents})",
+        )
+        p.add_argument(
+            "--admin-port",
+            type=int,
+            default=FarmPorts().broker_admin,
+            help=f"broker admin API port, HTTPS (default: {FarmPorts().broker_admin})",
         )
         p.set_defaults(func=func)

@@ -4,6 +4,10 @@ A :class:`ClientSession` holds one control connection to the gateway for authent
 the resource list and launches (kept alive with pings). Each tunnel is a new connection that
 carries only ``hello`` and ``open_tunnel``, then raw RDP bytes; so every RDP connection gets a
 fresh single-use ticket and an RDP client's own reconnects work.
+
+Failover: :meth:`ClientSession.connect` tries the profile's servers in order (the primary,
+then the secondaries) and keeps the first that answers ``hello``. Tunnels go to that same
+server, since a ticket can only be redeemed through the gateway that issued it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from ras.protocol import (
     Mode,
     OpenTunnel,
     Ping,
+    RdpToken,
+    RdpTokenOk,
     Resource,
     ResourceList,
     Role,
@@ -46,37 +52,46 @@ ChallengeHandler = Callable[[AuthChallenge], Awaitable[str]]
 
 
 class ClientSession:
-    def __init__(self, config: ClientConfig, chan: Channel) -> None:
+    def __init__(
+        self, config: ClientConfig, chan: Channel, server: tuple[str, int] | None = None
+    ) -> None:
         self.config = config
+        self.server = server or (config.server_host, config.server_port)
         self._chan = chan
         self._lock = trio.Lock()
         self.user: AuthOk | None = None
 
     @staticmethod
-    async def _connect(config: ClientConfig) -> Channel:
-        with trio.fail_after(config.connect_timeout_s):
-            if config.tls:
-                assert config.ca_file is not None
-                ctx = client_context(config.ca_file)
-                stream: trio.abc.Stream = await connect_tls(
-                    config.server_host,
-                    config.server_port,
-                    ctx,
-                    server_hostname=config.server_name or config.server_host,
-                )
-            else:
-                stream = await connect_tcp(config.server_host, config.server_port)
-            return await greet(stream, Role.CLIENT, SOFTWARE)
+    async def _connect(config: ClientConfig, server: tuple[str, int]) -> Channel:
+        host, port = server
+        try:
+            with trio.fail_after(config.connect_timeout_s):
+                if config.tls:
+                    assert config.ca_file is not None
+                    ctx = client_context(config.ca_file)
+                    stream: trio.abc.Stream = await connect_tls(
+                        host, port, ctx, server_hostname=config.server_name or host
+                    )
+                else:
+                    stream = await connect_tcp(host, port)
+                return await greet(stream, Role.CLIENT, SOFTWARE)
+        except trio.TooSlowError:
+            raise TransportError(f"no answer from {host}:{port} in time") from None
 
     @classmethod
     async def connect(cls, config: ClientConfig) -> ClientSession:
-        """Open the control connection (the caller may wrap it in its own deadline too)."""
-        try:
-            return cls(config, await cls._connect(config))
-        except trio.TooSlowError:
-            raise TransportError(
-                f"no answer from {config.server_host}:{config.server_port} in time"
-            ) from None
+        """Open the control connection to the first server of the profile that answers
+        (the caller may wrap it in its own deadline too)."""
+        failures: list[str] = []
+        for server in config.servers:
+            try:
+                return cls(config, await cls._connect(config, server), server)
+            except TransportError as exc:
+                log.warning("server unavailable server=%s:%d reason=%s", *server, exc)
+                failures.append(f"{server[0]}:{server[1]}: {exc}")
+        if len(failures) == 1:
+            raise TransportError(failures[0])
+        raise TransportError("no server answered (" + "; ".join(failures) + ")")
 
     async def __aenter__(self) -> ClientSession:
         return self
@@ -130,6 +145,13 @@ class ClientSession:
             raise TransportError("unexpected answer to launch")
         return reply
 
+    async def rdp_token(self, resource: str) -> RdpTokenOk:
+        """A routing token for ``resource``, for an .rdp file (reusable until it expires)."""
+        reply = await self._request(RdpToken(resource))
+        if not isinstance(reply, RdpTokenOk):
+            raise TransportError("unexpected answer to rdp_token")
+        return reply
+
     async def ping(self, nonce: int) -> None:
         await self._request(Ping(nonce))
 
@@ -142,8 +164,9 @@ class ClientSession:
             await self.ping(nonce)
 
     async def open_tunnel(self, ticket: str) -> trio.abc.Stream:
-        """A new connection to the gateway, turned into a raw tunnel to the ticket's host."""
-        chan = await self._connect(self.config)
+        """A new connection to the session's gateway, turned into a raw tunnel to the ticket's
+        host."""
+        chan = await self._connect(self.config, self.server)
         try:
             with trio.fail_after(self.config.request_timeout_s):
                 reply = await chan.request(OpenTunnel(ticket))

@@ -2,30 +2,63 @@
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from ras.config import Invalid, check_host, check_port, check_positive
 
-__all__ = ["GatewayConfig"]
+__all__ = ["GatewayConfig", "GatewayMode", "NextHop"]
+
+
+class GatewayMode(enum.StrEnum):
+    """``normal``: serves clients with the broker. ``forwarding``: passes every connection on
+    to the next gateway of ``next_hops`` (a DMZ front), needing no broker."""
+
+    NORMAL = "normal"
+    FORWARDING = "forwarding"
+
+
+@dataclass(frozen=True, slots=True)
+class NextHop:
+    """The gateway a forwarding gateway passes connections to: its plain and TLS ports."""
+
+    host: str
+    plain_port: int = 80
+    tls_port: int = 443
+
+    def __post_init__(self) -> None:
+        check_host("host", self.host)
+        check_port("plain_port", self.plain_port, zero_ok=False)
+        check_port("tls_port", self.tls_port, zero_ok=False)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.plain_port}/{self.tls_port}"
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
-    """Ports, certificates (public and farm), the broker, and the session limits.
+    """Ports, certificates (public and farm), the broker, the session limits, forwarding.
 
     ``trusted_proxies``: networks (CIDR) or addresses of the proxies in front of the gateway
     (HALB nodes, forwarding gateways, haproxy) whose PROXY v2 header names the real client.
     A PROXY v2 header from any other source is refused.
+
+    Forwarding mode (``mode = "forwarding"``) needs ``next_hops`` and no broker, farm
+    certificate or public certificate, unless ``terminate_tls``: then the public certificate
+    is presented to clients and the next hop's certificate is verified against
+    ``next_hop_ca_file`` (default: the farm CA, ``ca_file``).
     """
 
     name: str
-    public_cert_file: Path
-    public_key_file: Path
-    cert_file: Path
-    key_file: Path
-    ca_file: Path
+    public_cert_file: Path | None = None
+    public_key_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    mode: GatewayMode = GatewayMode.NORMAL
     listen_host: str = "0.0.0.0"
     plain_port: int = 80
     tls_port: int = 443
@@ -38,14 +71,48 @@ class GatewayConfig:
     handshake_timeout_s: float = 10.0
     preauth_timeout_s: float = 60.0
     session_idle_timeout_s: float = 600.0
+    tunnel_idle_timeout_s: float = 0.0  # 0: off (RDP sessions may sit idle for hours)
+    drain_timeout_s: float = 30.0
     connect_timeout_s: float = 10.0
     broker_timeout_s: float = 30.0
     link_ping_interval_s: float = 5.0
     trusted_proxies: tuple[str, ...] = ()
+    # Limits per client address (after a trusted PROXY v2 header: the real client's).
+    max_preauth_per_ip: int = 32
+    max_preauth_total: int = 10000
+    max_new_per_ip_per_s: float = 50.0
+    max_new_per_ip_burst: int = 200
+    # Forwarding mode.
+    next_hops: tuple[NextHop, ...] = ()
+    terminate_tls: bool = False
+    next_hop_ca_file: Path | None = None
+    next_hop_server_name: str = ""  # the name in the next hops' certificates (default: host)
+    source_address: str = ""  # the local address connections to next hops come from
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 2.0
+    # RDP load balancing (docs/client.md): native RDP clients on rdp_port, routed by the
+    # broker's routing token in their X.224 cookie, or by "Cookie: mstshash=USER" if allowed.
+    rdp_lb_enabled: bool = False
+    rdp_port: int = 3389
+    rdp_lb_mstshash: bool = False
+    # Worker processes sharing the ports (SO_REUSEPORT), each with its own trio loop.
+    workers: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 256:
+            raise Invalid("workers", "must be between 1 and 256")
+        shared = ((self.plain_port, self.plain_enabled), (self.tls_port, self.tls_enabled))
+        if self.workers > 1 and any(port == 0 and on for port, on in shared):
+            raise Invalid("workers", "several workers need fixed ports (not 0) to share")
+        check_port("rdp_port", self.rdp_port)
+        if self.rdp_lb_enabled and self.mode is GatewayMode.FORWARDING:
+            raise Invalid("rdp_lb_enabled", "needs a broker: it is for normal gateways")
         if not self.name:
             raise Invalid("name", "must not be empty")
+        try:  # a str from code that builds the config directly
+            object.__setattr__(self, "mode", GatewayMode(self.mode))
+        except ValueError:
+            raise Invalid("mode", f"{self.mode!r} is not normal or forwarding") from None
         for key in ("listen_host", "public_host", "broker_host"):
             check_host(key, getattr(self, key))
         for key in ("plain_port", "tls_port", "broker_port", "public_port"):
@@ -57,8 +124,17 @@ class GatewayConfig:
             "connect_timeout_s",
             "broker_timeout_s",
             "link_ping_interval_s",
+            "health_interval_s",
+            "health_timeout_s",
+            "max_new_per_ip_per_s",
         ):
             check_positive(key, getattr(self, key))
+        for key in ("tunnel_idle_timeout_s", "drain_timeout_s"):
+            if getattr(self, key) < 0:
+                raise Invalid(key, "must not be negative (0: off)")
+        for key in ("max_preauth_per_ip", "max_preauth_total", "max_new_per_ip_burst"):
+            if getattr(self, key) < 1:
+                raise Invalid(key, "must be at least 1")
         if isinstance(self.trusted_proxies, str):
             raise Invalid("trusted_proxies", "must be a list of networks, not one string")
         for i, network in enumerate(self.trusted_proxies):
@@ -73,3 +149,43 @@ class GatewayConfig:
             raise Invalid(
                 "tls_enabled", "at least one of plain_enabled and tls_enabled must be true"
             )
+        if self.source_address:
+            try:
+                ipaddress.ip_address(self.source_address)
+            except ValueError:
+                raise Invalid("source_address", "must be an IP address of this machine") from None
+        if self.mode is GatewayMode.FORWARDING:
+            self._check_forwarding()
+        else:
+            self._check_normal()
+
+    def _check_normal(self) -> None:
+        for key in ("cert_file", "key_file", "ca_file"):
+            if getattr(self, key) is None:
+                raise Invalid(key, "is needed (mutual TLS with the broker)")
+        if self.tls_enabled:
+            for key in ("public_cert_file", "public_key_file"):
+                if getattr(self, key) is None:
+                    raise Invalid(key, "is needed for the TLS port (or set tls_enabled = false)")
+        if self.next_hops:
+            raise Invalid("next_hops", 'is only for mode = "forwarding"')
+
+    def _check_forwarding(self) -> None:
+        if not self.next_hops:
+            raise Invalid("next_hops", "a forwarding gateway needs at least one next hop")
+        if self.terminate_tls:
+            for key in ("public_cert_file", "public_key_file"):
+                if getattr(self, key) is None:
+                    raise Invalid(key, "is needed with terminate_tls = true")
+            if self.next_hop_ca_file is None and self.ca_file is None:
+                raise Invalid(
+                    "next_hop_ca_file",
+                    "terminate_tls = true needs a CA to verify the next hops with "
+                    "(next_hop_ca_file, or the farm CA in ca_file)",
+                )
+        if self.next_hop_server_name:
+            check_host("next_hop_server_name", self.next_hop_server_name)
+
+    @property
+    def forwarding(self) -> bool:
+        return self.mode is GatewayMode.FORWARDING

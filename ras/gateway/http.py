@@ -1,14 +1,38 @@
-"""The little HTTP the gateway speaks so far: a redirect to HTTPS on the plain port, and a
-plain 404 on the TLS port until the portal and RD Gateway endpoints exist."""
+"""The little HTTP the gateway speaks: on the plain port, ACME HTTP-01 answers for the tokens
+the broker handed it and a redirect to HTTPS for everything else; on the TLS port a plain 404
+until the portal and RD Gateway endpoints exist (ACME is never answered there)."""
 
 from __future__ import annotations
 
 import h11
 import trio
 
+from ras.gateway.acme import CHALLENGE_PREFIX, Challenges
 from ras.net.http import MAX_REQUEST_HEAD, read_request, respond
 
-__all__ = ["redirect_to_https", "refuse_http"]
+__all__ = ["plain_http", "redirect_to_https", "refuse_http"]
+
+
+async def plain_http(
+    stream: trio.abc.Stream, public_host: str, public_port: int, challenges: Challenges
+) -> None:
+    """One request on the plain port: an ACME answer, a 404 for an unknown token, or a
+    redirect to HTTPS."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+    got = await read_request(stream, conn)
+    if got is None:
+        return
+    request = got[0]
+    target = request.target.decode("ascii", "replace")
+    if target.startswith(CHALLENGE_PREFIX) and request.method in (b"GET", b"HEAD"):
+        answer = challenges.answer(target.split("?", 1)[0])
+        if answer is None:
+            await respond(stream, conn, 404, b"Not found\n")
+        else:
+            body = answer.encode() if request.method == b"GET" else b""
+            await respond(stream, conn, 200, body, content_type="application/octet-stream")
+        return
+    await _redirect(stream, conn, target, public_host, public_port)
 
 
 async def redirect_to_https(stream: trio.abc.Stream, public_host: str, public_port: int) -> None:
@@ -16,7 +40,14 @@ async def redirect_to_https(stream: trio.abc.Stream, public_host: str, public_po
     got = await read_request(stream, conn)
     if got is None:
         return
-    target = got[0].target.decode("ascii", "replace")
+    await _redirect(
+        stream, conn, got[0].target.decode("ascii", "replace"), public_host, public_port
+    )
+
+
+async def _redirect(
+    stream: trio.abc.Stream, conn: h11.Connection, target: str, public_host: str, public_port: int
+) -> None:
     if not target.startswith("/"):
         target = "/"
     port = "" if public_port == 443 else f":{public_port}"

@@ -22,14 +22,14 @@ from typing import Any
 import trio
 
 from ras import __version__
-from ras.errors import RasError, TransportError
+from ras.errors import RasError
 from ras.halb.config import GatewayRef, HalbConfig, ServiceConfig
-from ras.net.channel import aclose_quietly, greet
+from ras.net.channel import aclose_quietly
+from ras.net.health import probe
 from ras.net.listen import peer_address
 from ras.net.relay import relay
 from ras.net.tls import connect_tcp
 from ras.pki import server_context
-from ras.protocol import Ping, Pong, Role
 from ras.protocol.proxy import encode_v2
 
 __all__ = ["Backend", "Balancer"]
@@ -108,11 +108,7 @@ class Balancer:
         cfg = self.config
         try:
             with trio.fail_after(cfg.health_timeout_s):
-                stream = await connect_tcp(backend.host, cfg.health_port)
-                async with await greet(stream, Role.CLIENT, SOFTWARE) as chan:
-                    await chan.send(Ping(1))
-                    if not isinstance(await chan.receive(), Pong):
-                        raise TransportError("no pong")
+                await probe(backend.host, cfg.health_port, software=SOFTWARE)
         except (RasError, trio.TooSlowError) as exc:
             self._result(backend, ok=False, why=str(exc) or "timed out")
         else:

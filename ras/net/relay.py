@@ -1,36 +1,65 @@
 """Carry bytes unchanged between two streams, with half-close and reset passed through.
 
-Each direction is a small loop: receive, send, and at end of stream pass the half-close on
-(``send_eof``) where the far stream can carry one. A stream that cannot (TLS in trio has no
-half-close) is closed instead, which ends that side. A reset (or any transport failure) on one
-side aborts the other side with a reset too (SO_LINGER 0), so neither peer waits on a dead
-connection. The relay returns the bytes carried each way, for the audit log.
+Each direction is a small loop: take what the source has, hand it to the far side, and at end
+of stream pass the half-close on: a TCP FIN for a socket, a TLS close_notify for the gateway's
+TLS (``ras.net.fastio.TLSStream``), ``send_eof`` for any other half-closeable stream.
+Only a stream that cannot be half-closed (a ``trio.SSLStream``) is closed instead, which ends
+the tunnel. A reset (or any transport failure) on one side aborts the other with a reset too
+(SO_LINGER 0), so neither peer waits on a dead connection.
+
+The loops run on the lean path of ``ras.net.fastio``: raw non-blocking sockets, pooled
+buffers (an idle tunnel holds none; a direction holds at most one, so a slow reader cannot
+make the relay buffer more), TLS records decrypted in bulk, and ``os.splice`` between two
+plain sockets. Bytes a ``PrefixedStream`` still holds (sniffed, or read past the last control
+frame) are sent first, then the relay works on the stream underneath. One direction runs in
+the caller's task and the other in one child task, to keep the objects per tunnel few.
+
+The relay returns the bytes carried each way, for the audit log.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from ras.net.channel import aclose_quietly
+from ras.net.fastio import PIPE_SIZE, PIPES, POOL, Leg, Yielder, leg_for
 
 __all__ = ["RelayStats", "abort", "relay"]
 
-CHUNK = 256 * 1024
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
 @dataclass(slots=True)
 class RelayStats:
+    """Bytes carried each way, whether the tunnel ended by a reset, and the most bytes the
+    relay held at once (read from one side, not yet handed to the other)."""
+
     a_to_b: int = 0
     b_to_a: int = 0
     reset: bool = False
+    peak_buffered: int = field(default=0, compare=False)
+    buffered: int = field(default=0, compare=False, repr=False)
+
+    def hold(self, n: int) -> None:
+        self.buffered += n
+        if self.buffered > self.peak_buffered:
+            self.peak_buffered = self.buffered
+
+    def count(self, n: int, forward: bool) -> None:
+        self.buffered -= n
+        if forward:
+            self.a_to_b += n
+        else:
+            self.b_to_a += n
 
 
 def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
@@ -57,45 +86,103 @@ async def abort(stream: trio.abc.Stream) -> None:
     await aclose_quietly(stream)
 
 
-async def _pump(
-    src: trio.abc.Stream,
-    dst: trio.abc.Stream,
+async def _copy(src: Leg, dst: Leg, stats: RelayStats, forward: bool) -> None:
+    """Through one pooled buffer at a time, until the end of ``src``."""
+    yielder = Yielder()
+    while True:
+        buf = POOL.take()
+        try:
+            view = memoryview(buf)
+            n = src.try_receive_into(view)
+            if n > 0:
+                stats.hold(n)
+                await dst.send(view[:n], yielder)
+                stats.count(n, forward)
+        finally:
+            POOL.give(buf)
+        if n < 0:
+            await src.wait_receivable()
+        elif n == 0:
+            return
+
+
+async def _splice(src: int, dst: int, stats: RelayStats, forward: bool) -> None:
+    """Socket to pipe to socket in the kernel, until the end of ``src``."""
+    yielder = Yielder()
+    while True:
+        pipe = PIPES.take()
+        empty = False
+        try:
+            try:
+                n = os.splice(src, pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                n = -1
+            if n > 0:
+                stats.hold(n)
+                left = n
+                while left:
+                    try:
+                        left -= os.splice(pipe[0], dst, left, flags=_SPLICE_FLAGS)
+                    except BlockingIOError:
+                        await trio.lowlevel.wait_writable(dst)
+                        continue
+                    await yielder.tick()
+                stats.count(n, forward)
+            empty = True
+        finally:
+            if empty:
+                PIPES.give(pipe)
+            else:
+                PIPES.discard(pipe)
+        if n < 0:
+            await trio.lowlevel.wait_readable(src)
+        elif n == 0:
+            return
+
+
+async def _direction(
+    src: Leg,
+    dst: Leg,
+    prefix: bytes,
     stats: RelayStats,
     forward: bool,
     cancel: trio.CancelScope,
 ) -> None:
     try:
-        while True:
-            data = await src.receive_some(CHUNK)
-            if not data:
-                break
-            await dst.send_all(data)
-            if forward:
-                stats.a_to_b += len(data)
-            else:
-                stats.b_to_a += len(data)
+        if prefix:
+            stats.hold(len(prefix))
+            await dst.send(memoryview(prefix), Yielder())
+            stats.count(len(prefix), forward)
+        if src.fd is not None and dst.fd is not None:
+            await _splice(src.fd, dst.fd, stats, forward)
+        else:
+            await _copy(src, dst, stats, forward)
     except _BROKEN:
         stats.reset = True
         cancel.cancel()
         return
     # Clean end of stream from src: pass the half-close on.
-    if isinstance(dst, trio.abc.HalfCloseableStream):
-        try:
-            await dst.send_eof()
+    try:
+        if await dst.send_eof():
             return
-        except _BROKEN:
-            pass
+    except _BROKEN:
+        pass
     cancel.cancel()
 
 
 async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> RelayStats:
     """Relay until both directions ended; closes (or resets) both streams before returning."""
     stats = RelayStats()
+    PIPES.enter()
     try:
+        leg_a, prefix_a = leg_for(a)
+        leg_b, prefix_b = leg_for(b)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pump, a, b, stats, True, nursery.cancel_scope)
-            nursery.start_soon(_pump, b, a, stats, False, nursery.cancel_scope)
+            scope = nursery.cancel_scope
+            nursery.start_soon(_direction, leg_b, leg_a, prefix_b, stats, False, scope)
+            await _direction(leg_a, leg_b, prefix_a, stats, True, scope)
     finally:
+        PIPES.leave()
         if stats.reset:
             await abort(a)
             await abort(b)

@@ -13,21 +13,24 @@ from ras.net.channel import aclose_quietly
 __all__ = ["connect_tcp", "connect_tls"]
 
 
-async def connect_tcp(host: str, port: int) -> trio.SocketStream:
+async def connect_tcp(host: str, port: int, *, source: str | None = None) -> trio.SocketStream:
     """A TCP connection with TCP_NODELAY; failures become ``TransportError``.
 
     A numeric address gets one plain socket connect (the balancer's hot path); a name goes
-    through trio's resolver and happy-eyeballs."""
+    through trio's resolver and happy-eyeballs. ``source``: the local address to connect from
+    (an IP address of this machine)."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
         address = None
     try:
         if address is None:
-            return await trio.open_tcp_stream(host, port)
+            return await trio.open_tcp_stream(host, port, local_address=source)
         family = trio.socket.AF_INET6 if address.version == 6 else trio.socket.AF_INET
         sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
         try:
+            if source is not None:
+                await sock.bind((source, 0))
             await sock.connect((host, port))
         except BaseException:
             sock.close()

@@ -27,6 +27,8 @@ from ras.errors import ErrorCode, LocalProtocolError, ProtocolError, RemoteProto
 
 __all__ = [
     "MESSAGE_CLASSES",
+    "AcmeChallenge",
+    "AcmeWithdraw",
     "AgentRegister",
     "AuthChallenge",
     "AuthOk",
@@ -50,12 +52,22 @@ __all__ = [
     "OpenTunnel",
     "Ping",
     "Pong",
+    "PublicCertificate",
+    "RdpToken",
+    "RdpTokenOk",
     "RedeemTicket",
     "Registered",
     "Resource",
     "ResourceKind",
     "ResourceList",
     "Role",
+    "Route",
+    "RouteOk",
+    "SessionAction",
+    "SessionActionKind",
+    "SessionActionOk",
+    "SessionInfo",
+    "SessionState",
     "TicketOk",
     "TunnelOpen",
     "Welcome",
@@ -96,9 +108,18 @@ class MessageType(enum.StrEnum):
     GATEWAY_LIST = "gateway_list"
     REDEEM_TICKET = "redeem_ticket"
     TICKET_OK = "ticket_ok"
+    ROUTE = "route"
+    ROUTE_OK = "route_ok"
+    RDP_TOKEN = "rdp_token"
+    RDP_TOKEN_OK = "rdp_token_ok"
     PING = "ping"
     PONG = "pong"
     ERROR = "error"
+    SESSION_ACTION = "session_action"
+    SESSION_ACTION_OK = "session_action_ok"
+    ACME_CHALLENGE = "acme_challenge"
+    ACME_WITHDRAW = "acme_withdraw"
+    PUBLIC_CERTIFICATE = "public_certificate"
 
 
 class Role(enum.StrEnum):
@@ -134,6 +155,18 @@ class HostKind(enum.StrEnum):
     RDSH = "rdsh"
     VDI = "vdi"
     REMOTE_PC = "remote_pc"
+
+
+class SessionState(enum.StrEnum):
+    """A user session on a host, as its agent sees it."""
+
+    ACTIVE = "active"
+    DISCONNECTED = "disconnected"
+
+
+class SessionActionKind(enum.StrEnum):
+    LOGOFF = "logoff"
+    DISCONNECT = "disconnect"
 
 
 # -- field checks -------------------------------------------------------------------------------
@@ -308,12 +341,20 @@ class LaunchOk(Message):
     port: int
     ticket: str = field(repr=False)
     expires_in_s: int
+    # Optional (omitted when empty): what to start in the session, for applications,
+    # documents and folders; a desktop leaves them empty.
+    command: str = ""
+    arguments: str = ""
+    working_dir: str = ""
+    target: str = ""
 
     def __post_init__(self) -> None:
         _check_host(self, "host")
         _check_range(self, "port", 1, 65535)
         _check_str(self, "ticket", empty=True, limit=2048)
         _check_range(self, "expires_in_s", 0, 86400)
+        for name in ("command", "arguments", "working_dir", "target"):
+            _check_str(self, name, empty=True, limit=1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,12 +406,51 @@ class LoadReport(Message):
     memory_percent: float
     sessions: int
     disconnected: int
+    sessions_detail: tuple[SessionInfo, ...] = ()  # optional: who the sessions are
 
     def __post_init__(self) -> None:
         _check_range(self, "cpu_percent", 0.0, 100.0)
         _check_range(self, "memory_percent", 0.0, 100.0)
         _check_range(self, "sessions", 0, 100_000)
         _check_range(self, "disconnected", 0, 100_000)
+        if len(self.sessions_detail) > MAX_LIST:
+            raise _fail(type(self), "sessions_detail", f"more than {MAX_LIST} entries")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """One user session on a host (an item of ``load_report.sessions_detail``)."""
+
+    id: str
+    user: str
+    state: SessionState
+
+    def __post_init__(self) -> None:
+        _check_str(self, "id", limit=256)
+        _check_str(self, "user", limit=256)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAction(Message):
+    """The broker asks an agent to log off or disconnect one of its host's sessions."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SESSION_ACTION
+    session_id: str
+    action: SessionActionKind
+
+    def __post_init__(self) -> None:
+        _check_str(self, "session_id", limit=256)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionActionOk(Message):
+    """The agent did it."""
+
+    TYPE: ClassVar[MessageType] = MessageType.SESSION_ACTION_OK
+    session_id: str
+
+    def __post_init__(self) -> None:
+        _check_str(self, "session_id", limit=256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,6 +550,64 @@ class TicketOk(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Route(Message):
+    """RDP load balancing (gateway to broker): where may this native RDP connection go? By the
+    routing token of its ``Cookie: msts=`` or by the user name of its ``Cookie: mstshash=``:
+    exactly one of the two is given, the other is empty."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ROUTE
+    token: str = field(repr=False)
+    user: str
+
+    def __post_init__(self) -> None:
+        _check_str(self, "token", empty=True, limit=2048)
+        _check_str(self, "user", empty=True, limit=256)
+        if bool(self.token) == bool(self.user):
+            raise _fail(type(self), "token", "exactly one of token and user must be given")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOk(Message):
+    """The broker's choice for a routed RDP connection: the only place it may go."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ROUTE_OK
+    host: str
+    port: int
+    user: str
+    resource: str
+
+    def __post_init__(self) -> None:
+        _check_host(self, "host")
+        _check_range(self, "port", 1, 65535)
+        _check_str(self, "user", limit=256)
+        _check_name(self, "resource")
+
+
+@dataclass(frozen=True, slots=True)
+class RdpToken(Message):
+    """A logged-in client asks for a routing token for ``resource`` (for an .rdp file)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RDP_TOKEN
+    resource: str
+
+    def __post_init__(self) -> None:
+        _check_name(self, "resource")
+
+
+@dataclass(frozen=True, slots=True)
+class RdpTokenOk(Message):
+    """A routing token for ``Cookie: msts=``, reusable until it expires."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RDP_TOKEN_OK
+    token: str = field(repr=False)
+    expires_in_s: int
+
+    def __post_init__(self) -> None:
+        _check_str(self, "token", limit=2048)
+        _check_range(self, "expires_in_s", 0, 604800)
+
+
+@dataclass(frozen=True, slots=True)
 class Ping(Message):
     TYPE: ClassVar[MessageType] = MessageType.PING
     nonce: int
@@ -503,13 +641,70 @@ class Error(Message):
         return 100 <= self.code < 200
 
 
+_ACME_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_ACME_KEY_AUTHORIZATION = re.compile(r"[A-Za-z0-9_-]{1,256}\.[A-Za-z0-9_-]{1,256}")
+_PEM_CONTROL = re.compile("[\x00-\x09\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+MAX_PEM = 24_000  # a leaf, two intermediates and a key fit; a frame holds at most 64 KiB
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeChallenge(Message):
+    """The broker hands its gateways an ACME HTTP-01 token to answer on their plain port."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ACME_CHALLENGE
+    token: str
+    key_authorization: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not _ACME_TOKEN.fullmatch(self.token):
+            raise _fail(type(self), "token", "is not an ACME token (base64url, 1 to 256)")
+        if not _ACME_KEY_AUTHORIZATION.fullmatch(self.key_authorization):
+            raise _fail(type(self), "key_authorization", "is not token.thumbprint (base64url)")
+        if self.key_authorization.split(".")[0] != self.token:
+            raise _fail(type(self), "key_authorization", "does not start with the token")
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeWithdraw(Message):
+    """The challenge of ``token`` is over: stop answering it."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ACME_WITHDRAW
+    token: str
+
+    def __post_init__(self) -> None:
+        if not _ACME_TOKEN.fullmatch(self.token):
+            raise _fail(type(self), "token", "is not an ACME token (base64url, 1 to 256)")
+
+
+@dataclass(frozen=True, slots=True)
+class PublicCertificate(Message):
+    """The broker distributes the gateways' public TLS certificate (chain, leaf first) and its
+    key (PEM); a gateway presents it to new connections from then on."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PUBLIC_CERTIFICATE
+    cert_pem: str
+    key_pem: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        for name, marker in (("cert_pem", "CERTIFICATE-----"), ("key_pem", "PRIVATE KEY-----")):
+            value = getattr(self, name)
+            if not 0 < len(value) <= MAX_PEM:
+                raise _fail(type(self), name, f"must be 1 to {MAX_PEM} characters")
+            if _PEM_CONTROL.search(value) or not value.lstrip().startswith("-----BEGIN "):
+                raise _fail(type(self), name, "is not PEM text")
+            if marker not in value:
+                raise _fail(type(self), name, f"has no {marker.rstrip('-')} block")
+
+
 MESSAGE_CLASSES: Mapping[MessageType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
         Hello, Welcome, Authenticate, AuthChallenge, AuthResponse, AuthOk, ListResources,
         ResourceList, Launch, LaunchOk, OpenTunnel, TunnelOpen, AgentRegister, LoadReport,
         GatewayRegister, ClientSession, Registered, ListGateways, GatewayList, RedeemTicket,
-        TicketOk, Ping, Pong, Error,
+        TicketOk, Ping, Pong, Error, SessionAction, SessionActionOk, Route, RouteOk, RdpToken,
+        RdpTokenOk,
+        AcmeChallenge, AcmeWithdraw, PublicCertificate,
     )
 }  # fmt: skip
 
@@ -522,9 +717,15 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-_ITEMS = (Resource, GatewayEntry)  # objects that appear in lists inside messages
+_ITEMS = (Resource, GatewayEntry, SessionInfo)  # objects that appear in lists inside messages
 _FIELDS: dict[type, dict[str, Any]] = {
     cls: _field_types(cls) for cls in (*MESSAGE_CLASSES.values(), *_ITEMS)
+}
+# Optional fields (added to a message after its first release, docs/protocol.md 6.2): their
+# default, which a receiver takes when the field is absent and a sender leaves out.
+_OPTIONAL: dict[type, dict[str, object]] = {
+    cls: {f.name: f.default for f in dataclasses.fields(cls) if f.default != dataclasses.MISSING}
+    for cls in _FIELDS
 }
 
 
@@ -532,7 +733,7 @@ def _to_json(value: object) -> object:
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
     if isinstance(value, _ITEMS):
-        return {f: _to_json(getattr(value, f)) for f in _FIELDS[type(value)]}
+        return _members(value)
     if isinstance(value, enum.IntEnum):
         return int(value)
     if isinstance(value, enum.StrEnum):
@@ -540,11 +741,18 @@ def _to_json(value: object) -> object:
     return value
 
 
+def _members(value: object) -> dict[str, object]:
+    """The fields of a message or item, without the optional ones left at their default."""
+    optional = _OPTIONAL[type(value)]
+    return {
+        name: _to_json(getattr(value, name)) for name in _FIELDS[type(value)]
+        if name not in optional or getattr(value, name) != optional[name]
+    }  # fmt: skip
+
+
 def encode_body(msg: Message) -> bytes:
     """The JSON body of ``msg`` (compact, UTF-8, ``type`` first)."""
-    obj: dict[str, object] = {"type": str(msg.TYPE)}
-    for name in _FIELDS[type(msg)]:
-        obj[name] = _to_json(getattr(msg, name))
+    obj: dict[str, object] = {"type": str(msg.TYPE), **_members(msg)}
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -588,10 +796,13 @@ def _build(cls: type[Any], obj: dict[str, object], where: str) -> Any:
     extra = obj.keys() - fields.keys()
     if extra:
         raise _bad(f"{where}: unknown field {sorted(extra)[0]!r}")
-    missing = fields.keys() - obj.keys()
+    missing = fields.keys() - obj.keys() - _OPTIONAL[cls].keys()
     if missing:
         raise _bad(f"{where}: missing field {sorted(missing)[0]!r}")
-    kwargs = {name: _convert(tp, obj[name], f"{where}.{name}") for name, tp in fields.items()}
+    kwargs = {
+        name: _convert(tp, obj[name], f"{where}.{name}")
+        for name, tp in fields.items() if name in obj
+    }  # fmt: skip
     try:
         return cls(**kwargs)
     except ProtocolError as exc:

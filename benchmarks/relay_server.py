@@ -1,0 +1,89 @@
+"""Our relay for the benchmark: the gateway's relay component without the control protocol.
+
+For each ``--map LISTEN:TARGET`` it accepts on 127.0.0.1:LISTEN, terminates TLS when
+``--cert``/``--key`` are given (the gateway's ``server_tls``, the lean ``TLSStream``),
+connects to 127.0.0.1:TARGET with ``ras.net.tls.connect_tcp`` and calls ``ras.net.relay``.
+The garbage collector is tuned as in the daemons (``tune_gc``); every collection's pause is
+recorded, and SIGUSR1 writes ``{"gc_pauses_ms": [...], "full_collect_ms": ...}`` (the
+latter: a forced full collection, the worst case) to ``--stats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import signal
+import ssl
+import time
+from pathlib import Path
+
+import trio
+
+from ras.net.fastio import TLSStream, server_tls
+from ras.net.relay import relay
+from ras.net.tls import connect_tcp
+from ras.net.workers import tune_gc
+from ras.pki import server_context
+
+pauses: list[float] = []
+_started = [0.0]
+
+
+def on_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _started[0] = time.perf_counter()
+    else:
+        pauses.append((time.perf_counter() - _started[0]) * 1000)
+
+
+async def serve(listen: int, target: int, ctx: ssl.SSLContext | None) -> None:
+    async def handle(stream: trio.SocketStream) -> None:
+        front: trio.abc.Stream = stream
+        try:
+            if ctx is not None:
+                tls = server_tls(stream, ctx)
+                assert isinstance(tls, TLSStream)
+                with trio.fail_after(10):
+                    await tls.do_handshake()
+                front = tls
+            host = await connect_tcp("127.0.0.1", target)
+        except Exception:
+            await stream.aclose()
+            return
+        await relay(front, host)
+
+    listeners = await trio.open_tcp_listeners(listen, host="127.0.0.1", backlog=4096)
+    await trio.serve_listeners(handle, listeners)
+
+
+async def main(args: argparse.Namespace) -> None:
+    ctx = server_context(args.cert, args.key) if args.cert else None
+    tune_gc()
+    gc.callbacks.append(on_gc)
+    async with trio.open_nursery() as nursery:
+        for mapping in args.map:
+            listen, target = (int(p) for p in mapping.split(":"))
+            nursery.start_soon(serve, listen, target, ctx)
+        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+            print("ready", flush=True)
+            async for _ in signals:
+                started = time.perf_counter()
+                gc.collect()
+                full = (time.perf_counter() - started) * 1000
+                tracked = len(gc.get_objects())
+                args.stats.write_text(
+                    json.dumps({"gc_pauses_ms": pauses, "full_collect_ms": full, "tracked": tracked})
+                )
+                pauses.clear()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--map", action="append", required=True)
+    parser.add_argument("--cert", type=Path)
+    parser.add_argument("--key", type=Path)
+    parser.add_argument("--stats", type=Path, required=True)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+    trio.run(main, parser.parse_args())

@@ -1,0 +1,305 @@
+"""The gateway's limits: the absolute pre-authentication deadline, pre-auth slots and the rate
+of new connections per client address, the tunnel idle timeout, and the graceful drain of a
+real ``ras gateway`` process on SIGTERM.
+
+Clients come from distinct loopback addresses (127.0.0.x) so each has its own limits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import trio
+from farmkit import PASSWORD, USER, Farm, Listener, add_gateway, farm
+
+from ras.client.config import ClientConfig
+from ras.client.session import ClientSession
+from ras.gateway import limits as limits_module
+from ras.gateway.limits import Refusal, Slot, SourceLimits
+from ras.net.channel import Channel
+from ras.protocol import Authenticate, AuthOk, Hello, Mode, Role, Side, Welcome, preface
+
+TRICKLER, OTHER = "127.0.0.3", "127.0.0.4"
+
+
+@pytest.fixture
+async def host(nursery: trio.Nursery) -> Listener:
+    listener = Listener()
+    await nursery.start(listener.serve)
+    return listener
+
+
+async def _connect_from(addr: tuple[str, int], source: str) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect(addr)
+    return trio.SocketStream(sock)
+
+
+async def _login_from(addr: tuple[str, int], source: str) -> None:
+    async with Channel(await _connect_from(addr, source), Side.CLIENT) as chan:
+        await chan.send(Hello(Role.CLIENT, "test"))
+        assert isinstance(await chan.receive(), Welcome)
+        assert isinstance(await chan.request(Authenticate(USER, PASSWORD)), AuthOk)
+
+
+async def _closed_without_answer(stream: trio.abc.Stream) -> bool:
+    try:
+        return await stream.receive_some() == b""
+    except trio.BrokenResourceError:
+        return True
+
+
+async def test_a_trickling_client_loses_its_slot_at_the_deadline(tmp_path, nursery, caplog):
+    caplog.set_level(logging.INFO)
+    async with farm(tmp_path, gateways=()) as f:
+        gw = await add_gateway(
+            f, nursery, "gateway", preauth_timeout_s=3, handshake_timeout_s=60, max_preauth_per_ip=1
+        )
+        addr = f.gateway_addrs["gateway"]["plain"]
+        trickle = await _connect_from(addr, TRICKLER)
+        hello = preface() + Channel(trickle, Side.CLIENT).conn.send(Hello(Role.CLIENT, "t"))[6:]
+        sent = 0
+        closed = trio.Event()
+
+        async def trickler() -> None:
+            nonlocal sent
+            with trio.move_on_after(60):  # hang guard: the gateway must close it long before
+                for byte in hello * 10:
+                    try:
+                        await trickle.send_all(bytes([byte]))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        break
+                    sent += 1
+                    await trio.sleep(1)
+                    if closed.is_set():
+                        break
+
+        async def watch() -> None:
+            with trio.fail_after(60):
+                while (await trickle.receive_some()) != b"":
+                    pass
+            closed.set()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(trickler)
+                inner.start_soon(watch)
+                while gw.limits.preauth(TRICKLER) != 1:  # noqa: ASYNC110 (polling another task's state)
+                    await trio.sleep(0.01)
+                # its address has no slot left: a second connection is closed at once ...
+                second = await _connect_from(addr, TRICKLER)
+                async with second:
+                    await second.send_all(preface())
+                    assert await _closed_without_answer(second)
+                # ... while a real login from elsewhere works in parallel
+                await _login_from(addr, OTHER)
+                await closed.wait()
+                inner.cancel_scope.cancel()
+            await trickle.aclose()
+            # the slot is free again: a real login from the trickler's address works
+            while gw.limits.preauth(TRICKLER):  # noqa: ASYNC110 (polling another task's state)
+                await trio.sleep(0.01)
+            await _login_from(addr, TRICKLER)
+    assert sent >= 2  # it kept sending, and the deadline did not move
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"pre-auth deadline client={TRICKLER}:") for m in messages), messages
+    assert any(
+        m.startswith(f"refused client={TRICKLER}:") and "waiting to authenticate" in m
+        for m in messages
+    )
+    assert gw.limits.held == 0
+
+
+async def test_new_connections_per_address_are_rate_limited(tmp_path, nursery, caplog):
+    caplog.set_level(logging.INFO)
+    async with farm(tmp_path, gateways=()) as f:
+        await add_gateway(f, nursery, "gateway", max_new_per_ip_per_s=0.01, max_new_per_ip_burst=3)
+        addr = f.gateway_addrs["gateway"]["plain"]
+        with trio.fail_after(30):
+            for _ in range(3):
+                async with Channel(await _connect_from(addr, "127.0.0.5"), Side.CLIENT) as chan:
+                    await chan.send(Hello(Role.CLIENT, "test"))
+                    assert isinstance(await chan.receive(), Welcome)
+            fourth = await _connect_from(addr, "127.0.0.5")
+            async with fourth:
+                await fourth.send_all(preface())
+                assert await _closed_without_answer(fourth)
+            await _login_from(addr, "127.0.0.6")  # another address is not affected
+    assert any(
+        "refused client=127.0.0.5:" in r.getMessage()
+        and "new connections a second" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_source_limits_count_release_and_stay_bounded(monkeypatch):
+    now = [0.0]
+    limits = SourceLimits(per_ip=2, total=3, rate_per_s=1.0, burst=2, clock=lambda: now[0])
+    a1, a2 = limits.admit("a"), limits.admit("a")
+    assert isinstance(a1, Slot)
+    assert isinstance(a2, Slot)
+    assert isinstance(limits.admit("a"), Refusal)  # rate: the burst is used up
+    now[0] += 5  # tokens back, but still two pre-auth connections from "a"
+    assert "waiting to authenticate" in limits.admit("a")  # type: ignore[operator]
+    a1.release()
+    a1.release()  # idempotent
+    assert isinstance(limits.admit("a"), Slot)
+    assert isinstance(limits.admit("b"), Slot)
+    assert "3 connections" in limits.admit("c")  # type: ignore[operator]
+    # the bucket table forgets quiet addresses and never grows past its bound
+    monkeypatch.setattr(limits_module, "_MAX_BUCKETS", 100)
+    many = SourceLimits(per_ip=1, total=10**6, rate_per_s=1.0, burst=1, clock=lambda: now[0])
+    for i in range(1000):
+        slot = many.admit(f"10.0.{i // 256}.{i % 256}")
+        assert isinstance(slot, Slot)
+        slot.release()
+    assert many.buckets() <= 100
+    now[0] += 10
+    many.admit("10.9.9.9")
+    assert many.buckets() == 1
+
+
+async def test_an_idle_tunnel_is_closed_and_audited(tmp_path, nursery, host, caplog):
+    caplog.set_level(logging.INFO)
+    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)], gateways=()) as f:
+        await add_gateway(f, nursery, "gateway", tunnel_idle_timeout_s=1)
+        cfg = f.client_config(mode=Mode.GATEWAY)
+        with trio.fail_after(30):
+            async with await ClientSession.connect(cfg) as session:
+                await session.authenticate(USER, PASSWORD)
+                ticket = (await session.launch("desktop")).ticket
+                tunnel = await session.open_tunnel(ticket)
+            async with tunnel:
+                await tunnel.send_all(b"ping")
+                got = b""
+                while len(got) < 4:
+                    got += await tunnel.receive_some()
+                # then silence: the gateway ends the tunnel
+                while await tunnel.receive_some():
+                    pass
+            while not any(r.getMessage().startswith("tunnel closed") for r in caplog.records):  # noqa: ASYNC110 (polling another task's state)
+                await trio.sleep(0.05)
+    (audit,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tunnel clo")]
+    assert "ended_by=idle timeout" in audit
+    assert "bytes_up=4 bytes_down=4" in audit
+
+
+# -- graceful drain of a real `ras gateway` process ----------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _gateway_toml(f: Farm, tmp_path, *, drain_timeout_s: float) -> tuple[str, int]:
+    cert, key = f.pki.ensure("gwproc", ("localhost", "127.0.0.1"))
+    pub_cert, pub_key = f.pki.ensure_self_signed("gwproc-public", ("localhost", "127.0.0.1"))
+    port = _free_port()
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f'name = "gwproc"\nlisten_host = "127.0.0.1"\nplain_port = {port}\n'
+        "tls_enabled = false\n"
+        f'cert_file = "{cert}"\nkey_file = "{key}"\nca_file = "{f.pki.ca_path}"\n'
+        f'public_cert_file = "{pub_cert}"\npublic_key_file = "{pub_key}"\n'
+        f"broker_port = {f.broker_addrs['gateways'][1]}\nlink_ping_interval_s = 0.5\n"
+        f"drain_timeout_s = {drain_timeout_s}\n"
+    )
+    return str(path), port
+
+
+async def _start_gateway(f: Farm, config: str) -> trio.Process:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "ras", "gateway", "--config", config],
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"},
+    )
+    with trio.fail_after(30):
+        while "gwproc" not in f.broker.gateways or not f.broker.gateways["gwproc"].online:
+            if proc.poll() is not None:
+                raise AssertionError("the gateway exited early")
+            await trio.sleep(0.05)
+    return proc
+
+
+async def _read_all(proc: trio.Process) -> str:
+    assert proc.stderr is not None
+    out = bytearray()
+    while data := await proc.stderr.receive_some():
+        out += data
+    return out.decode()
+
+
+async def _tunnel_through(f: Farm, port: int):
+    cfg = ClientConfig(server_host="127.0.0.1", server_port=port, mode=Mode.GATEWAY)
+    async with await ClientSession.connect(cfg) as session:
+        await session.authenticate(USER, PASSWORD)
+        ticket = (await session.launch("desktop")).ticket
+        return await session.open_tunnel(ticket)
+
+
+async def _echo(tunnel: trio.abc.Stream, data: bytes) -> bytes:
+    await tunnel.send_all(data)
+    got = b""
+    while len(got) < len(data):
+        got += await tunnel.receive_some()
+    return got
+
+
+@pytest.mark.parametrize("ends", ["client closes", "drain timeout"])
+async def test_sigterm_drains_then_exits_0(tmp_path, host, ends):
+    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)], gateways=()) as f:
+        config, port = _gateway_toml(
+            f, tmp_path, drain_timeout_s=60 if ends == "client closes" else 1
+        )
+        proc = await _start_gateway(f, config)
+        try:
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    stderr: list[str] = []
+
+                    async def collect() -> None:
+                        stderr.append(await _read_all(proc))
+
+                    nursery.start_soon(collect)
+                    tunnel = await _tunnel_through(f, port)
+                    assert await _echo(tunnel, b"before") == b"before"
+                    proc.send_signal(signal.SIGTERM)
+                    # it unregisters from the broker and stops accepting ...
+                    while f.broker.gateways["gwproc"].online:  # noqa: ASYNC110 (polling another task's state)
+                        await trio.sleep(0.05)
+                    with pytest.raises(OSError, match="connect to"):
+                        await trio.open_tcp_stream("127.0.0.1", port)
+                    # ... while the open tunnel still carries bytes
+                    assert await _echo(tunnel, b"during the drain") == b"during the drain"
+                    if ends == "client closes":
+                        await tunnel.aclose()
+                    else:  # the gateway closes it at the drain timeout
+                        assert await tunnel.receive_some() == b""
+                        await tunnel.aclose()
+                    assert await proc.wait() == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                await proc.wait()
+    log = stderr[0]
+    assert "draining name=gwproc tunnels=1" in log
+    assert "unregistered from broker" in log
+    (audit,) = re.findall(r"tunnel closed .*", log)
+    assert f"user={USER} resource=desktop client=127.0.0.1:" in audit
+    assert "path=gwproc" in audit
+    assert "bytes_up=22 bytes_down=22" in audit
+    if ends == "drain timeout":
+        assert "ended_by=drain timeout" in audit
+        assert "drain timeout: closing tunnels=1" in log
+    else:
+        assert "ended_by" not in audit
