@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -145,9 +144,7 @@ class Bench:
         if tls:
             cmd.append("--tls")
         env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-        children = [
-            subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env) for _ in range(procs)
-        ]
+        children = [subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env) for _ in range(procs)]
         out = []
         for child in children:
             stdout, _ = child.communicate(timeout=600)
@@ -158,7 +155,7 @@ class Bench:
         self.results.setdefault(case, {})[path] = value
         print(f"  {case:10} {path:12} {json.dumps(value)}", flush=True)
 
-    def measured(self, case: str, path: str, fn) -> None:  # noqa: ANN001
+    def measured(self, case: str, path: str, fn) -> None:
         pids = self.relay_pids(path)
         cpu = cpu_seconds(pids)
         try:
@@ -186,7 +183,10 @@ class Bench:
     def cps(self, path: str) -> dict[str, object]:
         runs = self.load(path, "cps", 2, "--concurrency=16", f"--seconds={self.args.seconds}")
         ok = sum(int(r["ok"]) for r in runs)  # type: ignore[call-overload]
-        return {"per_s": round(ok / self.args.seconds), "errors": sum(int(r["errors"]) for r in runs)}  # type: ignore[call-overload]
+        return {
+            "per_s": round(ok / self.args.seconds),
+            "errors": sum(int(r["errors"]) for r in runs),
+        }  # type: ignore[call-overload]
 
     def rdp(self, path: str) -> dict[str, object]:
         runs = self.load(path, "rdp", 2, "--streams=8", f"--seconds={self.args.seconds}")
@@ -201,7 +201,8 @@ class Bench:
         env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
         before = rss_kib(pid)
         child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout is not None
+        assert child.stdin is not None
         opened = json.loads(child.stdout.readline())["open"]
         time.sleep(1)
         after = rss_kib(pid)
@@ -218,7 +219,7 @@ class Bench:
                     break
                 time.sleep(0.1)
             gcs = json.loads(stats.read_text())
-            value["gc_max_pause_ms"] = round(max(gcs["gc_pauses_ms"], default=0.0), 1)
+            value["gc_max_natural_pause_ms"] = round(max(gcs["gc_pauses_ms"], default=0.0), 1)
             value["gc_full_collect_ms"] = round(gcs["full_collect_ms"], 1)
             value["tracked_per_tunnel"] = round(gcs["tracked"] / max(1, opened), 1)
         child.stdin.write(b"\n")
@@ -230,7 +231,9 @@ class Bench:
         best = 0
         levels: list[dict[str, object]] = []
         for n in self.args.users:
-            runs = self.load(path, "users", 2, f"--count={n // 2}", f"--seconds={self.args.users_seconds}")
+            runs = self.load(
+                path, "users", 2, f"--count={n // 2}", f"--seconds={self.args.users_seconds}"
+            )
             lat = [r for r in runs if r["p99_ms"] is not None]
             p99 = max(float(r["p99_ms"]) for r in lat) if lat else None  # type: ignore[arg-type]
             lost = sum(int(r["lost"]) + int(r["failed"]) for r in runs)  # type: ignore[call-overload]
@@ -262,11 +265,18 @@ def ratios(results: dict[str, dict[str, dict[str, object]]]) -> dict[str, dict[s
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="a smoke run (< 60 s)")
     p.add_argument("--json", type=Path, help="write every figure to this file")
     p.add_argument("--seconds", type=float, default=5.0, help="per throughput case and path")
-    p.add_argument("--idle", type=int, default=9_900, help="idle tunnels for the memory case (2 fds each: the hard fd limit here is 20,000)")
+    p.add_argument(
+        "--idle",
+        type=int,
+        default=9_900,
+        help="idle tunnels for the memory case (2 fds each: the hard fd limit here is 20,000)",
+    )
     p.add_argument("--echo-count", type=int, default=5000)
     p.add_argument("--users", type=lambda s: [int(x) for x in s.split(",")],
                    default=[500, 1000, 2000, 3000, 4000], help="session counts to try")  # fmt: skip
@@ -286,19 +296,19 @@ def main() -> None:
                 print(f"== {path}", flush=True)
                 tls = PATHS[path][1]
                 if "bulk1" in cases:
-                    bench.measured("bulk1", path, lambda: bench.bulk(path, 1))
+                    bench.measured("bulk1", path, lambda path=path: bench.bulk(path, 1))
                 if "bulk16" in cases:
-                    bench.measured("bulk16", path, lambda: bench.bulk(path, 16))
+                    bench.measured("bulk16", path, lambda path=path: bench.bulk(path, 16))
                 if "echo" in cases:
-                    bench.measured("echo", path, lambda: bench.echo(path))
+                    bench.measured("echo", path, lambda path=path: bench.echo(path))
                 if "cps" in cases:
-                    bench.measured("cps", path, lambda: bench.cps(path))
+                    bench.measured("cps", path, lambda path=path: bench.cps(path))
                 if "rdp" in cases:
-                    bench.measured("rdp", path, lambda: bench.rdp(path))
+                    bench.measured("rdp", path, lambda path=path: bench.rdp(path))
                 if "idle" in cases and path not in ("direct", "socat"):
-                    bench.measured("idle", path, lambda: bench.idle(path))
+                    bench.measured("idle", path, lambda path=path: bench.idle(path))
                 if "users" in cases and tls:
-                    bench.measured("users", path, lambda: bench.users(path))
+                    bench.measured("users", path, lambda path=path: bench.users(path))
     summary = ratios(bench.results)
     print("\nratios to haproxy (TLS paths to haproxy's TLS termination):")
     for case, by_path in summary.items():
@@ -306,14 +316,17 @@ def main() -> None:
     echo = bench.results.get("echo", {})
     if "direct" in echo:
         base = float(echo["direct"]["median_us"])  # type: ignore[arg-type]
-        added = {k: round(float(v["median_us"]) - base, 1) for k, v in echo.items() if "median_us" in v}  # type: ignore[arg-type]
+        added = {
+            k: round(float(v["median_us"]) - base, 1) for k, v in echo.items() if "median_us" in v
+        }  # type: ignore[arg-type]
         print(f"  added echo latency (median us over direct): {added}")
         summary["added_latency_us"] = added
     print(f"took {time.monotonic() - started:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
-                                         "results": bench.results, "ratios": summary}, indent=2, default=str))  # fmt: skip
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        report = {"args": settings, "results": bench.results, "ratios": summary}
+        args.json.write_text(json.dumps(report, indent=2, default=str))
 
 
 if __name__ == "__main__":

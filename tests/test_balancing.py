@@ -108,12 +108,14 @@ def test_drained_and_disabled_hosts_take_no_new_sessions_but_drained_keep_their_
     reg = registry("d", "x", "ok")
     reg.configure([HostRecord("d", drained=True), HostRecord("X", enabled=False)])
     reg.report("ok", load(sessions=9), now=1)
-    choice = reg.choose(1, None)
-    assert choice.host is not None
-    assert choice.host.name == "ok"
-    reasons = {c.host: c.reason for c in choice.candidates}
+    explained = reg.choose(1, None, dry_run=True)  # what explain shows
+    reasons = {c.host: c.reason for c in explained.candidates}
     assert reasons == {"d": "drained: takes no new sessions", "x": "disabled by an administrator",
                        "ok": ""}  # fmt: skip
+    choice = reg.choose(1, None)
+    assert choice.host is not None
+    assert choice.host.name == explained.host.name == "ok"  # type: ignore[union-attr]
+    assert choice.candidates == []  # a launch does not judge every host for explain
     back = reg.choose(1, None, affinity=[("d", "affinity: disconnected session d:1")])
     assert back.host is not None
     assert back.host.name == "d"

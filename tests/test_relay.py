@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from ras.net import fastio
 from ras.net.fastio import TLSStream, server_tls
@@ -51,6 +52,18 @@ class RelayServer:
 
     port: int = 0
     stats: list[RelayStats] = field(default_factory=list)
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    def add(self, stats: RelayStats) -> None:
+        self.stats.append(stats)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def ended(self, n: int = 1) -> None:
+        """Wait until ``n`` tunnels have ended."""
+        while len(self.stats) < n:
+            await self._changed.wait()
+        await trio.testing.wait_all_tasks_blocked()  # the handlers' tasks return
 
 
 @contextlib.asynccontextmanager
@@ -73,7 +86,7 @@ async def relay_server(
                 return
             front = tls
         host = await trio.open_tcp_stream("127.0.0.1", target)
-        server.stats.append(await relay(front, host))
+        server.add(await relay(front, host))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trio.serve_listeners, handle, [listener])
@@ -147,8 +160,7 @@ async def test_bytes_arrive_unchanged_both_ways(mode, up, down, tls_files):
                     await client.send_all(sent_up)
                     got["down"] = await read_all(client)
                 await client.aclose()
-                while not server.stats:
-                    await trio.sleep(0.01)
+                await server.ended()
     assert got["up"] == sent_up
     assert got["down"] == sent_down
     assert server.stats[0] == RelayStats(a_to_b=up, b_to_a=down, reset=False)
@@ -221,8 +233,7 @@ async def test_client_shuts_its_write_side_and_still_gets_the_full_reply(mode, t
                 await host.aclose()
                 assert await read_all(client) == answer
                 await client.aclose()
-                while not server.stats:
-                    await trio.sleep(0.01)
+                await server.ended()
     assert server.stats[0] == RelayStats(len(request), len(answer), reset=False)
 
 
@@ -244,8 +255,7 @@ async def test_host_shuts_its_write_side_and_still_gets_the_client_data(mode, tl
                 await client.aclose()
                 assert await read_all(host) == reply
                 await host.aclose()
-                while not server.stats:
-                    await trio.sleep(0.01)
+                await server.ended()
     assert server.stats[0] == RelayStats(len(reply), len(greeting), reset=False)
 
 
@@ -270,8 +280,7 @@ async def test_a_reset_on_one_side_becomes_a_reset_on_the_other(mode, who, tls_f
                     await read_all(other)
                 with contextlib.suppress(trio.BrokenResourceError):
                     await other.aclose()
-                while not server.stats:
-                    await trio.sleep(0.01)
+                await server.ended()
     assert server.stats[0].reset is True
 
 
@@ -307,8 +316,7 @@ async def test_a_slow_reader_does_not_make_the_relay_buffer_more(mode, tls_files
                     got = await slow_reader()
                 await client.aclose()
                 await host.aclose()
-                while not server.stats:
-                    await trio.sleep(0.01)
+                await server.ended()
     assert got == data
     bound = fastio.PIPE_SIZE if mode == "plain" else fastio.BUFFER_SIZE
     assert server.stats[0].peak_buffered <= bound
@@ -372,8 +380,7 @@ async def test_after_many_short_tunnels_fds_and_tasks_are_back(mode, tunnels, tl
                 async with trio.open_nursery() as nursery:
                     for w in range(20):
                         nursery.start_soon(worker, w)
-                while len(server.stats) < tunnels:
-                    await trio.sleep(0.01)
+                await server.ended(tunnels)
                 assert open_fds() == fds
                 assert count_tasks() == tasks
             outer.cancel_scope.cancel()

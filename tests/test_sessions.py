@@ -86,6 +86,29 @@ def test_unconfirmed_launches_expire():
     assert table.list() == []
 
 
+def test_a_report_touches_only_its_host_and_a_confirmed_launch_no_longer_expires():
+    table = SessionTable(launch_timeout_s=60)
+    table.launched(user="alice", host="h1", resource="desk", gateway="g", client="c", now=0.0)
+    table.launched(user="alice", host="h2", resource="desk", gateway="g", client="c", now=1.0)
+    table.reported("h2", [SessionInfo("5", "carol", SessionState.DISCONNECTED)], now=2.0)
+    table.reported("h1", [SessionInfo("7", "Alice", SessionState.DISCONNECTED)], now=3.0)
+    # h1's report took over alice's launch there; h2's launch and carol are untouched
+    assert sorted((s.id, s.user, s.state) for s in table.list()) == [
+        ("h1:7", "Alice", "disconnected"), ("h2:5", "carol", "disconnected"),
+        ("launch-2", "alice", "launching"),
+    ]  # fmt: skip
+    kinds = {"h1": HostKind.RDSH, "h2": HostKind.RDSH}
+    assert table.affinity("ALICE", kinds) == [("h1", "affinity: disconnected session h1:7")]
+    table.expire(61.5)  # h2's launch is old; h1's was confirmed, so it stays
+    assert sorted(s.id for s in table.list()) == ["h1:7", "h2:5"]
+    table.reported("h1", [], now=70.0)  # alice logged off: gone from the list and the affinity
+    assert table.affinity("alice", kinds) == []
+    assert [s.id for s in table.list()] == ["h2:5"]
+    table.remove("h2:5")
+    assert table.list() == []
+    assert len(table) == 0
+    assert table.affinity("carol", kinds) == []
+
 # -- through a real broker and agent -------------------------------------------------------------
 
 # The "log off" a test host can do: take the session's entry out of utmp (what a real session

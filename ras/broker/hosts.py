@@ -63,6 +63,21 @@ class Host:
     insane: str = ""  # why the last report was refused; "" when it was sane
     weights: tuple[float, float, float] = (0.5, 0.25, 0.25)  # sessions, memory, cpu
     settings: HostRecord | None = None  # the administrator's, if any
+    # Kept by HostRegistry so that a launch's loop over thousands of hosts reads two fields:
+    # no new session whatever the load (offline, lying, disabled or drained), and the memory
+    # and CPU parts of the score (they change with each report only).
+    closed: bool = field(default=False, repr=False)
+    memory_load: float = field(default=0.0, repr=False)
+    cpu_load: float = field(default=0.0, repr=False)
+    seats: int = field(default=1, repr=False)  # capacity, as of the last refresh
+
+    def refresh(self) -> None:
+        """Recompute ``closed`` and the load parts after a report or a change of settings."""
+        _, wm, wc = self.weights
+        self.memory_load = wm * self.memory_percent / 100
+        self.cpu_load = wc * self.cpu_percent / 100
+        self.seats = self.capacity
+        self.closed = not self.online or bool(self.insane) or self.drained or not self.enabled
 
     @property
     def capacity(self) -> int:
@@ -73,9 +88,8 @@ class Host:
 
     @property
     def score(self) -> float:
-        ws, wm, wc = self.weights
         used = (self.sessions + self.pending) / self.capacity
-        return ws * used + wm * self.memory_percent / 100 + wc * self.cpu_percent / 100
+        return self.weights[0] * used + self.memory_load + self.cpu_load
 
     @property
     def full(self) -> bool:
@@ -129,7 +143,7 @@ class Choice:
     host: Host | None
     method: str  # "affinity", "resource", "round_robin", or "none"
     why: str
-    candidates: list[Candidate] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)  # only for a dry run (explain)
 
 
 def check_report(load: LoadReport, max_sessions: int) -> str:
@@ -165,6 +179,8 @@ class HostRegistry:
         self.hosts: dict[str, Host] = {}
         self.settings: dict[str, HostRecord] = {}  # by case-folded name
         self._turn: dict[str, str] = {}  # round robin: the last host picked, per pool
+        self._named_cache: dict[tuple[str, ...] | None, tuple[list[Host], dict[str, Host]]] = {}
+        self.kinds: dict[str, HostKind] = {}  # host name -> kind, for session affinity
 
     def register(
         self, name: str, kind: HostKind, rdp_host: str, rdp_port: int, max_sessions: int, now: float
@@ -173,7 +189,10 @@ class HostRegistry:
             name, kind, rdp_host, rdp_port, max_sessions, last_report=now, weights=self.weights,
             settings=self.settings.get(name.casefold()),
         )  # fmt: skip
+        host.refresh()
         self.hosts[name] = host
+        self.kinds[name] = kind
+        self._named_cache.clear()
         return host
 
     def configure(self, records: Iterable[HostRecord]) -> None:
@@ -181,6 +200,8 @@ class HostRegistry:
         self.settings = {r.name.casefold(): r for r in records}
         for host in self.hosts.values():
             host.settings = self.settings.get(host.name.casefold())
+            host.refresh()
+        self._named_cache.clear()
 
     def report(self, name: str, load: LoadReport, now: float) -> str:
         """Take a load report; returns why it was refused ("" if taken)."""
@@ -189,31 +210,44 @@ class HostRegistry:
         why = check_report(load, host.max_sessions)
         host.insane = why
         if why:
+            host.refresh()
             return why
         host.cpu_percent = load.cpu_percent
         host.memory_percent = load.memory_percent
         host.sessions = load.sessions
         host.disconnected = load.disconnected
         host.pending = 0
+        host.refresh()
         return ""
 
     def disconnect(self, name: str, host: Host) -> None:
         if self.hosts.get(name) is host:
             host.online = False
+            host.refresh()
 
     def pool_members(self, pool: str) -> list[str]:
         wanted = pool.casefold()
         return [r.name for r in self.settings.values() if wanted in (p.casefold() for p in r.pools)]
 
-    def _named(self, names: Iterable[str] | None) -> list[Host]:
-        if names is None:
-            return list(self.hosts.values())
-        wanted = {n.casefold() for n in names}
-        return [h for h in self.hosts.values() if h.name.casefold() in wanted]
+    def _named(self, names: tuple[str, ...] | None) -> tuple[list[Host], dict[str, Host]]:
+        """The registered hosts among ``names`` (None: all), and the same by case-folded name.
+        Kept per ``names`` until a host registers or the settings change: a launch should not
+        pay for matching names against the whole farm."""
+        found = self._named_cache.get(names)
+        if found is None:
+            if names is None:
+                hosts = list(self.hosts.values())
+            else:
+                wanted = {n.casefold() for n in names}
+                hosts = [h for h in self.hosts.values() if h.name.casefold() in wanted]
+            if len(self._named_cache) >= 1024:  # many resources or pools: start again
+                self._named_cache.clear()
+            found = self._named_cache[names] = (hosts, {h.name.casefold(): h for h in hosts})
+        return found
 
     def usable(self, now: float, names: Iterable[str] | None = None) -> list[Host]:
         return [
-            h for h in self._named(names)
+            h for h in self._named(None if names is None else tuple(names))[0]
             if not h.unreachable(now, self.timeout_s) and not h.drained and not h.full
         ]  # fmt: skip
 
@@ -228,35 +262,73 @@ class HostRegistry:
         dry_run: bool = False,
     ) -> Choice:
         """Pick a host among ``names`` (None: every host). ``affinity``: (host, why) where
-        the user has a session to go back to, best first. ``dry_run`` changes nothing."""
+        the user has a session to go back to, best first. ``dry_run`` changes nothing and
+        lists every candidate with what was thought of it (for ``explain``); a launch does
+        not build that list, it only looks for the best host."""
         names = None if names is None else tuple(names)
-        hosts = sorted(self._named(names), key=lambda h: h.name)
-        candidates = [self._judge(h, now) for h in hosts]
+        hosts, folded = self._named(names)
+        candidates = self._candidates(hosts, names, now) if dry_run else []
+        for name, why in affinity:
+            host = folded.get(name.casefold())
+            if host is not None and not host.unreachable(now, self.timeout_s):
+                return Choice(host, "affinity", why, candidates)
+        if method is Balancing.ROUND_ROBIN:
+            last = self._turn.get(turn_key, "")
+            best = self._next_in_turn(hosts, now, last)
+            why = f"round robin: next after {last!r}" if last else "round robin: first in turn"
+        else:
+            best = self._least_loaded(hosts, now)
+            why = "" if best is None else f"resource-based: lowest load {best.score:.3f}"
+        if best is None:
+            return Choice(None, "none", "no candidate host can take a session now", candidates)
+        if not dry_run:
+            if method is Balancing.ROUND_ROBIN:
+                self._turn[turn_key] = best.name
+            best.pending += 1
+        return Choice(best, str(method), why, candidates)
+
+    def _candidates(
+        self, hosts: list[Host], names: tuple[str, ...] | None, now: float
+    ) -> list[Candidate]:
+        """Every host considered, in name order, then the named ones no agent registered."""
+        candidates = [self._judge(h, now) for h in sorted(hosts, key=lambda h: h.name)]
         known = {h.name.casefold() for h in hosts}
         candidates += [
             Candidate(n, False, "unknown: no agent registered") for n in sorted(set(names or ()))
             if n.casefold() not in known
         ]  # fmt: skip
-        eligible = {h.name.casefold(): h for h in hosts}
-        for name, why in affinity:
-            host = eligible.get(name.casefold())
-            if host is not None and not host.unreachable(now, self.timeout_s):
-                return Choice(host, "affinity", why, candidates)
-        usable = [h for h, c in zip(hosts, candidates, strict=False) if c.usable]
-        if not usable:
-            return Choice(None, "none", "no candidate host can take a session now", candidates)
-        if method is Balancing.ROUND_ROBIN:
-            last = self._turn.get(turn_key, "")
-            best = next((h for h in usable if h.name > last), usable[0])
-            why = f"round robin: next after {last!r}" if last else "round robin: first in turn"
-            if not dry_run:
-                self._turn[turn_key] = best.name
-        else:
-            best = min(usable, key=lambda h: (h.score, h.name))
-            why = f"resource-based: lowest load {best.score:.3f}"
-        if not dry_run:
-            best.pending += 1
-        return Choice(best, str(method), why, candidates)
+        return candidates
+
+    def _least_loaded(self, hosts: list[Host], now: float) -> Host | None:
+        """The usable host with the lowest score, ties to the name (one pass, no sorting: this
+        runs at every launch over every candidate host)."""
+        best: Host | None = None
+        best_score = 0.0
+        timeout_s = self.timeout_s
+        for h in hosts:
+            if h.closed or now - h.last_report > timeout_s:
+                continue
+            capacity = h.seats
+            taken = h.sessions + h.pending
+            if taken >= capacity:
+                continue
+            score = h.weights[0] * (taken / capacity) + h.memory_load + h.cpu_load  # as Host.score
+            if best is None or score < best_score or (score == best_score and h.name < best.name):
+                best, best_score = h, score
+        return best
+
+    def _next_in_turn(self, hosts: list[Host], now: float, last: str) -> Host | None:
+        """Round robin: the first usable host in name order after ``last``, else the first."""
+        first: Host | None = None
+        after: Host | None = None
+        for h in hosts:
+            if h.unreachable(now, self.timeout_s) or h.drained or h.full:
+                continue
+            if first is None or h.name < first.name:
+                first = h
+            if h.name > last and (after is None or h.name < after.name):
+                after = h
+        return after or first
 
     def pick(self, now: float, names: Iterable[str] = ()) -> Host | None:
         """The least-loaded usable host among ``names`` (all hosts if empty), counted as used."""

@@ -134,6 +134,7 @@ class _AgentLink:
 
 
 MAX_CHALLENGE_ROUNDS = 5
+_REDEMPTION_IDLE_S = 120.0  # a gateway's redemption connection idle this long is closed
 _PROMPT_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
 
 
@@ -227,8 +228,36 @@ class Broker:
                 await self._gateway_link(chan, gateway, first)
             case ClientSession():
                 await self._client_session(chan, gateway, first)
+            case RedeemTicket() if first.client:
+                await self._redemptions(chan, gateway, first)
             case _:
-                await chan.fail(ErrorCode.UNEXPECTED, "expected gateway_register or client_session")
+                await chan.fail(
+                    ErrorCode.UNEXPECTED,
+                    "expected gateway_register, client_session or redeem_ticket with a client",
+                )
+
+    async def _redemptions(self, chan: Channel, gateway: str, first: RedeemTicket) -> None:
+        """A gateway's redemption connection: only ``redeem_ticket``s, each naming its client
+        (the gateway keeps a few such connections open instead of one per tunnel)."""
+        msg: Message = first
+        while True:
+            match msg:
+                case RedeemTicket() if msg.client:
+                    with trio.fail_after(self.config.request_timeout_s):
+                        await chan.answer(await self._redeem(msg, msg.client, gateway))
+                case Ping():
+                    await chan.send(Pong(msg.nonce))
+                case Pong():
+                    pass
+                case _:
+                    what = msg.TYPE if msg.TYPE != "redeem_ticket" else "redeem_ticket, no client,"
+                    await chan.fail(ErrorCode.UNEXPECTED, f"{what} on a redemption connection")
+                    return
+            with trio.move_on_after(_REDEMPTION_IDLE_S) as idle:
+                msg = await chan.receive()
+            if idle.cancelled_caught:  # the gateway stops reusing it long before
+                await chan.aclose()
+                return
 
     async def _halb(self, chan: Channel, name: str) -> None:
         """A HALB node asking which gateways are online, as often as it likes."""
@@ -306,6 +335,11 @@ class Broker:
                         else:
                             await chan.answer(self._launch(msg, user, client, gateway))
                     case RedeemTicket():
+                        if msg.client and msg.client != client:
+                            await chan.fail(
+                                ErrorCode.UNEXPECTED, "redeem_ticket names another client"
+                            )
+                            return
                         await chan.answer(await self._redeem(msg, client, gateway))
                     case Ping():
                         await chan.send(Pong(msg.nonce))
@@ -472,13 +506,12 @@ class Broker:
         """The host for ``user``'s launch of ``resource`` (counted as used unless dry_run)."""
         cfg = self._config()
         place = policy.placement(resource, cfg.pools, cfg.pool_members, self.config.balancing)
-        kinds = {h.name: h.kind for h in self.hosts.hosts.values()}
         return self.hosts.choose(
             time.monotonic(),
             place.hosts,
             method=place.method,
             turn_key=place.turn_key,
-            affinity=self.sessions.affinity(user, kinds),
+            affinity=self.sessions.affinity(user, self.hosts.kinds),
             dry_run=dry_run,
         )
 
@@ -579,7 +612,7 @@ class Broker:
             return out
         out["published"] = True
         choice = self.choose_host(record, identity.name, dry_run=True)
-        kinds = {h.name: h.kind for h in self.hosts.hosts.values()}
+        kinds = self.hosts.kinds
         out.update(
             method=choice.method,
             why=choice.why,

@@ -11,25 +11,41 @@ never connected, or the agent does not list sessions).
 
 A reported session's id is ``<host>:<the agent's session id>``, unique in the farm; the part
 after the host is what ``session_action`` sends to the agent.
+
+Cost. Every agent reports every few seconds, so with thousands of hosts a report must cost
+its own host's sessions, not the farm's: the sessions are indexed by host (for reports) and by
+user (for affinity at each launch), and the launching ones are also kept in a heap by start
+time, so that expiring them costs only the expired ones.
 """
 
 from __future__ import annotations
 
 import builtins
+import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ras.broker.model import SessionRecord, SessionState
 from ras.protocol import HostKind, SessionInfo
 
 __all__ = ["SessionTable"]
 
+_SINGLE_USER = (HostKind.VDI, HostKind.REMOTE_PC)
+
 
 class SessionTable:
     def __init__(self, launch_timeout_s: float = 120.0) -> None:
         self.launch_timeout_s = launch_timeout_s
         self._sessions: dict[str, SessionRecord] = {}
+        self._by_host: dict[str, dict[str, SessionRecord]] = {}
+        self._by_user: dict[str, dict[str, SessionRecord]] = {}  # by case-folded user
+        # (since, id) of launching sessions, oldest first; an entry whose session is gone or
+        # no longer launching is skipped when it comes up.
+        self._launching: list[tuple[float, str]] = []
         self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
 
     def list(self) -> list[SessionRecord]:
         """Every session, oldest first."""
@@ -52,59 +68,79 @@ class SessionTable:
             f"launch-{next(self._ids)}", user, host, resource, gateway, client,
             SessionState.LAUNCHING, now, now,
         )  # fmt: skip
-        self._sessions[record.id] = record
+        self._put(record)
         return record
 
     def reported(self, host: str, detail: Iterable[SessionInfo], now: float) -> None:
         """An agent's list of its host's sessions (all of them)."""
         self.expire(now)
-        mine = [s for s in self._sessions.values() if s.host == host]
-        known = {s.id: s for s in mine if s.state is not SessionState.LAUNCHING}
-        launches = [s for s in mine if s.state is SessionState.LAUNCHING]
+        mine = self._by_host.get(host, {})
+        known = {sid: s for sid, s in mine.items() if s.state is not SessionState.LAUNCHING}
+        launches = [s for s in mine.values() if s.state is SessionState.LAUNCHING]
         seen: set[str] = set()
         for info in detail:
             sid = f"{host}:{info.id}"
             seen.add(sid)
             state = SessionState(str(info.state))
             old = known.get(sid)
-            if old is None:
-                launch = next(
-                    (s for s in launches if s.user.casefold() == info.user.casefold()), None
-                )
+            if old is None and launches:
+                folded = info.user.casefold()
+                launch = next((s for s in launches if s.user.casefold() == folded), None)
                 if launch is not None:
                     launches.remove(launch)
-                    del self._sessions[launch.id]
+                    self._drop(launch.id)
                     old = launch
             if old is None:
-                self._sessions[sid] = SessionRecord(
-                    sid, info.user, host, "", "", "", state, now, now
-                )
-            else:
-                self._sessions[sid] = SessionRecord(
-                    sid, info.user, host, old.resource, old.gateway, old.client, state,
-                    old.since, now,
-                )  # fmt: skip
+                self._put(SessionRecord(sid, info.user, host, "", "", "", state, now, now))
+                continue
+            record = SessionRecord(
+                sid, info.user, host, old.resource, old.gateway, old.client, state,
+                old.since, now,
+            )  # fmt: skip
+            self._put(record)
         for sid in known.keys() - seen:
-            del self._sessions[sid]
+            self._drop(sid)
 
     def remove(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        self._drop(session_id)
 
     def expire(self, now: float) -> None:
-        for s in list(self._sessions.values()):
-            if s.state is SessionState.LAUNCHING and now - s.since > self.launch_timeout_s:
-                del self._sessions[s.id]
+        """Drop the launching sessions older than ``launch_timeout_s``."""
+        heap, cutoff = self._launching, now - self.launch_timeout_s
+        while heap and heap[0][0] < cutoff:
+            since, sid = heapq.heappop(heap)
+            s = self._sessions.get(sid)
+            if s is not None and s.state is SessionState.LAUNCHING and s.since == since:
+                self._drop(sid)
 
-    def affinity(self, user: str, kinds: dict[str, HostKind]) -> builtins.list[tuple[str, str]]:
+    def affinity(self, user: str, kinds: Mapping[str, HostKind]) -> builtins.list[tuple[str, str]]:
         """Hosts the user should go back to, best first, with why: a disconnected session
         anywhere; an active or launching one on a single-user host (VDI, Remote PC)."""
-        folded = user.casefold()
         found: list[tuple[int, float, str, str]] = []
-        for s in self._sessions.values():
-            if s.user.casefold() != folded:
-                continue
+        for s in self._by_user.get(user.casefold(), {}).values():
             if s.state is SessionState.DISCONNECTED:
                 found.append((0, -s.updated, s.host, f"affinity: disconnected session {s.id}"))
-            elif kinds.get(s.host) in (HostKind.VDI, HostKind.REMOTE_PC):
+            elif kinds.get(s.host) in _SINGLE_USER:
                 found.append((1, -s.updated, s.host, f"affinity: your {s.state} session {s.id}"))
         return [(host, why) for _, _, host, why in sorted(found)]
+
+    def _put(self, record: SessionRecord) -> None:
+        """Add or replace a session in the table and its indexes."""
+        if record.id in self._sessions:
+            self._drop(record.id)
+        self._sessions[record.id] = record
+        self._by_host.setdefault(record.host, {})[record.id] = record
+        self._by_user.setdefault(record.user.casefold(), {})[record.id] = record
+        if record.state is SessionState.LAUNCHING:
+            heapq.heappush(self._launching, (record.since, record.id))
+
+    def _drop(self, session_id: str) -> None:
+        record = self._sessions.pop(session_id, None)
+        if record is None:
+            return
+        for index, key in ((self._by_host, record.host), (self._by_user, record.user.casefold())):
+            bucket = index.get(key)
+            if bucket is not None:
+                bucket.pop(session_id, None)
+                if not bucket:
+                    del index[key]

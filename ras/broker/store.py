@@ -82,6 +82,7 @@ CREATE TABLE IF NOT EXISTS objects (
 """,
 )
 
+_PURGE_EVERY_S = 30.0
 _USER_COLUMNS = "name, password_hash, groups, enabled, totp_secret"
 
 
@@ -105,6 +106,7 @@ class SQLiteStore:
             path.touch(mode=0o600)
         self._lock = threading.Lock()
         self.generation = 0
+        self._purged = 0.0  # when expired redeemed tickets were last deleted
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -166,9 +168,13 @@ class SQLiteStore:
         return bytes(row[0])
 
     def redeem_once(self, ticket_id: str, expires: float) -> bool:
-        """Record a ticket as used; False if it already was. Forgets long-expired ones."""
+        """Record a ticket as used; False if it already was. Forgets long-expired ones (a
+        scan of the table, so at most once every ``_PURGE_EVERY_S``, not per ticket)."""
         with self._lock:
-            self._db.execute("DELETE FROM redeemed_tickets WHERE expires < ?", (time.time() - 60,))
+            now = time.time()
+            if now - self._purged >= _PURGE_EVERY_S:
+                self._db.execute("DELETE FROM redeemed_tickets WHERE expires < ?", (now - 60,))
+                self._purged = now
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO redeemed_tickets (id, expires) VALUES (?, ?)",
                 (ticket_id, expires),

@@ -39,6 +39,7 @@ import trio
 from ras import __version__
 from ras.errors import ErrorCode, PKIError, RemoteProtocolError, TransportError
 from ras.gateway.acme import Challenges
+from ras.gateway.brokerpool import RedeemPool
 from ras.gateway.config import GatewayConfig
 from ras.gateway.forward import Forwarder, path_of
 from ras.gateway.http import plain_http, refuse_http
@@ -148,6 +149,8 @@ class Gateway:
             burst=cfg.max_new_per_ip_burst,
         )
         self.tunnels = Tunnels()
+        # tickets are redeemed on a few long-lived broker connections (ras.gateway.brokerpool)
+        self.redeemer = RedeemPool(self._open_redeemer)
         self._sessions: set[trio.CancelScope] = set()
         self._stopping = trio.Event()
 
@@ -158,6 +161,12 @@ class Gateway:
     async def serve(
         self, *, task_status: trio.TaskStatus[dict[str, tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        try:
+            await self._serve_all(task_status)
+        finally:
+            await self.redeemer.aclose()  # its connections end with the gateway, however it ends
+
+    async def _serve_all(self, task_status: trio.TaskStatus[dict[str, Peer]]) -> None:
         cfg = self.config
         bound: dict[str, tuple[str, int]] = {}
         async with trio.open_nursery() as handlers:
@@ -418,11 +427,18 @@ class Gateway:
 
     # -- client sessions -------------------------------------------------------------------
 
-    async def _open_broker(self, peer: Peer) -> Channel:
+    async def _open_redeemer(self) -> Channel:
+        """A redemption connection: mutual TLS and hello/welcome; its first request is a
+        ``redeem_ticket`` naming the client (no ``client_session``)."""
         cfg = self.config
         assert self._farm_tls is not None
         stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._farm_tls)
-        chan = await greet(stream, Role.GATEWAY, SOFTWARE)
+        return await greet(stream, Role.GATEWAY, SOFTWARE)
+
+    async def _open_broker(self, peer: Peer) -> Channel:
+        """A connection to the broker for one client's session (its login state lives at the
+        broker, on this connection): ``client_session`` first."""
+        chan = await self._open_redeemer()
         try:
             await chan.send(ClientSession(peer[0], peer[1]))
         except BaseException:
@@ -475,11 +491,11 @@ class Gateway:
                     return
                 try:
                     with trio.fail_after(cfg.broker_timeout_s):
-                        if broker is None:
-                            broker = await self._open_broker(peer)
                         if isinstance(msg, OpenTunnel):
-                            granted = await self._redeem(broker, msg, peer)
+                            granted = await self._redeem(msg, peer)
                         else:
+                            if broker is None:
+                                broker = await self._open_broker(peer)
                             await broker.send(msg)
                             reply = await broker.receive_reply()
                 except (TransportError, trio.TooSlowError) as exc:
@@ -493,7 +509,9 @@ class Gateway:
                     await chan.fail(ErrorCode.UNAVAILABLE, "the broker is not available")
                     return
                 if isinstance(msg, OpenTunnel):
-                    await broker.aclose()
+                    if broker is not None:  # the client logged in on this connection first
+                        await broker.aclose()
+                        broker = None
                     conn.release()  # a redeemed ticket authenticates the connection
                     self._sessions.discard(conn.scope)  # a drain lets the tunnel run
                     await self._tunnel(chan, granted, conn)
@@ -506,9 +524,9 @@ class Gateway:
             if broker is not None:
                 await broker.aclose()
 
-    async def _redeem(self, broker: Channel, msg: OpenTunnel, peer: Peer) -> TicketOk:
+    async def _redeem(self, msg: OpenTunnel, peer: Peer) -> TicketOk:
         try:
-            granted = await broker.request(RedeemTicket(msg.ticket))
+            granted = await self.redeemer.request(RedeemTicket(msg.ticket, peer[0]))
         except PeerError as exc:
             log.warning("tunnel refused client=%s:%d reason=%s", *peer, exc)
             raise

@@ -14,6 +14,7 @@ Also here: ``tune_gc``, the garbage-collector settings of a long-running relay d
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -99,7 +100,5 @@ def _supervise(children: dict[int, int]) -> int:
 
 
 def _kill(pid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass

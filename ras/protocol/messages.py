@@ -525,11 +525,19 @@ class GatewayList(Message):
 
 @dataclass(frozen=True, slots=True)
 class RedeemTicket(Message):
+    """May the client have a tunnel with this ticket? ``client`` (optional, added in 0.2) is
+    the client's address: required on a gateway's redemption connection, where one connection
+    serves the tickets of many clients; absent on a per-client connection (its
+    ``client_session`` says who the client is)."""
+
     TYPE: ClassVar[MessageType] = MessageType.REDEEM_TICKET
     ticket: str = field(repr=False)
+    client: str = ""
 
     def __post_init__(self) -> None:
         _check_str(self, "ticket", limit=2048)
+        if self.client:
+            _check_host(self, "client")
 
 
 @dataclass(frozen=True, slots=True)
