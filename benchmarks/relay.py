@@ -30,17 +30,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 PEER = 23000
-ECHO, SINK, RDP, USERS = range(4)
+ECHO, SINK, RDP, USERS, CECHO = range(5)  # CECHO: the C echo peer
+PORTS = 5
 #: path name -> (first port, TLS?)
 PATHS = {
     "direct": (PEER, False),
     "haproxy": (23100, False),
     "socat": (23120, False),
     "ras": (23130, False),
+    "ras-w2": (23150, False),
     "haproxy-tls": (23110, True),
     "ras-tls": (23140, True),
 }
 BASELINE = {"direct": None, "haproxy": None, "socat": "haproxy", "ras": "haproxy",
+            "ras-w2": "haproxy",
             "haproxy-tls": None, "ras-tls": "haproxy-tls"}  # fmt: skip
 
 
@@ -50,7 +53,7 @@ def haproxy_config(pem: Path) -> str:
         "  timeout connect 5s", "  timeout client 1h", "  timeout server 1h",
     ]  # fmt: skip
     for base, tls in ((23100, False), (23110, True)):
-        for i in range(4):
+        for i in range(PORTS):
             name = f"p{base + i}"
             bind = f"  bind 127.0.0.1:{base + i}" + (f" ssl crt {pem}" if tls else "")
             lines += [f"frontend f{name}", bind, f"  default_backend b{name}"]
@@ -58,13 +61,34 @@ def haproxy_config(pem: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_children(pids: list[int]) -> list[int]:
+    """``pids`` and their child processes (the workers of a ``--workers`` relay)."""
+    out = list(pids)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
 def cpu_seconds(pids: list[int]) -> float:
     total = 0
-    for pid in pids:
+    for pid in with_children(pids):
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def build_cload(tmp: Path) -> str | None:
+    """Compile relay_cload.c (the C load generator and echo peer); None without gcc."""
+    exe = tmp / "relay_cload"
+    try:
+        subprocess.run(["gcc", "-O2", "-o", str(exe), str(HERE / "relay_cload.c")], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no C load generator ({exc}); echo and cps use relay_load.py", flush=True)
+        return None
+    return str(exe)
 
 
 def rss_kib(pid: int) -> int:
@@ -80,6 +104,7 @@ class Bench:
         self.tmp = tmp
         self.procs: dict[str, list[subprocess.Popen[bytes]]] = {}
         self.results: dict[str, dict[str, dict[str, object]]] = {}
+        self.cload = build_cload(tmp)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -99,22 +124,29 @@ class Bench:
             self.procs.setdefault(name, []).append(proc)
             if wait_ready:
                 assert proc.stdout is not None
-                assert proc.stdout.readline().strip() == b"ready", f"{name} did not start"
+                line = proc.stdout.readline().strip()
+                assert line == b"ready", f"{name} did not start: {line!r}"
 
         try:
             start("direct", [PY, str(HERE / "relay_peer.py"), "--base", str(PEER)], True)
             start("haproxy", ["haproxy", "-f", str(self.tmp / "haproxy.cfg"), "-db"])
             self.procs["haproxy-tls"] = self.procs["haproxy"]
-            for i in range(4):
+            if self.cload:
+                start("cecho", [self.cload, "server", str(PEER + CECHO)], True)
+            for i in range(PORTS):
                 start(
                     "socat",
                     ["socat", f"TCP-LISTEN:{23120 + i},bind=127.0.0.1,fork,reuseaddr,"
                      "backlog=4096,nodelay", f"TCP:127.0.0.1:{PEER + i},nodelay"],
                 )  # fmt: skip
-            maps = [f"--map={23130 + i}:{PEER + i}" for i in range(4)]
+            maps = [f"--map={23130 + i}:{PEER + i}" for i in range(PORTS)]
             server = [PY, str(HERE / "relay_server.py"), *maps, f"--stats={self.tmp}/ras.json"]
             start("ras", server, True)
-            tls_maps = [f"--map={23140 + i}:{PEER + i}" for i in range(4)]
+            maps2 = [f"--map={23150 + i}:{PEER + i}" for i in range(PORTS)]
+            server2 = [PY, str(HERE / "relay_server.py"), *maps2, "--workers=2",
+                       f"--stats={self.tmp}/ras-w2.json"]  # fmt: skip
+            start("ras-w2", server2, True)
+            tls_maps = [f"--map={23140 + i}:{PEER + i}" for i in range(PORTS)]
             start(
                 "ras-tls",
                 [PY, str(HERE / "relay_server.py"), *tls_maps, f"--cert={cert}", f"--key={key}",
@@ -176,17 +208,42 @@ class Bench:
         secs = max(float(r["seconds"]) for r in runs)  # type: ignore[arg-type]
         return {"MBps": round(total / secs / 1e6, 1)}
 
+    def cload_run(self, path: str, *args: str) -> list[dict[str, object]]:
+        """The C load generator against ``path``'s C-echo port: (1 process, JSON)."""
+        assert self.cload is not None
+        port = PATHS[path][0] + CECHO
+        out = subprocess.run([self.cload, args[0], str(port), *args[1:]], capture_output=True,
+                             check=True, timeout=600)  # fmt: skip
+        return [json.loads(out.stdout.decode().strip().splitlines()[-1])]
+
+    def use_c(self, path: str) -> bool:
+        return self.cload is not None and not PATHS[path][1]
+
     def echo(self, path: str) -> dict[str, object]:
-        run = self.load(path, "echo", 1, f"--count={self.args.echo_count}")[0]
-        return {"median_us": round(run["median_us"], 1), "p99_us": round(run["p99_us"], 1)}  # type: ignore[arg-type]
+        if self.use_c(path):
+            run = self.cload_run(path, "echo", str(self.args.echo_count))[0]
+        else:
+            run = self.load(path, "echo", 1, f"--count={self.args.echo_count}")[0]
+        value = {"median_us": round(run["median_us"], 1), "p99_us": round(run["p99_us"], 1)}  # type: ignore[arg-type]
+        value["loadgen"] = "C" if self.use_c(path) else "python"
+        return value
 
     def cps(self, path: str) -> dict[str, object]:
-        runs = self.load(path, "cps", 2, "--concurrency=16", f"--seconds={self.args.seconds}")
+        if self.use_c(path):
+            runs = self.cload_run(path, "cps", "32", str(self.args.seconds))
+        else:
+            runs = self.load(path, "cps", 2, "--concurrency=16", f"--seconds={self.args.seconds}")
         ok = sum(int(r["ok"]) for r in runs)  # type: ignore[call-overload]
-        return {
+        value: dict[str, object] = {
             "per_s": round(ok / self.args.seconds),
-            "errors": sum(int(r["errors"]) for r in runs),
-        }  # type: ignore[call-overload]
+            "errors": sum(int(r["errors"]) for r in runs),  # type: ignore[call-overload]
+        }
+        if self.use_c(path):
+            value["loadgen"] = "C"
+            value["loadgen_cpu_s"] = runs[0]["cpu_s"]
+        else:
+            value["loadgen"] = "python"
+        return value
 
     def rdp(self, path: str) -> dict[str, object]:
         runs = self.load(path, "rdp", 2, "--streams=8", f"--seconds={self.args.seconds}")
@@ -282,6 +339,7 @@ def main() -> None:
                    default=[500, 1000, 2000, 3000, 4000], help="session counts to try")  # fmt: skip
     p.add_argument("--users-seconds", type=float, default=10.0)
     p.add_argument("--cases", default="bulk1,bulk16,echo,cps,rdp,idle,users")
+    p.add_argument("--paths", default=",".join(PATHS), help="paths to measure (direct first)")
     args = p.parse_args()
     if args.quick:
         args.seconds, args.idle, args.echo_count = 1.0, 500, 500
@@ -292,7 +350,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         bench = Bench(args, Path(tmp))
         with bench.running():
-            for path in PATHS:
+            for path in args.paths.split(","):
                 print(f"== {path}", flush=True)
                 tls = PATHS[path][1]
                 if "bulk1" in cases:
@@ -305,7 +363,7 @@ def main() -> None:
                     bench.measured("cps", path, lambda path=path: bench.cps(path))
                 if "rdp" in cases:
                     bench.measured("rdp", path, lambda path=path: bench.rdp(path))
-                if "idle" in cases and path not in ("direct", "socat"):
+                if "idle" in cases and path not in ("direct", "socat", "ras-w2"):
                     bench.measured("idle", path, lambda path=path: bench.idle(path))
                 if "users" in cases and tls:
                     bench.measured("users", path, lambda path=path: bench.users(path))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import resource
 import signal
 import ssl
@@ -22,9 +23,10 @@ from pathlib import Path
 import trio
 
 from ras.net.fastio import TLSStream, server_tls
+from ras.net.listen import accept_loop, open_listeners
 from ras.net.relay import relay
 from ras.net.tls import connect_tcp
-from ras.net.workers import tune_gc
+from ras.net.workers import run_workers, tune_gc
 from ras.pki import server_context
 
 pauses: list[float] = []
@@ -38,7 +40,9 @@ def on_gc(phase: str, info: dict[str, int]) -> None:
         pauses.append((time.perf_counter() - _started[0]) * 1000)
 
 
-async def serve(listen: int, target: int, ctx: ssl.SSLContext | None) -> None:
+async def serve(
+    listen: int, target: int, ctx: ssl.SSLContext | None, reuse_port: bool = False
+) -> None:
     async def handle(stream: trio.SocketStream) -> None:
         front: trio.abc.Stream = stream
         try:
@@ -54,8 +58,10 @@ async def serve(listen: int, target: int, ctx: ssl.SSLContext | None) -> None:
             return
         await relay(front, host)
 
-    listeners = await trio.open_tcp_listeners(listen, host="127.0.0.1", backlog=4096)
-    await trio.serve_listeners(handle, listeners)
+    listeners = await open_listeners("127.0.0.1", listen, backlog=4096, reuse_port=reuse_port)
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_loop, listener, handle, nursery)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -65,9 +71,9 @@ async def main(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         for mapping in args.map:
             listen, target = (int(p) for p in mapping.split(":"))
-            nursery.start_soon(serve, listen, target, ctx)
+            nursery.start_soon(serve, listen, target, ctx, args.workers > 1)
         with trio.open_signal_receiver(signal.SIGUSR1) as signals:
-            print("ready", flush=True)
+            os.write(1, b"ready\n")  # one write: several workers share the pipe
             async for _ in signals:
                 natural = list(pauses)  # the collections that happened on their own
                 started = time.perf_counter()
@@ -88,5 +94,14 @@ if __name__ == "__main__":
     parser.add_argument("--cert", type=Path)
     parser.add_argument("--key", type=Path)
     parser.add_argument("--stats", type=Path, required=True)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the ports (SO_REUSEPORT)"
+    )
     resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
-    trio.run(main, parser.parse_args())
+    args = parser.parse_args()
+
+    def one() -> int:
+        trio.run(main, args)
+        return 0
+
+    raise SystemExit(run_workers(args.workers, one))

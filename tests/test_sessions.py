@@ -109,6 +109,7 @@ def test_a_report_touches_only_its_host_and_a_confirmed_launch_no_longer_expires
     assert len(table) == 0
     assert table.affinity("carol", kinds) == []
 
+
 # -- through a real broker and agent -------------------------------------------------------------
 
 # The "log off" a test host can do: take the session's entry out of utmp (what a real session

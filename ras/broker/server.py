@@ -1,8 +1,9 @@
 """The Connection Broker daemon: gateways and agents over mutual TLS.
 
 Two listeners. Gateways (``gateway_port``) open a long-lived link (``gateway_register``) and one
-connection per client session (``client_session``), on which they relay the client's requests
-and redeem the tickets of the tunnels they are asked to open. Agents (``agent_port``) register
+connection per client session (``client_session``), on which they relay the client's requests,
+and a few redemption connections, on which they redeem the tickets of the tunnels they are asked
+to open (each ``redeem_ticket`` naming its client). Agents (``agent_port``) register
 the host they run on and report its load. Both present a certificate from the farm CA; the
 name in it is who they are (an agent may only register the host its certificate names; a
 ticket can only be redeemed by the gateway it was issued through).
@@ -17,6 +18,7 @@ broker decides and why is in ``docs/broker.md``.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import re
 import time
@@ -134,6 +136,11 @@ class _AgentLink:
 
 
 MAX_CHALLENGE_ROUNDS = 5
+# Thousands of agent links make a large heap of long-lived objects. With CPython's default
+# thresholds (700, 10, 10) the collector walked all of it every few seconds, stalling every
+# launch for 0.3-3 s with 5,000 agents (benchmarks/README.md, "Broker"); young garbage still
+# goes at every 20,000 allocations, the full walks come far less often.
+GC_THRESHOLDS = (20_000, 20, 10)
 _REDEMPTION_IDLE_S = 120.0  # a gateway's redemption connection idle this long is closed
 _PROMPT_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
 
@@ -182,6 +189,7 @@ class Broker:
         self, *, task_status: trio.TaskStatus[dict[str, tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.config
+        gc.set_threshold(*GC_THRESHOLDS)
         async with trio.open_nursery() as nursery:
             listen = partial(serve_tcp, host=cfg.listen_host, log=log, ssl_context=self._ssl)
             gw = await nursery.start(
