@@ -614,7 +614,7 @@ MESSAGE_STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
         GatewayList,
         st.lists(st.builds(GatewayEntry, _names, _hosts, _ports), max_size=3).map(tuple),
     ),
-    MessageType.REDEEM_TICKET: st.builds(RedeemTicket, _text(2048)),
+    MessageType.REDEEM_TICKET: st.builds(RedeemTicket, _text(2048), st.just("") | _hosts),
     MessageType.TICKET_OK: st.builds(TicketOk, _hosts, _ports, _text(256), _names),
     MessageType.PING: st.builds(Ping, _nonce),
     MessageType.PONG: st.builds(Pong, _nonce),
@@ -1442,3 +1442,17 @@ def test_error_codes_are_stable_wire_values() -> None:
         "THROTTLED": 205, "NO_HOST": 500, "HOST_UNREACHABLE": 501, "UNAVAILABLE": 502,
         "TIMEOUT": 503, "INTERNAL": 504,
     }  # fmt: skip
+
+
+def test_redeem_ticket_names_its_client_only_on_a_redemption_connection() -> None:
+    # a per-client connection's redeem_ticket is unchanged on the wire (client left out) ...
+    assert encode_body(RedeemTicket(TICKET)) == b'{"type":"redeem_ticket","ticket":"%s"}' % (
+        TICKET.encode()
+    )
+    # ... a redemption connection's names the client, and it must be an address or host name
+    pooled = RedeemTicket(TICKET, "198.51.100.7")
+    assert encode_body(pooled).endswith(b',"client":"198.51.100.7"}')
+    assert decode_body(encode_body(pooled)) == pooled
+    assert TICKET not in repr(pooled)
+    with pytest.raises(RemoteProtocolError, match="client"):
+        decode_body(b'{"type":"redeem_ticket","ticket":"t1.x.y","client":"a b"}')

@@ -14,12 +14,26 @@ import pytest
 import trio
 from farmkit import PASSWORD, USER, Listener, add_gateway, farm
 
+from ras.broker.server import Broker
+from ras.broker.store import SQLiteStore
 from ras.broker.tickets import TicketAuthority
 from ras.client.session import ClientSession
 from ras.errors import AuthError, ErrorCode, TransportError
-from ras.net.channel import Channel, PeerError
+from ras.net.channel import Channel, PeerError, greet
+from ras.net.tls import connect_tls
+from ras.pki import client_context
+from ras.protocol import (
+    Authenticate,
+    Hello,
+    Mode,
+    OpenTunnel,
+    RedeemTicket,
+    Role,
+    Side,
+    TicketOk,
+    Welcome,
+)
 from ras.protocol import ClientSession as ClientSessionMsg
-from ras.protocol import Hello, Mode, OpenTunnel, RedeemTicket, Role, Side, Welcome
 
 
 @pytest.fixture
@@ -237,3 +251,102 @@ async def test_gateway_says_unavailable_when_the_broker_is_down(tmp_path, hosts,
         assert info.value.code is ErrorCode.UNAVAILABLE
         # the gateway itself keeps serving: a fresh connection still gets a welcome
         await (await ClientSession.connect(f.client_config("lonely"))).aclose()
+
+
+# -- the gateway's pooled redemption connections (ras.gateway.brokerpool) ---------------------
+
+
+async def _redemption_connection(f, addrs: tuple[str, int], gateway: str) -> Channel:
+    """What a gateway's pool opens: mutual TLS with ``gateway``'s farm certificate, no
+    client_session; each request a redeem_ticket naming its client."""
+    cert, key = f.pki.ensure(gateway)
+    ctx = client_context(f.pki.ca_path, cert_file=cert, key_file=key)
+    stream = await connect_tls(addrs[0], addrs[1], ctx, server_hostname="localhost")
+    return await greet(stream, Role.GATEWAY, "test")
+
+
+async def test_a_used_ticket_stays_used_after_a_broker_restart(tmp_path, hosts):
+    host, decoy = hosts
+    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)]) as f:
+        cfg = f.client_config()
+        ticket = await _ticket(cfg)
+        tunnel = await ClientSession(cfg, None).open_tunnel(ticket)  # type: ignore[arg-type]
+        await tunnel.aclose()
+        # a second broker process on the same database (what a restart leaves): nothing of
+        # the first one's memory, and the ticket is still within its ttl
+        store = SQLiteStore(f.broker.config.database)
+        try:
+            async with trio.open_nursery() as nursery:
+                again = Broker(f.broker.config, store)
+                addrs = await nursery.start(again.serve)
+                with trio.fail_after(30):
+                    async with await _redemption_connection(
+                        f, addrs["gateways"], "gateway"
+                    ) as chan:
+                        with pytest.raises(PeerError) as info:
+                            await chan.request(RedeemTicket(ticket, "127.0.0.1"))
+                        assert info.value.code is ErrorCode.TICKET_INVALID
+                        # a fresh ticket of the farm is good there: the refusal was the reuse
+                        fresh = await _ticket(cfg)
+                        granted = await chan.request(RedeemTicket(fresh, "127.0.0.1"))
+                        assert isinstance(granted, TicketOk)
+                        assert (granted.host, granted.port) == ("127.0.0.1", host.port)
+                nursery.cancel_scope.cancel()
+        finally:
+            store.close()
+    assert host.connections == 1
+    assert decoy.connections == 0
+
+
+async def test_a_redemption_connection_keeps_every_check(tmp_path, hosts):
+    host, decoy = hosts
+    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)]) as f:
+        addrs = f.broker_addrs["gateways"]
+        cfg = f.client_config()
+        ticket = await _ticket(cfg)  # issued through "gateway" to 127.0.0.1
+        with trio.fail_after(30):
+            # another gateway's certificate, or another client address: refused, not burnt
+            async with await _redemption_connection(f, addrs, "gw-other") as chan:
+                with pytest.raises(PeerError) as info:
+                    await chan.request(RedeemTicket(ticket, "127.0.0.1"))
+                assert info.value.code is ErrorCode.TICKET_INVALID
+            async with await _redemption_connection(f, addrs, "gateway") as chan:
+                with pytest.raises(PeerError) as info:
+                    await chan.request(RedeemTicket(ticket, "127.0.0.2"))
+                assert info.value.code is ErrorCode.TICKET_INVALID
+                # the connection serves on: the right client gets it once, then never again
+                assert isinstance(await chan.request(RedeemTicket(ticket, "127.0.0.1")), TicketOk)
+                with pytest.raises(PeerError) as info:
+                    await chan.request(RedeemTicket(ticket, "127.0.0.1"))
+                assert info.value.code is ErrorCode.TICKET_INVALID
+                # nothing but redemptions naming their client: a login is refused and closed
+                with pytest.raises(PeerError) as info:
+                    await chan.request(Authenticate(USER, PASSWORD))
+                assert info.value.code is ErrorCode.UNEXPECTED
+            # a redeem_ticket without a client cannot open such a connection
+            async with await _redemption_connection(f, addrs, "gateway") as chan:
+                with pytest.raises(PeerError) as info:
+                    await chan.request(RedeemTicket(await _ticket(cfg)))
+                assert info.value.code is ErrorCode.UNEXPECTED
+    assert host.connections == 0
+    assert decoy.connections == 0
+
+
+async def test_tunnels_share_a_few_broker_connections_and_survive_a_broken_one(tmp_path, hosts):
+    host, _ = hosts
+    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)]) as f:
+        gw = f.gateways["gateway"]
+        cfg = f.client_config(mode=Mode.GATEWAY)
+        tickets = [await _ticket(cfg) for _ in range(6)]
+        with trio.fail_after(60):
+            for ticket in tickets[:3]:  # one after another: one connection serves them all
+                await (await ClientSession(cfg, None).open_tunnel(ticket)).aclose()  # type: ignore[arg-type]
+            assert gw.redeemer.open == 1
+            # the broker end of it breaks while it is idle (a broker restart looks the same):
+            # the next tunnel is still granted, on a fresh connection
+            idle = gw.redeemer._idle[0][0]
+            await idle.stream.transport_stream.aclose()  # type: ignore[attr-defined]
+            for ticket in tickets[3:]:
+                await (await ClientSession(cfg, None).open_tunnel(ticket)).aclose()  # type: ignore[arg-type]
+            assert gw.redeemer.open == 1
+    assert host.connections == 6

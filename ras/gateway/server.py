@@ -14,8 +14,9 @@ A normal gateway gives the control protocol a client session; HTTP on the plain 
 HTTP-01 answers or a redirect to HTTPS; anything else is closed with a log line. A client
 session answers ``hello`` itself, relays the client's requests to the broker over mutual TLS
 (``client_session`` first, so the broker knows the client's address), and on ``open_tunnel``
-redeems the ticket at the broker and connects to the host:port the broker names, never to
-anything the client names. Then it relays bytes unchanged until either side ends, and audits
+redeems the ticket at the broker (on one of a few pooled connections, ``ras.gateway.brokerpool``,
+naming the client) and connects to the host:port the broker names, never to anything the
+client names. Then it relays bytes unchanged until either side ends, and audits
 the tunnel. A forwarding gateway passes every connection on instead (``ras.gateway.forward``).
 
 The long-lived link to the broker registers the gateway, keeps it alive with pings and takes

@@ -416,8 +416,7 @@ class SocketLeg(Leg):
     def __init__(self, stream: trio.SocketStream) -> None:
         super().__init__(stream)
         self.socket = stream.socket
-        self.fd = self.socket.fileno()
-        set_nodelay(self.socket)
+        self.fd = self.socket.fileno()  # trio.SocketStream has set TCP_NODELAY already
 
     def try_receive_into(self, view: memoryview) -> int:
         assert self.fd is not None

@@ -29,13 +29,17 @@ from dataclasses import dataclass, field
 import trio
 
 from ras.net.channel import aclose_quietly
-from ras.net.fastio import PIPE_SIZE, PIPES, POOL, Leg, Yielder, leg_for
+from ras.net.fastio import PIPE_SIZE, PIPES, POOL, Leg, Yielder, leg_for, write_fd
 
-__all__ = ["RelayStats", "abort", "relay"]
+__all__ = ["SPLICED", "RelayStats", "abort", "relay"]
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+#: In splice mode, a splice that moves less than this goes back to read/write.
+_SPLICE_BELOW = 16 * 1024
+#: Splices done (both directions, all tunnels): the benchmark checks bulk really splices.
+SPLICED = [0]
 
 
 @dataclass(slots=True)
@@ -106,8 +110,45 @@ async def _copy(src: Leg, dst: Leg, stats: RelayStats, forward: bool) -> None:
             return
 
 
-async def _splice(src: int, dst: int, stats: RelayStats, forward: bool) -> None:
-    """Socket to pipe to socket in the kernel, until the end of ``src``."""
+async def _plain(src: int, dst: int, stats: RelayStats, forward: bool) -> None:
+    """Between two plain sockets, until the end of ``src``. Small reads (an echo, an RDP
+    message) go through a pooled buffer with one ``read`` and one ``write``: fewer syscalls
+    and less latency than two splices. A read that fills the buffer means bulk, and bulk
+    moves by splice until a splice moves less than ``_SPLICE_BELOW`` (the stream calmed)."""
+    yielder = Yielder()
+    size = POOL.size
+    while True:
+        buf = POOL.take()
+        try:
+            try:
+                n = os.readv(src, (buf,))
+            except BlockingIOError:
+                n = -1
+            if n > 0:
+                stats.hold(n)
+                view = memoryview(buf)[:n]
+                try:
+                    sent = os.write(dst, view)
+                except BlockingIOError:
+                    sent = 0
+                if sent < n:
+                    await write_fd(dst, view[sent:], yielder)
+                stats.count(n, forward)
+        finally:
+            POOL.give(buf)
+        if n < 0:
+            await trio.lowlevel.wait_readable(src)
+        elif n == 0:
+            return
+        elif n < size:  # a message: the socket is most likely empty now, skip the retry
+            await trio.lowlevel.wait_readable(src)
+        elif await _splice(src, dst, stats, forward):
+            return
+
+
+async def _splice(src: int, dst: int, stats: RelayStats, forward: bool) -> bool:
+    """Socket to pipe to socket in the kernel while the stream is bulk: True at the end of
+    ``src``, False when a splice moved less than ``_SPLICE_BELOW``."""
     yielder = Yielder()
     while True:
         pipe = PIPES.take()
@@ -128,6 +169,7 @@ async def _splice(src: int, dst: int, stats: RelayStats, forward: bool) -> None:
                         continue
                     await yielder.tick()
                 stats.count(n, forward)
+                SPLICED[0] += 1
             empty = True
         finally:
             if empty:
@@ -137,7 +179,9 @@ async def _splice(src: int, dst: int, stats: RelayStats, forward: bool) -> None:
         if n < 0:
             await trio.lowlevel.wait_readable(src)
         elif n == 0:
-            return
+            return True
+        elif n < _SPLICE_BELOW:
+            return False
 
 
 async def _direction(
@@ -154,7 +198,7 @@ async def _direction(
             await dst.send(memoryview(prefix), Yielder())
             stats.count(len(prefix), forward)
         if src.fd is not None and dst.fd is not None:
-            await _splice(src.fd, dst.fd, stats, forward)
+            await _plain(src.fd, dst.fd, stats, forward)
         else:
             await _copy(src, dst, stats, forward)
     except _BROKEN:
@@ -187,6 +231,15 @@ async def relay(a: trio.abc.Stream, b: trio.abc.Stream) -> RelayStats:
             await abort(a)
             await abort(b)
         else:
-            await aclose_quietly(a)
-            await aclose_quietly(b)
+            await _close(a)
+            await _close(b)
     return stats
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Close ``stream``; a plain socket at once (no cancel scope, no checkpoint: a few
+    microseconds less per tunnel), anything else with ``aclose_quietly``."""
+    if type(stream) is trio.SocketStream:
+        stream.socket.close()
+    else:
+        await aclose_quietly(stream)
