@@ -162,3 +162,27 @@ async def test_the_tls_port_refuses_tls_1_1_and_cbc_ciphers(tmp_path):
             assert refused, version
         # and a modern client is served
         assert await _peer_cert(tls, ca)
+
+
+async def test_a_gateway_with_two_workers_stays_online_and_both_get_the_pushes(tmp_path, nursery):
+    """``workers = 2`` gives two links under one certificate name: both get the ACME tokens,
+    and the gateway stays online for the broker (and the HALB's list) while either is up."""
+
+    async def worker(f, *, task_status=trio.TASK_STATUS_IGNORED):
+        async with trio.open_nursery() as own:
+            task_status.started((await add_gateway(f, own, "twin"), own.cancel_scope))
+            await trio.sleep_forever()
+
+    async with farm(tmp_path) as f:
+        one, stop_one = await nursery.start(worker, f)
+        two, stop_two = await nursery.start(worker, f)
+        await _until(lambda: one.registered.is_set() and two.registered.is_set(), "registered")
+        await _until(lambda: f.broker.gateways["twin"].links == 2, "two links")
+        await f.broker.links.publish_acme(TOKEN, KEY_AUTHORIZATION)
+        await _until(lambda: TOKEN in one.challenges and TOKEN in two.challenges, "both pushed")
+
+        stop_two.cancel()  # one worker stops
+        await _until(lambda: f.broker.gateways["twin"].links == 1, "one link left")
+        assert f.broker.gateways["twin"].online
+        stop_one.cancel()
+        await _until(lambda: not f.broker.gateways["twin"].online, "offline with no link")

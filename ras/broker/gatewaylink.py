@@ -28,7 +28,8 @@ class GatewayLinks:
     """The online gateways' links and the state pushed to them."""
 
     def __init__(self) -> None:
-        self._links: dict[str, Channel] = {}
+        # a gateway with worker processes (``workers = N``) has one link per worker
+        self._links: dict[str, list[Channel]] = {}
         self.challenges: dict[str, AcmeChallenge] = {}
         self.certificate: PublicCertificate | None = None
 
@@ -38,7 +39,7 @@ class GatewayLinks:
 
     async def attach(self, gateway: str, chan: Channel) -> None:
         """A gateway registered on ``chan``: send it the current state, then keep it."""
-        self._links[gateway] = chan
+        self._links.setdefault(gateway, []).append(chan)
         state: list[Message] = list(self.challenges.values())
         if self.certificate is not None:
             state.append(self.certificate)
@@ -46,8 +47,11 @@ class GatewayLinks:
             await self._push_one(gateway, chan, msg)
 
     def detach(self, gateway: str, chan: Channel) -> None:
-        if self._links.get(gateway) is chan:
-            del self._links[gateway]
+        chans = self._links.get(gateway, [])
+        if chan in chans:
+            chans.remove(chan)
+        if not chans:
+            self._links.pop(gateway, None)
 
     async def publish_acme(self, token: str, key_authorization: str) -> None:
         """Have every gateway answer the HTTP-01 challenge of ``token``."""
@@ -71,7 +75,7 @@ class GatewayLinks:
 
     async def _push(self, msg: Message) -> None:
         async with trio.open_nursery() as nursery:
-            for gateway, chan in list(self._links.items()):
+            for gateway, chan in [(g, c) for g, cs in self._links.items() for c in cs]:
                 nursery.start_soon(self._push_one, gateway, chan, msg)
 
     async def _push_one(self, gateway: str, chan: Channel, msg: Message) -> None:

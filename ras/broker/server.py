@@ -108,7 +108,11 @@ class GatewayInfo:
     public_host: str
     public_port: int
     since: float
-    online: bool = True
+    links: int = 0  # registered links: one per worker process of the gateway
+
+    @property
+    def online(self) -> bool:
+        return self.links > 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,9 +297,23 @@ class Broker:
                 ErrorCode.FORBIDDEN, f"certificate is for {gateway!r}, not {reg.name!r}"
             )
             return
-        info = GatewayInfo(gateway, reg.public_host, reg.public_port, time.time())
-        self.gateways[gateway] = info
-        log.info("gateway online name=%s public=%s:%d", gateway, reg.public_host, reg.public_port)
+        info = self.gateways.get(gateway)
+        if info is None or (info.public_host, info.public_port) != (
+            reg.public_host,
+            reg.public_port,
+        ):
+            info = GatewayInfo(gateway, reg.public_host, reg.public_port, time.time())
+            self.gateways[gateway] = info
+        if not info.online:
+            info.since = time.time()
+        info.links += 1
+        log.info(
+            "gateway online name=%s public=%s:%d links=%d",
+            gateway,
+            reg.public_host,
+            reg.public_port,
+            info.links,
+        )
         await chan.send(Registered(gateway, self.config.report_interval_s))
         try:
             await self.links.attach(gateway, chan)
@@ -305,9 +323,11 @@ class Broker:
                 if isinstance(msg, Ping):
                     await chan.send(Pong(msg.nonce))
         finally:
-            info.online = False
+            info.links -= 1
             self.links.detach(gateway, chan)
-            log.info("gateway offline name=%s", gateway)
+            log.info("gateway link closed name=%s links=%d", gateway, info.links)
+            if not info.online:
+                log.info("gateway offline name=%s", gateway)
 
     async def _client_session(self, chan: Channel, gateway: str, origin: ClientSession) -> None:
         client = origin.address
