@@ -46,11 +46,11 @@ from ras.gateway.forward import Forwarder, path_of
 from ras.gateway.http import plain_http, refuse_http
 from ras.gateway.limits import Refusal, Slot, SourceLimits
 from ras.gateway.rdplb import RdpBalancer
-from ras.gateway.tunnels import Tunnels, format_path, socket_of
+from ras.gateway.tunnels import Tunnels, format_path
 from ras.net.channel import Channel, PeerError, greet
 from ras.net.fastio import server_tls
 from ras.net.listen import serve_tcp
-from ras.net.relay import relay
+from ras.net.relay import relay, socket_of
 from ras.net.sniff import Kind, PrefixedStream, sniff
 from ras.net.tasks import race, reconnecting
 from ras.net.tls import connect_tcp, connect_tls

@@ -26,24 +26,13 @@ from dataclasses import dataclass, field
 
 import trio
 
-__all__ = ["Tunnel", "Tunnels", "format_path", "socket_of"]
+from ras.net.relay import socket_of
+
+__all__ = ["Tunnel", "Tunnels", "format_path"]
 
 log = logging.getLogger("ras.gateway")
 _TCP_INFO_LAST_DATA_RECV = 52  # offset of tcpi_last_data_recv (u32, ms) in struct tcp_info
 _TCP_INFO_SIZE = 104
-
-
-def socket_of(stream: object) -> trio.socket.SocketType | None:
-    """The socket under a stack of stream wrappers (prefix, TLS), if there is one."""
-    for _ in range(8):
-        sock = getattr(stream, "socket", None)
-        if sock is not None:
-            return sock  # type: ignore[no-any-return]
-        inner = getattr(stream, "transport_stream", None) or getattr(stream, "stream", None)
-        if inner is None:
-            return None
-        stream = inner
-    return None
 
 
 def format_path(path: tuple[str, ...]) -> str:

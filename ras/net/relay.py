@@ -31,7 +31,7 @@ import trio
 from ras.net.channel import aclose_quietly
 from ras.net.fastio import PIPE_SIZE, PIPES, POOL, Leg, Yielder, leg_for, write_fd
 
-__all__ = ["SPLICED", "RelayStats", "abort", "relay"]
+__all__ = ["SPLICED", "RelayStats", "abort", "relay", "socket_of"]
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
@@ -66,9 +66,9 @@ class RelayStats:
             self.b_to_a += n
 
 
-def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
-    seen = 0
-    while seen < 8:
+def socket_of(stream: object) -> trio.socket.SocketType | None:
+    """The socket under a stack of stream wrappers (prefix, TLS), if there is one."""
+    for _ in range(8):
         sock = getattr(stream, "socket", None)
         if sock is not None:
             return sock  # type: ignore[no-any-return]
@@ -76,13 +76,12 @@ def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
         if inner is None:
             return None
         stream = inner
-        seen += 1
     return None
 
 
 async def abort(stream: trio.abc.Stream) -> None:
     """Close ``stream`` with a TCP reset (no FIN, unsent data dropped)."""
-    sock = _socket_of(stream)
+    sock = socket_of(stream)
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
