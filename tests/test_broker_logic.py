@@ -501,7 +501,7 @@ def test_a_damaged_stored_record_is_a_clear_state_error(db):
     store = SQLiteStore(db)
     try:
         store.put_object(HostRecord("h1"))
-        store._db.execute("UPDATE objects SET body = '{\"name\": \"h1\", \"colour\": 1}'")
+        store._db.execute('UPDATE objects SET body = \'{"name": "h1", "colour": 1}\'')
         with pytest.raises(StateError, match="stored host 'h1' is damaged: colour: unknown"):
             store.list_objects(HostRecord)
     finally:
