@@ -565,9 +565,12 @@ def _sessions_parser(sub: Any) -> None:
     ses = sub.add_parser("session", help="users' sessions").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
-    p = _leaf(ses, "list", _sessions, "sessions", "who is on which host, since when")
-    p.add_argument("--for-user", metavar="USER", help="only this user's sessions")
-    p.add_argument("--host", help="only the sessions on this host")
+    for p in (
+        _leaf(ses, "list", _sessions, "sessions", "who is on which host, since when"),
+        _leaf(sub, "sessions", _sessions, "sessions", "the same as `session list`"),
+    ):
+        p.add_argument("--for-user", metavar="USER", help="only this user's sessions")
+        p.add_argument("--host", help="only the sessions on this host")
     _leaf(
         ses,
         "logoff",
