@@ -3,7 +3,10 @@
 Processes: ``relay_peer.py`` (the far end: echo, sink, RDP-like and "users" ports), haproxy
 2.6 (``mode tcp``, ``nbthread 1``; plain and ``ssl crt`` frontends), socat (``fork``, plain
 only), and ``relay_server.py`` (our relay component, plain and TLS with a self-signed
-certificate from ``ras.pki``). The load comes from ``relay_load.py`` processes. Each case runs
+certificate from ``ras.pki``), and ``ras-tls-w2`` (the same with ``--workers 2``). The load
+comes from ``relay_load.py`` processes; the plain echo and new-tunnel cases use the C
+generator and echo peer of ``relay_cload.c``, and "users per gateway" the C TLS client and
+peer of ``relay_cusers.c`` (both built with gcc at the start). Each case runs
 on every path in turn; the table gives each figure and its ratio to haproxy (plain paths to
 haproxy, TLS paths to haproxy's TLS termination), and the CPU seconds the relay process used
 in the case. See benchmarks/README.md.
@@ -30,8 +33,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 PEER = 23000
-ECHO, SINK, RDP, USERS, CECHO = range(5)  # CECHO: the C echo peer
-PORTS = 5
+ECHO, SINK, RDP, USERS, CECHO, CUSERS = range(6)  # C*: the C echo and users peers
+PORTS = 6
 #: path name -> (first port, TLS?)
 PATHS = {
     "direct": (PEER, False),
@@ -41,10 +44,11 @@ PATHS = {
     "ras-w2": (23150, False),
     "haproxy-tls": (23110, True),
     "ras-tls": (23140, True),
+    "ras-tls-w2": (23160, True),
 }
 BASELINE = {"direct": None, "haproxy": None, "socat": "haproxy", "ras": "haproxy",
             "ras-w2": "haproxy",
-            "haproxy-tls": None, "ras-tls": "haproxy-tls"}  # fmt: skip
+            "haproxy-tls": None, "ras-tls": "haproxy-tls", "ras-tls-w2": "haproxy-tls"}  # fmt: skip
 
 
 def haproxy_config(pem: Path) -> str:
@@ -91,6 +95,18 @@ def build_cload(tmp: Path) -> str | None:
     return str(exe)
 
 
+def build_cusers(tmp: Path) -> str | None:
+    """Compile relay_cusers.c (the C users generator and peer, OpenSSL); None if that fails."""
+    exe = tmp / "relay_cusers"
+    cmd = ["gcc", "-O2", "-o", str(exe), str(HERE / "relay_cusers.c"), "-lssl", "-lcrypto"]
+    try:
+        subprocess.run(cmd, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"no C users generator ({exc}); users uses relay_load.py", flush=True)
+        return None
+    return str(exe)
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -105,6 +121,7 @@ class Bench:
         self.procs: dict[str, list[subprocess.Popen[bytes]]] = {}
         self.results: dict[str, dict[str, dict[str, object]]] = {}
         self.cload = build_cload(tmp)
+        self.cusers = build_cusers(tmp)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -133,6 +150,8 @@ class Bench:
             self.procs["haproxy-tls"] = self.procs["haproxy"]
             if self.cload:
                 start("cecho", [self.cload, "server", str(PEER + CECHO)], True)
+            if self.cusers:
+                start("cusers", [self.cusers, "peer", str(PEER + CUSERS)], True)
             for i in range(PORTS):
                 start(
                     "socat",
@@ -151,6 +170,13 @@ class Bench:
                 "ras-tls",
                 [PY, str(HERE / "relay_server.py"), *tls_maps, f"--cert={cert}", f"--key={key}",
                  f"--stats={self.tmp}/ras-tls.json"],
+                True,
+            )  # fmt: skip
+            tls_maps2 = [f"--map={23160 + i}:{PEER + i}" for i in range(PORTS)]
+            start(
+                "ras-tls-w2",
+                [PY, str(HERE / "relay_server.py"), *tls_maps2, f"--cert={cert}", f"--key={key}",
+                 "--workers=2", f"--stats={self.tmp}/ras-tls-w2.json"],
                 True,
             )  # fmt: skip
             time.sleep(1)
@@ -285,6 +311,57 @@ class Bench:
         return value
 
     def users(self, path: str) -> dict[str, object]:
+        return self.users_c(path) if self.cusers else self.users_python(path)
+
+    def users_c(self, path: str) -> dict[str, object]:
+        """Ramps N with relay_cusers (client and peer in C); stops at the first failed level.
+
+        A level passes with every session connected, no sequence gap, no session broken or
+        stalled, nothing dropped by the peer and p99 under 50 ms. Each level records the CPU
+        seconds of the relay, the generator and the peer, so the limit is visible.
+        """
+        assert self.cusers is not None
+        (peer,) = self.procs["cusers"]
+        port = PATHS[path][0] + CUSERS
+        pids = self.relay_pids(path)
+        best = 0
+        levels: list[dict[str, object]] = []
+        for n in self.args.users:
+            relay_cpu, peer_cpu = cpu_seconds(pids), cpu_seconds([peer.pid])
+            self.peer_report(peer)  # resets the peer's counters
+            cmd = [self.cusers, "users", str(port), str(n), str(self.args.users_rate),
+                   str(self.args.users_seconds), "tls" if PATHS[path][1] else "plain"]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, check=True, timeout=600)
+            run = json.loads(out.stdout.decode().strip().splitlines()[-1])
+            sent = self.peer_report(peer)
+            bad = int(run["failed"]) + int(run["lost"]) + int(run["stalled"])
+            bad += int(sent["overflow"]) + n - int(run["connected"])
+            ok = bad == 0 and run["messages"] > 0 and float(run["p99_ms"]) < 50
+            level = {
+                "sessions": n, "ok": ok, **{k: run[k] for k in (
+                    "connected", "failed", "lost", "stalled", "messages", "p50_ms", "p99_ms",
+                    "max_ms", "connect_s")},
+                "peer_overflow": sent["overflow"], "peer_late_max_ms": sent["late_max_ms"],
+                "relay_cpu_s": round(cpu_seconds(pids) - relay_cpu, 2),
+                "loadgen_cpu_s": run["cpu_s"],
+                "peer_cpu_s": round(cpu_seconds([peer.pid]) - peer_cpu, 2),
+                "load_avg": os.getloadavg()[0],
+            }  # fmt: skip
+            levels.append(level)
+            print(f"    users {path} {json.dumps(level)}", flush=True)
+            if not ok:
+                break
+            best = n
+        return {"users": best, "loadgen": "C", "levels": levels}
+
+    @staticmethod
+    def peer_report(peer: subprocess.Popen[bytes]) -> dict[str, object]:
+        """The C peer's counters since the last report (SIGUSR1, one JSON line back)."""
+        assert peer.stdout is not None
+        peer.send_signal(signal.SIGUSR1)
+        return json.loads(peer.stdout.readline())
+
+    def users_python(self, path: str) -> dict[str, object]:
         best = 0
         levels: list[dict[str, object]] = []
         for n in self.args.users:
@@ -335,9 +412,20 @@ def main() -> None:
         help="idle tunnels for the memory case (2 fds each: the hard fd limit here is 20,000)",
     )
     p.add_argument("--echo-count", type=int, default=5000)
-    p.add_argument("--users", type=lambda s: [int(x) for x in s.split(",")],
-                   default=[500, 1000, 2000, 3000, 4000], help="session counts to try")  # fmt: skip
-    p.add_argument("--users-seconds", type=float, default=10.0)
+    p.add_argument(
+        "--users",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[500, 1000, 2000, 3000, 4000, 6000],
+        help="session counts to try",
+    )
+    p.add_argument(
+        "--users-seconds",
+        type=float,
+        default=10.0,
+        help="measured seconds per level (after the ramp and 2 s of settling)",
+    )
+    p.add_argument("--users-rate", type=float, default=300.0,
+                   help="new sessions (TLS handshakes) a second while ramping up")  # fmt: skip
     p.add_argument("--cases", default="bulk1,bulk16,echo,cps,rdp,idle,users")
     p.add_argument("--paths", default=",".join(PATHS), help="paths to measure (direct first)")
     args = p.parse_args()
@@ -363,7 +451,7 @@ def main() -> None:
                     bench.measured("cps", path, lambda path=path: bench.cps(path))
                 if "rdp" in cases:
                     bench.measured("rdp", path, lambda path=path: bench.rdp(path))
-                if "idle" in cases and path not in ("direct", "socat", "ras-w2"):
+                if "idle" in cases and path not in ("direct", "socat", "ras-w2", "ras-tls-w2"):
                     bench.measured("idle", path, lambda path=path: bench.idle(path))
                 if "users" in cases and tls:
                     bench.measured("users", path, lambda path=path: bench.users(path))

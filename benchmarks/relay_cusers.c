@@ -82,7 +82,7 @@ static void raise_fd_limit(void) {
 struct pconn {
     int used;
     uint32_t seq;
-    int next; /* next fd in the same wheel slot, -1 at the end */
+    int slot, next; /* its wheel slot; the next fd in that slot, -1 at the end */
     char *out;
     int outlen, outcap;
 };
@@ -99,12 +99,16 @@ static void on_usr1(int sig) {
     report_wanted = 1;
 }
 
+/* Closes a session and unlinks it from its slot at once (its fd may be reused right away). */
 static void peer_close(int fd) {
+    int *link = &wheel[pc[fd].slot];
+    while (*link != fd) link = &pc[*link].next;
+    *link = pc[fd].next;
     close(fd);
     free(pc[fd].out);
     pc[fd].out = NULL;
     pc[fd].outlen = pc[fd].outcap = 0;
-    pc[fd].used = 0; /* unlinked from its wheel slot lazily */
+    pc[fd].used = 0;
 }
 
 static int queue_rest(int ep, int fd, const unsigned char *p, int n) {
@@ -166,17 +170,12 @@ static void peer_send(int ep, int fd) {
     }
 }
 
-/* Sends the messages of one wheel slot, unlinking the sessions that have closed. */
+/* Sends the messages of one wheel slot (a send that fails closes and unlinks that session). */
 static void peer_slot(int ep, int slot) {
-    int *link = &wheel[slot];
-    while (*link >= 0) {
-        int fd = *link;
-        if (!pc[fd].used) {
-            *link = pc[fd].next;
-            continue;
-        }
-        link = &pc[fd].next;
+    for (int fd = wheel[slot]; fd >= 0;) {
+        int next = pc[fd].next;
         peer_send(ep, fd);
+        fd = next;
     }
 }
 
@@ -215,7 +214,7 @@ static int peer(int port) {
                     }
                     setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                     int slot = rand() % 100;
-                    pc[c] = (struct pconn){.used = 1, .next = wheel[slot]};
+                    pc[c] = (struct pconn){.used = 1, .slot = slot, .next = wheel[slot]};
                     wheel[slot] = c;
                     struct epoll_event cev = {.events = EPOLLIN, .data.fd = c};
                     epoll_ctl(ep, EPOLL_CTL_ADD, c, &cev);
