@@ -18,7 +18,6 @@ broker decides and why is in ``docs/broker.md``.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import re
 import time
@@ -143,7 +142,8 @@ MAX_CHALLENGE_ROUNDS = 5
 # Thousands of agent links make a large heap of long-lived objects. With CPython's default
 # thresholds (700, 10, 10) the collector walked all of it every few seconds, stalling every
 # launch for 0.3-3 s with 5,000 agents (benchmarks/README.md, "Broker"); young garbage still
-# goes at every 20,000 allocations, the full walks come far less often.
+# goes at every 20,000 allocations, the full walks come far less often. The ``ras`` command
+# applies them (``ras.net.workers.tune_gc``) when it runs a broker.
 GC_THRESHOLDS = (20_000, 20, 10)
 _REDEMPTION_IDLE_S = 120.0  # a gateway's redemption connection idle this long is closed
 _PROMPT_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
@@ -193,7 +193,6 @@ class Broker:
         self, *, task_status: trio.TaskStatus[dict[str, tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         cfg = self.config
-        gc.set_threshold(*GC_THRESHOLDS)
         async with trio.open_nursery() as nursery:
             listen = partial(serve_tcp, host=cfg.listen_host, log=log, ssl_context=self._ssl)
             gw = await nursery.start(

@@ -12,7 +12,7 @@ from ras.agents.agent import Agent
 from ras.agents.config import AgentConfig
 from ras.broker.config import BrokerConfig
 from ras.broker.passwords import hash_password
-from ras.broker.server import Broker
+from ras.broker.server import GC_THRESHOLDS, Broker
 from ras.broker.store import SQLiteStore, UserRecord
 from ras.broker.totp import new_secret, otpauth_uri
 from ras.cli.common import EXIT, exit_code_for, load_config, run_daemon
@@ -48,6 +48,7 @@ def _run_broker(args: argparse.Namespace) -> int:
     except RasError as exc:
         print(f"ras broker: {exc}", file=sys.stderr)
         return exit_code_for(exc)
+    tune_gc(GC_THRESHOLDS)
     try:
         return run_daemon(broker.serve)
     finally:

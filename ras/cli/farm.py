@@ -11,9 +11,11 @@ from pathlib import Path
 
 import trio
 
+from ras.broker.server import GC_THRESHOLDS
 from ras.cli.common import exit_code_for, run_daemon
 from ras.errors import ConfigError, RasError
 from ras.farm import FarmPorts, FarmState, init_farm, run_farm
+from ras.net.workers import tune_gc
 
 __all__ = ["add_parser"]
 
@@ -96,6 +98,7 @@ def _up(args: argparse.Namespace) -> int:
             addrs = await nursery.start(run_farm, state)
             print(_next_steps(state, addrs), file=sys.stderr, flush=True)
 
+    tune_gc(GC_THRESHOLDS)  # the broker's: the farm's largest heap
     return run_daemon(main)
 
 

@@ -23,19 +23,24 @@ from collections.abc import Callable
 
 from ras.net.listen import set_reuse_port_default
 
-__all__ = ["run_workers", "tune_gc"]
+__all__ = ["RELAY_GC", "run_workers", "tune_gc"]
 
 log = logging.getLogger("ras.workers")
 
 
-def tune_gc() -> None:
-    """Move everything alive after start-up (modules, classes, config) out of the collector's
-    sight (``gc.freeze``) and collect the young generation less often. A tunnel is a few
-    dozen tracked objects, so at 10,000 tunnels a full collection walks hundreds of thousands
-    of objects; with these settings full collections are rare and short."""
+RELAY_GC = (50_000, 50, 100)
+
+
+def tune_gc(thresholds: tuple[int, int, int] = RELAY_GC) -> None:
+    """The garbage-collector settings of a long-running daemon, called once by the ``ras``
+    command at start-up (never by a library class: it is process-wide). Move everything alive
+    after start-up (modules, classes, config) out of the collector's sight (``gc.freeze``) and
+    collect less often. A tunnel is a few dozen tracked objects, so at 10,000 tunnels a full
+    collection walks hundreds of thousands of objects; with the default thresholds full
+    collections are rare and short. The broker passes its own (``ras.broker.server``)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
+    gc.set_threshold(*thresholds)
 
 
 def run_workers(n: int, run_one: Callable[[], int]) -> int:
