@@ -16,6 +16,8 @@ import pytest
 import trio
 from farmkit import PASSWORD, USER, Listener, add_gateway, farm
 
+from ras.broker.config import ResourceConfig
+from ras.broker.model import TicketScope
 from ras.broker.passwords import hash_password
 from ras.broker.routing import MAX_TOKEN_CHARS, Affinity, RoutingTokens
 from ras.broker.store import UserRecord
@@ -97,12 +99,48 @@ async def test_routing_token_reaches_the_host_unchanged_and_is_reusable(
     assert not any(token in m for m in lines)  # the token is a key: never logged
 
 
+async def test_a_routing_token_works_through_every_gateway_of_the_farm(
+    tmp_path, listeners, nursery
+):
+    """Behind a HALB VIP an RDP client lands on any gateway: a token issued through one is
+    routed by another (ticket_scope = "farm", the default), unless its resource is not
+    published through that one."""
+    host, _, decoy = listeners
+    only_gw = ResourceConfig("desktop", "Desktop", gateways=("gw",))
+    async with farm(tmp_path, gateways=(), rdp_hosts=[("host1", "127.0.0.1", host.port)]) as f:
+        await _gateway(f, nursery)
+        await _gateway(f, nursery, "other")
+        token = await _token(f)
+        cookie = f"Cookie: msts={token}"
+        wire = encode_connection_request(cookie) + PAYLOAD
+        assert await _rdp(f, cookie, gateway="other") == wire
+        assert await _rdp(f, cookie, gateway="gw") == wire
+    assert host.connections == 2
+    async with farm(
+        tmp_path / "restricted",
+        gateways=(),
+        rdp_hosts=[("host1", "127.0.0.1", host.port)],
+        resources=(only_gw,),
+    ) as f:
+        await _gateway(f, nursery)
+        await _gateway(f, nursery, "other")
+        token = await _token(f)
+        assert await _rdp(f, f"Cookie: msts={token}", gateway="other") == b""
+    assert host.connections == 2
+    assert decoy.connections == 0
+
+
 async def test_cookies_that_must_go_nowhere(tmp_path, listeners, nursery, caplog):
     """Addresses in cookies, edited, expired and foreign tokens, mstshash where it is off, no
     cookie: the gateway closes, and neither the host nor the decoy sees a connection."""
     caplog.set_level("INFO", logger="ras")
     host, _, decoy = listeners
-    async with farm(tmp_path, gateways=(), rdp_hosts=[("host1", "127.0.0.1", host.port)]) as f:
+    async with farm(
+        tmp_path,
+        gateways=(),
+        rdp_hosts=[("host1", "127.0.0.1", host.port)],
+        ticket_scope=TicketScope.GATEWAY,
+    ) as f:
         await _gateway(f, nursery)
         await _gateway(f, nursery, "other")
         token = await _token(f)
@@ -128,7 +166,7 @@ async def test_cookies_that_must_go_nowhere(tmp_path, listeners, nursery, caplog
             None,
         ]
         got = [await _rdp(f, cookie) for cookie in cookies]
-        # a token is bound to the gateway it was issued through
+        # with ticket_scope = "gateway", a token is bound to the gateway it was issued through
         got.append(await _rdp(f, f"Cookie: msts={token}", gateway="other"))
         # garbage and a trickled half request are closed too
         async with await trio.open_tcp_stream(*f.gateway_addrs["gw"]["rdp"]) as stream:

@@ -14,6 +14,8 @@ import pytest
 import trio
 from farmkit import PASSWORD, USER, Listener, add_gateway, farm
 
+from ras.broker.config import ResourceConfig
+from ras.broker.model import TicketScope
 from ras.broker.server import Broker
 from ras.broker.store import SQLiteStore
 from ras.broker.tickets import TicketAuthority
@@ -152,10 +154,50 @@ async def test_a_ticket_opens_one_tunnel_only(tmp_path, hosts):
     assert decoy.connections == 0
 
 
-async def test_another_gateways_ticket_is_refused(tmp_path, hosts):
+async def test_any_gateway_of_the_farm_redeems_a_ticket_once(tmp_path, hosts):
+    """ticket_scope = "farm" (the default): the tunnel may land on another gateway (behind a
+    HALB VIP, or the next server of the profile); still single-use and bound to the client."""
     host, decoy = hosts
     async with farm(
         tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)], gateways=("gw-a", "gw-b")
+    ) as f:
+        ticket = await _ticket(f.client_config("gw-a"))
+        tunnel = await ClientSession(f.client_config("gw-b"), None).open_tunnel(ticket)  # type: ignore[arg-type]
+        await tunnel.send_all(b"ping")
+        assert await tunnel.receive_some(4) == b"ping"
+        await tunnel.aclose()
+        for gateway in ("gw-a", "gw-b"):  # used: refused everywhere now
+            refused = await _refused(f.client_config(gateway), ticket)
+            assert refused.code is ErrorCode.TICKET_INVALID
+    assert host.connections == 1
+    assert decoy.connections == 0
+
+
+async def test_a_ticket_is_not_redeemed_where_its_resource_is_not_published(tmp_path, hosts):
+    host, decoy = hosts
+    only_a = ResourceConfig("desktop", "Desktop", gateways=("gw-a",))
+    async with farm(
+        tmp_path,
+        rdp_hosts=[("host1", "127.0.0.1", host.port)],
+        gateways=("gw-a", "gw-b"),
+        resources=(only_a,),
+    ) as f:
+        ticket = await _ticket(f.client_config("gw-a"))
+        assert (await _refused(f.client_config("gw-b"), ticket)).code is ErrorCode.TICKET_INVALID
+        # not burnt by the attempt: its own gateway still honours it
+        tunnel = await ClientSession(f.client_config("gw-a"), None).open_tunnel(ticket)  # type: ignore[arg-type]
+        await tunnel.aclose()
+    assert host.connections == 1
+    assert decoy.connections == 0
+
+
+async def test_gateway_scope_binds_a_ticket_to_its_gateway(tmp_path, hosts):
+    host, decoy = hosts
+    async with farm(
+        tmp_path,
+        rdp_hosts=[("host1", "127.0.0.1", host.port)],
+        gateways=("gw-a", "gw-b"),
+        ticket_scope=TicketScope.GATEWAY,
     ) as f:
         ticket = await _ticket(f.client_config("gw-a"))
         assert (await _refused(f.client_config("gw-b"), ticket)).code is ErrorCode.TICKET_INVALID
@@ -300,7 +342,11 @@ async def test_a_used_ticket_stays_used_after_a_broker_restart(tmp_path, hosts):
 
 async def test_a_redemption_connection_keeps_every_check(tmp_path, hosts):
     host, decoy = hosts
-    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)]) as f:
+    async with farm(
+        tmp_path,
+        rdp_hosts=[("host1", "127.0.0.1", host.port)],
+        ticket_scope=TicketScope.GATEWAY,
+    ) as f:
         addrs = f.broker_addrs["gateways"]
         cfg = f.client_config()
         ticket = await _ticket(cfg)  # issued through "gateway" to 127.0.0.1

@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ras.broker.ldapconfig import LdapConfig
-from ras.broker.model import Balancing, Factor, FactorRule, Filter, ResourceRecord
+from ras.broker.model import (
+    Balancing,
+    Factor,
+    FactorRule,
+    Filter,
+    ResourceRecord,
+    TicketScope,
+)
 from ras.broker.radius import RadiusConfig
 from ras.config import Invalid, check_host, check_port, check_positive
 from ras.protocol import ResourceKind
@@ -104,6 +111,10 @@ class BrokerConfig:
     gateway_port: int = 20002
     agent_port: int = 20003
     ticket_ttl_s: float = 60.0
+    # Which gateways may redeem a launch ticket or a routing token: "farm" (any gateway with a
+    # farm certificate; the resource's gateway filter is checked again for the redeeming one)
+    # or "gateway" (only the one it was issued through: no HALB or failover between them).
+    ticket_scope: TicketScope = TicketScope.FARM
     report_interval_s: float = 5.0
     host_timeout_s: float = 20.0
     handshake_timeout_s: float = 10.0

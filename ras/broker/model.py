@@ -31,6 +31,7 @@ __all__ = [
     "Factor",
     "FactorRule",
     "Filter",
+    "TicketScope",
     "GroupRecord",
     "HostKind",
     "HostRecord",
@@ -52,6 +53,15 @@ class Balancing(enum.StrEnum):
 
     RESOURCE = "resource"
     ROUND_ROBIN = "round_robin"
+
+
+class TicketScope(enum.StrEnum):
+    """Which gateways may redeem a launch ticket or a routing token: any gateway of the farm
+    (so a client's next connection may land on any gateway behind a HALB VIP or in its
+    profile's server list), or only the gateway it was issued through."""
+
+    FARM = "farm"
+    GATEWAY = "gateway"
 
 
 class Factor(enum.StrEnum):
@@ -147,6 +157,10 @@ class Filter:
                 address = address.ipv4_mapped
             if not any(address in net for net in self._networks):
                 return False
+        return self.allows_gateway(gateway)
+
+    def allows_gateway(self, gateway: str) -> bool:
+        """The gateway criterion alone (a ticket redeemed through another gateway)."""
         return not self.gateways or gateway.casefold() in {g.casefold() for g in self.gateways}
 
     def why_not(self, user: str, groups: Iterable[str], client: str, gateway: str) -> str:

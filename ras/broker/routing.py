@@ -289,8 +289,7 @@ async def _route(
     if msg.token:
         try:
             claims = _router(broker).tokens.verify(msg.token, now=time.time())
-            if claims.gateway != gateway:
-                raise TicketError(f"token was issued through gateway {claims.gateway!r}")
+            broker._check_redeeming_gateway(claims.gateway, claims.resource, gateway)
         except TicketError as exc:
             log.warning("route refused via=token %s reason=%s", where, exc)
             return ErrorCode.TICKET_INVALID, "routing token is not valid"

@@ -6,7 +6,9 @@ and a few redemption connections, on which they redeem the tickets of the tunnel
 to open (each ``redeem_ticket`` naming its client). Agents (``agent_port``) register
 the host they run on and report its load. Both present a certificate from the farm CA; the
 name in it is who they are (an agent may only register the host its certificate names; a
-ticket can only be redeemed by the gateway it was issued through).
+ticket is redeemed by a gateway of the farm, any of them with ``ticket_scope = "farm"``, the
+default, so that a client's tunnel may land on another gateway behind a HALB VIP, or only the
+one it was issued through with ``"gateway"``).
 
 A login goes: throttle (refused before the directory is asked), the directory (built-in or
 LDAP), the second factor the rules name (TOTP or RADIUS, in challenge rounds). The published
@@ -43,6 +45,7 @@ from ras.broker.model import (
     ResourceKind,
     ResourceRecord,
     SessionState,
+    TicketScope,
 )
 from ras.broker.radius import Accept, Challenge, RadiusClient, RadiusUnavailable
 from ras.broker.sessions import SessionTable
@@ -711,8 +714,7 @@ class Broker:
     ) -> Message | tuple[ErrorCode, str]:
         try:
             claims = self.tickets.verify(msg.ticket, now=time.time())
-            if claims.gateway != gateway:
-                raise TicketError(f"ticket was issued through gateway {claims.gateway!r}")
+            self._check_redeeming_gateway(claims.gateway, claims.resource, gateway)
             if claims.client != client:
                 raise TicketError(f"ticket was issued to client {claims.client}")
             if not await trio.to_thread.run_sync(self.store.redeem_once, claims.id, claims.expires):
@@ -721,15 +723,30 @@ class Broker:
             log.warning("ticket refused client=%s gateway=%s reason=%s", client, gateway, exc)
             return ErrorCode.TICKET_INVALID, "ticket is not valid"
         log.info(
-            "ticket redeemed user=%s resource=%s rdp=%s:%d client=%s gateway=%s",
+            "ticket redeemed user=%s resource=%s rdp=%s:%d client=%s gateway=%s issued_via=%s",
             claims.user,
             claims.resource,
             claims.host,
             claims.port,
             client,
             gateway,
+            claims.gateway,
         )
         return TicketOk(claims.host, claims.port, claims.user, claims.resource)
+
+    def _check_redeeming_gateway(self, issued_via: str, resource: str, gateway: str) -> None:
+        """A ticket or routing token issued through ``issued_via`` redeemed through ``gateway``
+        (``TicketError`` if not allowed): with ``ticket_scope = "farm"`` any gateway of the farm
+        may, so long as the resource is still published through it."""
+        if issued_via == gateway:
+            return
+        if self.config.ticket_scope is TicketScope.GATEWAY:
+            raise TicketError(f"it was issued through gateway {issued_via!r}")
+        record = next((r for r in self._config().resources if r.id == resource), None)
+        if record is None or not record.enabled:
+            raise TicketError(f"resource {resource!r} is no longer published")
+        if not record.filter.allows_gateway(gateway):
+            raise TicketError(f"resource {resource!r} is not published through this gateway")
 
     # -- agents -----------------------------------------------------------------------------
 
