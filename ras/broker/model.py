@@ -31,7 +31,6 @@ __all__ = [
     "Factor",
     "FactorRule",
     "Filter",
-    "TicketScope",
     "GroupRecord",
     "HostKind",
     "HostRecord",
@@ -40,6 +39,7 @@ __all__ = [
     "ResourceRecord",
     "SessionRecord",
     "SessionState",
+    "TicketScope",
 ]
 
 # Host, pool, resource and rule names: the protocol's names (an agent's host name is one).
