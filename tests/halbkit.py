@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from labkit import wait_until
+
 from ras.errors import ProtocolError
 from ras.lab import Host, Lab
 from ras.lab.daemons import (
@@ -55,7 +57,9 @@ class HalbLab:
 
     # -- gateways -----------------------------------------------------------------------------
 
-    def start_gateway(self, name: str) -> None:
+    def start_gateway(self, name: str, *, wait: bool = False) -> None:
+        """Start gateway ``name``; with ``wait``, return once it serves (a probe from the client
+        host, straight to it)."""
         host = self.gateways[name]
         conf = gateway_config(
             self.tmp / f"{name}.toml",
@@ -66,6 +70,16 @@ class HalbLab:
             trusted=self.lab.subnet,
         )
         self.procs[name] = host.popen([*RAS, "gateway", "--config", str(conf)])
+        if wait:
+            self.wait_gateway(name)
+
+    def wait_gateway(self, name: str, timeout: float = 20.0) -> None:
+        address = str(self.gateways[name].address)
+        wait_until(
+            lambda: probe(self.client, address, SERVICE_PORT, 0.5) is Probe.OK,
+            timeout,
+            what=f"{name} serves",
+        )
 
     # -- HALB nodes ---------------------------------------------------------------------------
 
@@ -78,7 +92,11 @@ class HalbLab:
         preempt: bool = True,
         preempt_delay_s: float = 0.0,
         offload: bool = False,
+        gateways: list[str] | None = None,
+        no_gateway_priority: int | None = None,
     ) -> Path:
+        """``gateways``: the names this node balances over (default: every gateway)."""
+        listed = self.gateways if gateways is None else {g: self.gateways[g] for g in gateways}
         conf = halb_config(
             self.tmp / f"{name}.toml",
             name,
@@ -86,12 +104,13 @@ class HalbLab:
             vrid=VRID,
             priority=priority,
             advert_s=advert_s,
-            gateways=self.gateways,
+            gateways=listed,
             listen_port=SERVICE_PORT,
             backend_port=SERVICE_PORT,
             health_port=SERVICE_PORT,
             preempt=preempt,
             preempt_delay_s=preempt_delay_s,
+            no_gateway_priority=no_gateway_priority,
             extra_services=self._offload_service() if offload else "",
         )
         return conf
@@ -238,4 +257,8 @@ def build(make_lab, tmp_path: Path, *, nodes: int = 3, gateways: int = 2) -> Hal
     hl.nodes = {n: lab.hosts[n] for n in names if n.startswith("h")}
     for name in hl.gateways:
         hl.start_gateway(name)
+    # Nodes start with every gateway serving: a node whose first health checks found none
+    # would start at its no-gateway priority, and the election would not be the one a test set.
+    for name in hl.gateways:
+        hl.wait_gateway(name)
     return hl

@@ -1,10 +1,13 @@
-"""HALB pieces that need no lab: config checks, capabilities, least-connections choice, and
-health checks against a real gateway (a port that only accepts TCP is not healthy)."""
+"""HALB pieces that need no lab: config checks, capabilities, least-connections choice, health
+checks against a real gateway (a port that only accepts TCP is not healthy), the retry of a
+failed connect on the next gateway, and gateway tracking (the priority follows the gateways)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -14,10 +17,14 @@ from farmkit import farm
 from labkit import await_until
 
 from ras.config import from_mapping
-from ras.errors import ConfigError
+from ras.errors import ConfigError, RasError
 from ras.halb.balancer import Balancer
 from ras.halb.config import GatewayRef, HalbConfig
+from ras.halb.daemon import Halb
 from ras.halb.vip import arp_announcement, missing_capabilities
+from ras.net.channel import Channel
+from ras.net.health import probe
+from ras.protocol import PROTOCOL_VERSION, Hello, Ping, Pong, Side, Welcome
 
 
 def _config(**kw):
@@ -42,11 +49,33 @@ def _config(**kw):
         ("advert_interval_s", 50.0, "centiseconds"),
         ("rise", 0, "at least 1"),
         ("interface", "x" * 16, "not an interface name"),
+        ("no_gateway_priority", 0, r"between 1 and priority \(100\)"),
+        ("no_gateway_priority", 101, r"between 1 and priority \(100\)"),
+        ("no_gateway_priority", True, "expected int"),
     ],
 )
 def test_bad_halb_config_names_the_key(key, value, message):
     with pytest.raises(ConfigError, match=f"halb.toml: key '{key}'.*{message}"):
         _config(**{key: value})
+
+
+def test_the_address_owner_cannot_follow_its_gateways():
+    with pytest.raises(ConfigError, match=r"key 'no_gateway_priority'.*address owner.*254"):
+        _config(priority=255, no_gateway_priority=100)
+    assert _config(priority=255).tracked_priority is None  # the owner keeps 255
+
+
+@pytest.mark.parametrize(
+    ("settings", "tracked"),
+    [
+        ({}, 1),  # by default: below every node that has a gateway
+        ({"priority": 150, "no_gateway_priority": 90}, 90),
+        ({"priority": 150, "no_gateway_priority": 150}, None),  # tracking off
+        ({"priority": 1}, None),  # nothing lower to drop to
+    ],
+)
+def test_priority_while_no_gateway_is_healthy(settings, tracked):
+    assert _config(**settings).tracked_priority == tracked
 
 
 def test_gateway_names_must_be_unique():
@@ -195,3 +224,164 @@ async def test_gateways_come_from_the_broker_too(tmp_path, nursery):
                 await chan.request(RedeemTicket("t1.x.y"))
         assert info.value.code is ErrorCode.UNEXPECTED
         nursery.cancel_scope.cancel()
+
+
+# -- gateway tracking ----------------------------------------------------------------------------
+
+
+async def test_the_priority_follows_the_gateways(nursery):
+    """No election runs here (it needs a lab): what the daemon asks of it is read back."""
+    halb = Halb(
+        _config(
+            priority=150,
+            no_gateway_priority=20,
+            gateways=[{"name": "a", "host": "10.0.0.1"}, {"name": "b", "host": "10.0.0.2"}],
+        )
+    )
+    bal, election = halb.balancer, halb.election
+    halb._track_gateways()
+    assert election.priority == 20  # a cold start: low until a check passes
+    nursery.start_soon(halb._follow_gateways)
+
+    async def priority_becomes(value: int) -> None:
+        with trio.fail_after(5):
+            await await_until(lambda: election.priority == value, what=f"priority {value}")
+
+    for _ in range(2):  # rise = 2
+        bal._result(bal.backends["a"], ok=True, why="")
+    await priority_becomes(150)
+    assert halb.status()["priority"] == 150
+    assert halb.status()["base_priority"] == 150
+    for _ in range(2):  # fall = 2: a is down, and no other gateway is up
+        bal._result(bal.backends["a"], ok=False, why="refused")
+    await priority_becomes(20)
+    for _ in range(2):
+        bal._result(bal.backends["b"], ok=True, why="")
+    await priority_becomes(150)
+    bal.set_gateways((GatewayRef("c", "10.0.0.3"),))  # a reload that leaves no healthy gateway
+    await priority_becomes(20)
+    assert halb.status()["priority"] == 20
+    assert halb.status()["base_priority"] == 150
+
+
+# -- a failed connect tries the next gateway -----------------------------------------------------
+
+
+async def _mini_gateway(stream: trio.SocketStream) -> None:
+    """A gateway's control port, as far as a health check or a probing client goes."""
+    async with Channel(stream, Side.SERVER) as chan:
+        with contextlib.suppress(RasError):  # the peer closed: done
+            if isinstance(await chan.receive(), Hello):
+                await chan.send(Welcome(PROTOCOL_VERSION, "mini-gateway"))
+                while True:
+                    msg = await chan.receive()
+                    if isinstance(msg, Ping):
+                        await chan.send(Pong(msg.nonce))
+
+
+async def _gateways_on_one_port(nursery, *hosts: str) -> tuple[int, list[trio.CancelScope]]:
+    """Mini gateways on ``hosts`` (loopback addresses), all on one port (the balancer's
+    backend port is per service). Cancel a scope to kill that gateway: its port refuses."""
+    for _ in range(20):
+        first = await trio.open_tcp_listeners(0, host=hosts[0])
+        port = first[0].socket.getsockname()[1]
+        try:
+            rest = [await trio.open_tcp_listeners(port, host=h) for h in hosts[1:]]
+        except OSError:  # the port is taken on another address: pick another
+            for lst in first:
+                await lst.aclose()
+            continue
+        scopes = []
+        for listeners in (first, *rest):
+            scope = trio.CancelScope()
+            scopes.append(scope)
+
+            async def serve(listeners=listeners, scope=scope) -> None:
+                with scope:
+                    await trio.serve_listeners(_mini_gateway, listeners)
+                for lst in listeners:
+                    await lst.aclose()
+
+            nursery.start_soon(serve)
+        return port, scopes
+    raise AssertionError("no port free on every address")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+async def _balancer_over(nursery, hosts: dict[str, str]) -> tuple[Balancer, list, str, int]:
+    """A balancer on VIP 127.0.0.3 over mini gateways; checks every hour (rise 1, fall 2), so
+    what happens between two checks is up to the forwarding alone."""
+    port, scopes = await _gateways_on_one_port(nursery, *hosts.values())
+    vip, listen = "127.0.0.3", _free_port("127.0.0.3")
+    bal = Balancer(
+        _config(
+            vips=[f"{vip}/32"],
+            services=[{"listen_port": listen, "backend_port": port, "proxy_protocol": False}],
+            gateways=[{"name": n, "host": h} for n, h in hosts.items()],
+            health_port=port,
+            health_interval_s=3600.0,
+            rise=1,
+            fall=2,
+            connect_timeout_s=2.0,
+        )
+    )
+    await nursery.start(bal.serve)
+    with trio.fail_after(10):
+        await bal.ready.wait()
+    assert all(b.healthy for b in bal.backends.values())
+    return bal, scopes, vip, listen
+
+
+async def test_a_gateway_killed_between_checks_costs_no_client_connection(nursery):
+    bal, (_, kill_b), vip, port = await _balancer_over(
+        nursery, {"a": "127.0.0.1", "b": "127.0.0.2"}
+    )
+    kill_b.cancel()  # b dies; the next health check is an hour away
+    with trio.fail_after(5):
+        await await_until(lambda: _refused("127.0.0.2", port=bal.config.health_port), what="b dead")
+    for _ in range(10):
+        with trio.fail_after(10):
+            await probe(vip, port, software="test-client")  # raises if not served
+    b = bal.backends["b"]
+    # b was tried (least connections, ties rotate), refused, and its failed connects took it
+    # down (fall = 2) with no health check: clients go straight to a now.
+    assert not b.healthy
+    assert b.last_error.startswith("forward: ")
+    assert bal.backends["a"].healthy
+    assert bal.backends["a"].total >= 10
+    with trio.fail_after(5):  # failed attempts left no connection counted
+        await await_until(
+            lambda: all(x.active == 0 for x in bal.backends.values()), what="no active left"
+        )
+
+
+async def test_a_client_is_given_up_once_every_gateway_refused(nursery):
+    bal, scopes, vip, port = await _balancer_over(nursery, {"a": "127.0.0.1", "b": "127.0.0.2"})
+    for scope in scopes:
+        scope.cancel()
+    with trio.fail_after(5):
+        await await_until(
+            lambda: all(_refused(h, bal.config.health_port) for h in ("127.0.0.1", "127.0.0.2")),
+            what="both dead",
+        )
+    with trio.fail_after(10), pytest.raises(RasError):
+        await probe(vip, port, software="test-client")
+    # each gateway was tried once, and each failure counts toward its fall
+    assert {n: (b.total, b.failures) for n, b in bal.backends.items()} == {
+        "a": (1, 1),
+        "b": (1, 1),
+    }
+
+
+def _refused(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.connect((host, port))
+        except ConnectionRefusedError:
+            return True
+        return False

@@ -232,3 +232,85 @@ def test_a_slow_vip_move_is_never_cut_short_by_a_timer(halb):
     halb.start_halb("h1", 150)
     _one_master(halb, "h1")
     wait_probe(halb, 5)
+
+
+# -- gateway tracking: the VIP follows the gateways ----------------------------------------------
+
+
+def _block_gateways(node, on: bool) -> None:
+    """The node's own connections to the gateways' port are reset (only from this node)."""
+    rule = ["OUTPUT", "-p", "tcp", "--dport", str(SERVICE_PORT), "-j", "REJECT"]
+    node.iptables("-A" if on else "-D", *rule, "--reject-with", "tcp-reset")
+
+
+def _priority(hl, name: str) -> int:
+    return hl.status(name)["priority"]  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("fault", ["stopped", "unreachable"])
+def test_a_master_without_gateways_hands_the_vip_to_a_backup_that_has_one(halb, fault):
+    """stopped: h1 balances over gw1 alone, h2 over gw2 alone, and gw1 dies. unreachable: both
+    list both gateways, and only h1 loses its way to them. Either way h1 (150) has no healthy
+    gateway, drops to its no-gateway priority, and h2 (100) preempts it; when h1's gateways
+    come back, h1 (150 again, preempt on) takes the VIP back."""
+    if fault == "stopped":
+        halb.start_halb("h1", 150, gateways=["gw1"])
+        halb.start_halb("h2", 100, gateways=["gw2"])
+    else:
+        halb.start_halb("h1", 150, no_gateway_priority=90)
+        halb.start_halb("h2", 100)
+    _one_master(halb, "h1")
+    wait_probe(halb, 10)
+    assert _priority(halb, "h1") == 150
+
+    if fault == "stopped":
+        halb.kill("gw1")
+    else:
+        _block_gateways(halb.nodes["h1"], on=True)
+    _one_master(halb, "h2")
+    low = 1 if fault == "stopped" else 90
+    assert _priority(halb, "h1") == low
+    assert halb.status("h1")["state"] == "BACKUP"
+    assert halb.status("h2")["state"] == "MASTER"
+    wait_probe(halb, 10)
+    assert all(halb.probe(timeout=2.0) for _ in range(10))  # served through h2
+
+    if fault == "stopped":
+        halb.start_gateway("gw1", wait=True)
+    else:
+        _block_gateways(halb.nodes["h1"], on=False)
+    _one_master(halb, "h1")
+    assert _priority(halb, "h1") == 150
+    wait_probe(halb, 10)
+    assert "vrrp priority name=h1 150->" in halb.log("h1")
+
+
+def test_a_node_whose_gateways_are_not_up_yet_does_not_keep_the_vip(halb):
+    """Cold start: h1 (150) balances over gw1, which is not running yet; h2 (100) over gw2,
+    which serves. h1 starts at priority 1, so h2 holds the VIP and clients are served (h1 may
+    hold it for a moment if it starts first and hears nobody, and yields at h2's first
+    advert); once gw1 serves, h1 takes the VIP (preempt)."""
+    halb.kill("gw1")
+    halb.start_halb("h1", 150, gateways=["gw1"])
+    halb.start_halb("h2", 100, gateways=["gw2"])
+    _one_master(halb, "h2")
+    wait_probe(halb, 10)
+    # h1 runs, hears h2's adverts and still leaves it the VIP: 20 adverts is many
+    # Master_Down_Intervals (each about 3.4 adverts) in which it could have preempted.
+    wait_until(
+        lambda: halb.status("h1")["adverts_received"] >= 20,
+        15,
+        what="h1 hears h2",
+        ignore=(Exception,),
+    )
+    assert halb.holders() == ["h2"]
+    status = halb.status("h1")
+    assert (status["state"], status["priority"], status["base_priority"]) == ("BACKUP", 1, 150)
+    shown = halb.nodes["h1"].run([*RAS, "halb", "status"]).stdout
+    assert "BACKUP" in shown
+    assert "priority=1 (no healthy gateway; 150 with one)" in shown
+
+    halb.start_gateway("gw1", wait=True)
+    _one_master(halb, "h1")
+    wait_probe(halb, 10)
+    assert _priority(halb, "h1") == 150

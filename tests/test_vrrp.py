@@ -7,8 +7,8 @@ Layout:
   raw IPv4 datagram parser;
 * transcripts of one router (``Playbook``: events in, commands and deadlines out);
 * a small in-memory LAN of several routers (``Lan``): elections, crash and graceful failover,
-  preemption, partitions, priority changes, with takeover times checked against RFC 5798's
-  formulas.
+  preemption, partitions, priority changes (gateway tracking), with takeover times checked
+  against RFC 5798's formulas.
 """
 
 from __future__ import annotations
@@ -675,6 +675,132 @@ def test_set_priority_moves_a_backups_timer_by_the_skew_change():
     assert r.priority == 200
 
 
+# Priority changes, as gateway tracking makes them: the master whose gateways all died lowers
+# its priority, a preempting backup takes over, and the old master's restored priority takes
+# the VIPs back (or, at a tie, does not).
+
+
+def test_master_lowering_its_priority_says_so_in_its_next_advert_and_yields():
+    r = master_at(10, 200)
+    assert (
+        Playbook(r)
+        >> SetPriority(10.5, 1)
+        << Deadline(11)  # no extra advert: the next one carries the new priority
+        >> Tick(11)
+        << SendAdvertisement(adv(1))
+        << Deadline(12)
+        >> Receive(11.3, adv(100))  # the backup has taken over (see the next test)
+        << StateChanged(MASTER, BACKUP, f"{PEER} has higher priority (100 > 1)")
+        << ReleaseVips(VIPS)
+        << Deadline(11.3 + mdi(1))
+    )
+    assert r.priority == 1
+    assert r.master_address == PEER
+
+
+def test_preempting_backup_takes_over_from_a_master_that_lowered_its_priority():
+    r = router(100)
+    last_high = 2.0
+    assert (
+        Playbook(r)
+        >> Start(0)
+        << StateChanged(INIT, BACKUP, ANY)
+        >> Receive(1, adv(200))
+        << Deadline(1 + mdi(100))
+        >> Receive(last_high, adv(200))
+        << Deadline(last_high + mdi(100))
+        >> Receive(3, adv(1))  # discarded: the down timer runs on from the last higher advert
+        << Deadline(last_high + mdi(100))
+        >> Receive(4, adv(1))
+        << Deadline(last_high + mdi(100))
+        >> Tick(last_high + mdi(100))
+        << StateChanged(BACKUP, MASTER, f"preempting master {PEER} of lower priority (1 < 100)")
+        << SendAdvertisement(adv(100))
+        << TakeVips(VIPS)
+        << Deadline(last_high + mdi(100) + 1)
+    )
+
+
+def test_non_preempting_backup_leaves_a_lowered_master_alone():
+    assert (
+        Playbook(router(100, preempt=False))
+        >> Start(0)
+        << StateChanged(INIT, BACKUP, ANY)
+        >> Receive(1, adv(200))
+        >> Receive(2, adv(1))
+        << Deadline(2 + mdi(100))  # followed: the timer is reset by every advert
+    )
+
+
+def test_the_preempt_delay_also_holds_back_the_takeover_from_a_lowered_master():
+    r = router(100, preempt_delay_s=3.0)
+    assert (
+        Playbook(r)
+        >> Start(0)
+        << StateChanged(INIT, BACKUP, ANY)
+        >> Receive(1, adv(200))
+        >> Receive(2, adv(1))  # the delay starts: until 5, lower adverts count as a master
+        << Deadline(2 + mdi(100))
+        >> Receive(4, adv(1))
+        << Deadline(4 + mdi(100))
+        >> Receive(5, adv(1))  # the delay is over: discarded
+        << Deadline(4 + mdi(100))
+        >> Tick(4 + mdi(100))
+        << StateChanged(BACKUP, MASTER, ANY)
+        << SendAdvertisement(adv(100))
+        << TakeVips(VIPS)
+    )
+
+
+def test_restored_priority_takes_the_vips_back_with_preempt():
+    r = master_at(10, 200)
+    assert (
+        Playbook(r)
+        >> SetPriority(10.5, 1)  # no gateway
+        >> Receive(10.6, adv(100))
+        << StateChanged(MASTER, BACKUP, ANY)
+        << ReleaseVips(VIPS)
+        >> Receive(11.6, adv(100))
+        << Deadline(11.6 + mdi(1))
+        >> SetPriority(12, 200)  # a gateway is healthy again: the timer moves by the skew
+        << Deadline(11.6 + mdi(200))
+        >> Receive(12.6, adv(100))  # now lower than ours: discarded
+        << Deadline(11.6 + mdi(200))
+        >> Tick(11.6 + mdi(200))
+        << StateChanged(BACKUP, MASTER, f"preempting master {PEER} of lower priority (100 < 200)")
+        << SendAdvertisement(adv(200))
+        << TakeVips(VIPS)
+    )
+
+
+def test_restored_priority_equal_to_the_new_masters_leaves_the_vips_where_they_are():
+    low = IPv4Address(NET + "5")  # the new master's address is lower than ours: no matter
+    r = master_at(10, 100)
+    assert (
+        Playbook(r)
+        >> SetPriority(10.5, 1)
+        >> Receive(10.6, adv(100), src=low)
+        << StateChanged(MASTER, BACKUP, ANY)
+        << ReleaseVips(VIPS)
+        >> SetPriority(11, 100)
+        >> Receive(11.6, adv(100), src=low)  # equal: followed (RFC 5798 6.4.2)
+        << Deadline(11.6 + mdi(100))
+        >> Receive(12.6, adv(100), src=low)
+        << Deadline(12.6 + mdi(100))
+    )
+    assert r.state is BACKUP
+
+
+def test_the_address_owner_ignores_adverts_and_keeps_its_priority():
+    r = router(255)
+    r.start(0)
+    with pytest.raises(LocalProtocolError, match="fixed at 255"):
+        r.set_priority(0.5, 1)
+    assert r.receive(0.6, PEER, 255, adv(254).encode(PEER)) == [Dropped(DROP_OWNER, ANY)]
+    assert r.state is MASTER
+    assert r.priority == 255
+
+
 def test_misuse_is_refused():
     r = router(100)
     r.start(0)
@@ -980,3 +1106,30 @@ def test_raising_a_backups_priority_makes_it_preempt():
     lan.run(30)
     assert lan.masters() == lan.holders == {b}
     assert lan.routers[a].state is BACKUP
+
+
+def test_gateways_lost_and_back_the_vips_go_and_come_back():
+    """a (200) loses its gateways (priority 1): b (150) takes over; a's gateways come back
+    (200 again): a preempts b, Master_Down_Interval after its priority came back at most."""
+    lan, (a, b) = settled_lan(200, 150)
+    lan.command(a, lambda r: r.set_priority(lan.now, 1))
+    lan.run(20)
+    assert lan.masters() == lan.holders == {b}
+    lost = lan.changes(a, BACKUP)[-1]
+    lan.command(a, lambda r: r.set_priority(lan.now, 200))
+    back = lan.now
+    lan.run(40)
+    assert lan.masters() == lan.holders == {a}
+    [retaken] = [t for t in lan.changes(a, MASTER) if t > lost]
+    assert back < retaken <= back + mdi(200)
+
+
+def test_gateways_lost_everywhere_the_master_keeps_the_vips():
+    """Every node without a gateway is at priority 1: nobody preempts, no flapping."""
+    lan, (a, b, c) = settled_lan(200, 150, 100)
+    for h in (a, b, c):
+        lan.command(h, lambda r: r.set_priority(lan.now, 1))
+    lan.run(60)
+    assert lan.masters() == lan.holders == {a}
+    assert len(lan.changes(a, MASTER)) == 1
+    assert lan.changes(b, MASTER) == lan.changes(c, MASTER) == []

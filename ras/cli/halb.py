@@ -54,7 +54,7 @@ def _admin(args: argparse.Namespace) -> int:
     print(
         f"{answer['name']}: {answer['state']}  vips={','.join(answer['vips'])}  "
         f"holding={'yes' if answer['holding_vips'] else 'no'}  master={answer['master'] or '-'}  "
-        f"priority={answer['priority']}  connections={answer['connections']}"
+        f"priority={answer['priority']}{_base(answer)}  connections={answer['connections']}"
     )
     for gw in answer["gateways"]:
         health = "up" if gw["healthy"] else "down"
@@ -65,6 +65,12 @@ def _admin(args: argparse.Namespace) -> int:
     return EXIT.OK
 
 
+def _base(answer: dict[str, object]) -> str:
+    """The configured priority, where gateway tracking has lowered the advertised one."""
+    base = answer.get("base_priority", answer["priority"])
+    return "" if base == answer["priority"] else f" (no healthy gateway; {base} with one)"
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     halb = sub.add_parser(
         "halb",
@@ -72,8 +78,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="run a HALB node (VRRP virtual IP + TCP balancing over the gateways)",
         description="Run a High Availability Load Balancer node: the nodes elect a master by "
         "VRRPv3 (RFC 5798, compatible with keepalived), which holds the virtual IPs and balances "
-        "TCP connections over the healthy gateways with a PROXY v2 header. Needs CAP_NET_ADMIN "
-        "and CAP_NET_RAW. With an action, talk to a running node's admin port instead.",
+        "TCP connections over the healthy gateways with a PROXY v2 header. While a node has no "
+        "healthy gateway it advertises no_gateway_priority (default 1), so the VIPs go to a node "
+        "that has one. Needs CAP_NET_ADMIN and CAP_NET_RAW. With an action, talk to a running "
+        "node's admin port instead.",
         epilog="examples:\n  ras halb --config /etc/ras/halb.toml\n  ras halb status\n"
         "  ras halb drain gw1\n  ras halb reload",
     )

@@ -7,6 +7,14 @@ passes through untouched. A gateway is healthy after ``rise`` successful checks 
 unhealthy after ``fall`` failures; a check is a real control-protocol exchange (preface,
 hello, ping, pong), so it proves the gateway serves, not only that its port accepts.
 Draining a gateway stops new connections to it; its open tunnels run on.
+
+A connection whose gateway cannot be reached (connect refused or timed out, or the PROXY
+header cannot be written) is tried on the next healthy gateway in least-connections order,
+each gateway once, before the client is given up; no client byte has been read by then, so
+nothing is lost. Each such failure counts toward ``fall`` like a failed health check.
+
+The health of the whole set is what gateway tracking follows: ``health_changed`` is set (and
+replaced by a fresh event) whenever ``any_healthy()`` may have changed.
 """
 
 from __future__ import annotations
@@ -69,6 +77,8 @@ class Balancer:
     config: HalbConfig
     backends: dict[str, Backend] = field(default_factory=dict)
     ready: trio.Event = field(default_factory=trio.Event)  # the first health rounds are done
+    # Set, then replaced, whenever a gateway goes up or down or the list changes.
+    health_changed: trio.Event = field(default_factory=trio.Event)
     _turn: int = 0
 
     _offload: dict[int, ssl.SSLContext] = field(default_factory=dict)
@@ -90,10 +100,24 @@ class Balancer:
                 old if old is not None and old.host == ref.host else Backend(ref.name, ref.host)
             )
         self.backends = new
+        self._health_flipped()
 
-    def pick(self) -> Backend | None:
-        """The healthy, undrained gateway with the fewest active connections (ties rotate)."""
-        usable = [b for b in self.backends.values() if b.healthy and not b.draining]
+    def any_healthy(self) -> bool:
+        """Whether some gateway passes its health checks (drained or not)."""
+        return any(b.healthy for b in self.backends.values())
+
+    def _health_flipped(self) -> None:
+        self.health_changed.set()
+        self.health_changed = trio.Event()
+
+    def pick(self, exclude: frozenset[str] = frozenset()) -> Backend | None:
+        """The healthy, undrained gateway with the fewest active connections (ties rotate),
+        other than those named in ``exclude``."""
+        usable = [
+            b
+            for b in self.backends.values()
+            if b.healthy and not b.draining and b.name not in exclude
+        ]
         if not usable:
             return None
         fewest = min(b.active for b in usable)
@@ -110,8 +134,11 @@ class Balancer:
             with trio.fail_after(cfg.health_timeout_s):
                 await probe(backend.host, cfg.health_port, software=SOFTWARE)
         except (RasError, trio.TooSlowError) as exc:
-            self._result(backend, ok=False, why=str(exc) or "timed out")
+            why = str(exc) or "timed out"
+            log.debug("health check gateway=%s ok=no reason=%s", backend.name, why)
+            self._result(backend, ok=False, why=why)
         else:
+            log.debug("health check gateway=%s ok=yes", backend.name)
             self._result(backend, ok=True, why="")
 
     def _result(self, backend: Backend, *, ok: bool, why: str) -> None:
@@ -122,6 +149,7 @@ class Balancer:
             backend.failures = 0
             if not backend.healthy and backend.successes >= cfg.rise:
                 backend.healthy = True
+                self._health_flipped()
                 log.warning(
                     "gateway up name=%s host=%s after=%d checks",
                     backend.name,
@@ -134,6 +162,7 @@ class Balancer:
             backend.last_error = why
             if backend.healthy and backend.failures >= cfg.fall:
                 backend.healthy = False
+                self._health_flipped()
                 log.warning(
                     "gateway down name=%s host=%s after=%d failures reason=%s",
                     backend.name,
@@ -150,7 +179,7 @@ class Balancer:
                     nursery.start_soon(self.check, backend)
             rounds += 1
             # Ready once a gateway is up, or once ``rise`` rounds have shown none can be.
-            if any(b.healthy for b in self.backends.values()) or rounds >= self.config.rise:
+            if self.any_healthy() or rounds >= self.config.rise:
                 self.ready.set()
             await trio.sleep(self.config.health_interval_s)
 
@@ -193,41 +222,61 @@ class Balancer:
                 await aclose_quietly(client)
                 return
             client = tls
-        backend = self.pick()
-        if backend is None:
-            log.warning("no gateway for client=%s:%d port=%d", *peer, service.listen_port)
-            await aclose_quietly(client)
-            return
-        backend.active += 1
-        backend.total += 1
-        try:
+        tried: list[str] = []
+        while (backend := self.pick(exclude=frozenset(tried))) is not None:
+            tried.append(backend.name)
+            backend.active += 1
+            backend.total += 1
             try:
-                with trio.fail_after(self.config.connect_timeout_s):
-                    upstream = await connect_tcp(backend.host, service.backend_port)
-                if service.proxy_protocol:
-                    await upstream.send_all(
-                        encode_v2((peer[0], peer[1]), (str(vip), service.listen_port))
-                    )
-            except (RasError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-                log.warning(
-                    "forward failed client=%s:%d gateway=%s reason=%s",
+                upstream = await self._connect(backend, service, peer, vip)
+                if upstream is None:
+                    continue  # the next gateway, in least-connections order
+                stats = await relay(client, upstream)
+                log.debug(
+                    "forward closed client=%s:%d gateway=%s up=%d down=%d",
                     *peer,
                     backend.name,
-                    exc or "timeout",
+                    stats.a_to_b,
+                    stats.b_to_a,
                 )
-                self._result(backend, ok=False, why=f"forward: {exc or 'timeout'}")
-                await aclose_quietly(client)
                 return
-            stats = await relay(client, upstream)
-            log.debug(
-                "forward closed client=%s:%d gateway=%s up=%d down=%d",
-                *peer,
-                backend.name,
-                stats.a_to_b,
-                stats.b_to_a,
+            finally:
+                backend.active -= 1
+        log.warning(
+            "no gateway for client=%s:%d port=%d tried=%s",
+            *peer,
+            service.listen_port,
+            ",".join(tried) or "-",
+        )
+        await aclose_quietly(client)
+
+    async def _connect(
+        self,
+        backend: Backend,
+        service: ServiceConfig,
+        peer: tuple[str, int],
+        vip: ipaddress.IPv4Address,
+    ) -> trio.abc.Stream | None:
+        """A connection to ``backend`` with the PROXY v2 header sent; None (logged, and
+        counted toward the gateway's ``fall``) if it cannot be had."""
+        upstream: trio.abc.Stream | None = None
+        try:
+            with trio.fail_after(self.config.connect_timeout_s):
+                upstream = await connect_tcp(backend.host, service.backend_port)
+            if service.proxy_protocol:
+                await upstream.send_all(
+                    encode_v2((peer[0], peer[1]), (str(vip), service.listen_port))
+                )
+        except (RasError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            why = str(exc) or "timeout"
+            log.warning(
+                "forward failed client=%s:%d gateway=%s reason=%s", *peer, backend.name, why
             )
-        finally:
-            backend.active -= 1
+            self._result(backend, ok=False, why=f"forward: {why}")
+            if upstream is not None:
+                await aclose_quietly(upstream)
+            return None
+        return upstream
 
     def status(self) -> list[dict[str, Any]]:
         return [b.status() for b in self.backends.values()]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ras.config import Invalid, check_host, check_port, check_positive
+from ras.protocol.vrrp import OWNER_PRIORITY
 
 __all__ = ["GatewayRef", "HalbConfig", "ServiceConfig"]
 
@@ -47,13 +48,21 @@ class GatewayRef:
 
 @dataclass(frozen=True, slots=True)
 class HalbConfig:
-    """VRRP (who holds the VIPs) and the TCP balancing over the gateways."""
+    """VRRP (who holds the VIPs) and the TCP balancing over the gateways.
+
+    Gateway tracking: while no gateway is healthy (and from start-up until the first health
+    checks find one) the node advertises ``no_gateway_priority`` instead of ``priority``, so a
+    peer that has a healthy gateway takes the VIPs (with ``preempt``). Unset, it is 1 (below
+    every node that has a gateway); equal to ``priority``, gateway health does not matter. The
+    address owner (priority 255) never changes its priority (RFC 5798), so it cannot have one.
+    """
 
     name: str
     vips: tuple[str, ...]
     interface: str = "eth0"
     vrid: int = 51
     priority: int = 100
+    no_gateway_priority: int | None = None  # None: 1, or no tracking for the address owner
     advert_interval_s: float = 1.0
     preempt: bool = True
     preempt_delay_s: float = 0.0
@@ -100,6 +109,19 @@ class HalbConfig:
             raise Invalid("vrid", "must be between 1 and 255")
         if not 1 <= self.priority <= 255:
             raise Invalid("priority", "must be between 1 and 255 (255: the address owner)")
+        if self.no_gateway_priority is not None:
+            if self.priority == OWNER_PRIORITY:
+                raise Invalid(
+                    "no_gateway_priority",
+                    "the address owner (priority 255) keeps priority 255 whatever its gateways "
+                    "do (RFC 5798); give the node priority 254 to make it follow its gateways",
+                )
+            if not 1 <= self.no_gateway_priority <= self.priority:
+                raise Invalid(
+                    "no_gateway_priority",
+                    f"must be between 1 and priority ({self.priority}); equal to priority, "
+                    "gateway health does not change the priority",
+                )
         if not 0.01 <= self.advert_interval_s <= 40.95:
             raise Invalid(
                 "advert_interval_s", "must be between 0.01 and 40.95 (VRRPv3 centiseconds)"
@@ -133,6 +155,15 @@ class HalbConfig:
         ports = [s.listen_port for s in self.services]
         if len(set(ports)) != len(ports):
             raise Invalid("services", "each listen_port may appear once")
+
+    @property
+    def tracked_priority(self) -> int | None:
+        """The priority advertised while no gateway is healthy; None: no gateway tracking
+        (the address owner, or ``no_gateway_priority`` equal to ``priority``)."""
+        if self.priority == OWNER_PRIORITY:
+            return None
+        low = 1 if self.no_gateway_priority is None else self.no_gateway_priority
+        return None if low == self.priority else low
 
     @property
     def vip_interfaces(self) -> tuple[ipaddress.IPv4Interface, ...]:

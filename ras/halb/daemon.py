@@ -1,6 +1,10 @@
 """The HALB daemon: an ``Election`` (VRRP) for the VIPs and a ``Balancer`` over the gateways,
 with the admin port. Every node balances on the VIPs all the time; only the master receives
-traffic for them, since only the master holds the addresses."""
+traffic for them, since only the master holds the addresses.
+
+Gateway tracking joins the two: while the balancer has no healthy gateway, the election
+advertises ``no_gateway_priority`` instead of ``priority`` (see ``HalbConfig``), so the VIPs go
+to a node that can serve them."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from ras.net.tasks import reconnecting
 from ras.net.tls import connect_tls
 from ras.pki import client_context
 from ras.protocol import GatewayList, ListGateways, Role
+from ras.protocol.vrrp import OWNER_PRIORITY
 
 __all__ = ["Halb"]
 
@@ -49,11 +54,21 @@ class Halb:
         async with trio.open_nursery() as nursery:
             services = await nursery.start(self.balancer.serve)
             admin = await nursery.start(serve_admin, self, cfg.admin_host, cfg.admin_port)
-            # Take part in the election only once we know which gateways serve: a node that
-            # won the VIP before its first health checks would refuse the first clients.
+            # Take part in the election only once we know which gateways serve, and with the
+            # priority that says so: a node that won the VIP before its first health checks
+            # would refuse the first clients.
             await self.balancer.ready.wait()
             if cfg.broker_host:
                 nursery.start_soon(self._broker_gateways)
+            if cfg.tracked_priority is not None:
+                self._track_gateways()
+                nursery.start_soon(self._follow_gateways)
+            elif cfg.priority == OWNER_PRIORITY:
+                log.info(
+                    "vrrp priority name=%s is 255 (the address owner): the node keeps the VIPs "
+                    "even with no healthy gateway; give it 254 to make it follow its gateways",
+                    cfg.name,
+                )
             await nursery.start(self.election.run)
             log.info(
                 "halb ready name=%s services=%s admin=%s:%d",
@@ -62,6 +77,24 @@ class Halb:
                 *admin,
             )
             task_status.started({"services": services, "admin": admin})
+
+    # -- gateway tracking ------------------------------------------------------------------------
+
+    async def _follow_gateways(self) -> None:
+        while True:
+            changed = self.balancer.health_changed
+            self._track_gateways()
+            await changed.wait()
+
+    def _track_gateways(self) -> None:
+        """The priority for the gateways' health now: ours, or the tracked one if none serves."""
+        low = self.config.tracked_priority
+        assert low is not None
+        if self.balancer.any_healthy():
+            self.election.want_priority(self.config.priority, "a gateway is healthy")
+        else:
+            why = "no healthy gateway" if self.balancer.backends else "no gateway listed"
+            self.election.want_priority(low, why)
 
     # -- gateways from the broker ---------------------------------------------------------------
 
@@ -112,7 +145,8 @@ class Halb:
             "primary": str(e.primary) if e.primary else None,
             "master": e.master,
             "vrid": self.config.vrid,
-            "priority": self.config.priority,
+            "priority": e.priority,  # advertised now: no_gateway_priority while none is healthy
+            "base_priority": self.config.priority,
             "adverts_sent": e.adverts_sent,
             "adverts_received": e.adverts_received,
             "dropped": dict(e.dropped),
@@ -139,7 +173,7 @@ class Halb:
         new = load(HalbConfig, self.config_path)
         changed = [
             k
-            for k in ("vips", "vrid", "interface", "services")
+            for k in ("vips", "vrid", "interface", "services", "priority", "no_gateway_priority")
             if getattr(new, k) != getattr(self.config, k)
         ]
         if changed:

@@ -7,6 +7,10 @@ pseudo-header) with multicast TTL 255 and no loopback. The router's commands are
 here: adverts sent, VIPs added (plus gratuitous ARP) or removed. Timers are the router's
 ``deadline``. On the way out a master sends a priority-0 advert and releases the VIPs, so a
 backup takes over after Skew_Time instead of Master_Down_Interval.
+
+Priority changes (gateway tracking) come from outside through :meth:`Election.want_priority`;
+the loop applies them, so the router is only ever touched by the task that runs it. The wish
+interrupts the wait for a packet, because a new priority moves a backup's down timer.
 """
 
 from __future__ import annotations
@@ -87,6 +91,23 @@ class Election:
         self.holding = False
         self._router: VrrpRouter | None = None
         self._arp: ArpAnnouncer | None = None
+        self._wanted: tuple[int, str] | None = None  # a priority asked for, not yet applied
+        self._waiting: trio.CancelScope | None = None  # the loop's wait for a packet or timer
+
+    @property
+    def priority(self) -> int:
+        """The priority we advertise now (the configured one, or what tracking set)."""
+        if self._router is not None:
+            return self._router.priority
+        return self._wanted[0] if self._wanted is not None else self.config.priority
+
+    def want_priority(self, priority: int, reason: str) -> None:
+        """Advertise ``priority`` from now on (gateway tracking); ``reason`` is logged.
+
+        Before :meth:`run` starts the router, the router starts with it."""
+        self._wanted = (priority, reason)
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -119,17 +140,21 @@ class Election:
         )
         try:
             with rx, tx:
+                await self._apply(tx, self._reprioritize(router, trio.current_time()))
                 await self._apply(tx, router.start(trio.current_time()))
                 task_status.started()
                 while True:
-                    # Wait for a packet or the router's next timer; act on either OUTSIDE the
-                    # wait's cancel scope, so a timer can never cut a VIP move in half.
+                    await self._apply(tx, self._reprioritize(router, trio.current_time()))
+                    # Wait for a packet or the router's next timer (or a new priority); act on
+                    # them OUTSIDE the wait's cancel scope, so a timer can never cut a VIP move
+                    # in half.
                     deadline = router.deadline if router.deadline is not None else math.inf
                     data: bytes | None = None
-                    with trio.move_on_at(deadline):
+                    with trio.move_on_at(deadline) as self._waiting:
                         data, _ = await rx.recvfrom(65535)
+                    self._waiting = None
                     now = trio.current_time()
-                    if data is None:
+                    if data is None:  # a timer, or woken early (harmless: tick checks)
                         await self._apply(tx, router.tick(now))
                         continue
                     try:
@@ -146,6 +171,24 @@ class Election:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 await self._leave(router)
             self._arp.close()
+
+    def _reprioritize(self, router: VrrpRouter, now: float) -> list[Command]:
+        """Apply the priority last asked for by :meth:`want_priority`, if it is new."""
+        if self._wanted is None:
+            return []
+        priority, reason = self._wanted
+        self._wanted = None
+        if priority == router.priority:
+            return []
+        log.warning(
+            "vrrp priority name=%s %d->%d state=%s reason=%s",
+            self.config.name,
+            router.priority,
+            priority,
+            router.state.name,
+            reason,
+        )
+        return router.set_priority(now, priority)
 
     async def _leave(self, router: VrrpRouter) -> None:
         """Graceful stop: priority 0 advert from a master, VIPs released."""

@@ -70,9 +70,11 @@ def halb_config(
     health_interval_s: float = 0.2,
     preempt: bool = True,
     preempt_delay_s: float = 0.0,
+    no_gateway_priority: int | None = None,
     extra_services: str = "",
 ) -> Path:
-    """A `ras halb` config: one balanced service, the given gateways, quick health checks."""
+    """A `ras halb` config: one balanced service, the given gateways, quick health checks.
+    ``no_gateway_priority``: None leaves the daemon's default (gateway tracking at 1)."""
     listed = "".join(
         f'\n[[gateways]]\nname = "{g}"\nhost = "{h.address}"\n' for g, h in gateways.items()
     )
@@ -85,6 +87,7 @@ priority = {priority}
 advert_interval_s = {advert_s}
 preempt = {"true" if preempt else "false"}
 preempt_delay_s = {preempt_delay_s}
+{"" if no_gateway_priority is None else f"no_gateway_priority = {no_gateway_priority}"}
 health_port = {health_port}
 health_interval_s = {health_interval_s}
 health_timeout_s = 0.5

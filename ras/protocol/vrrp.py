@@ -60,7 +60,15 @@ into BACKUP starts afresh.
 
 Priority changes (``set_priority``, health tracking) follow keepalived: the new priority counts
 from the next advert on, and a backup's running down timer moves by the change in Skew_Time.
-An address owner's priority (255) is fixed.
+An address owner's priority (255) is fixed. No new transition is needed, the rules above give:
+
+* a master that drops below a preempting backup keeps sending its lower adverts; the backup
+  discards them (RX_IGNORE), its down timer runs out Master_Down_Interval after the last higher
+  advert, it becomes MASTER, and the old master yields to its first advert (RX_YIELD). A
+  non-preempting backup, or one whose priority is not above the new one, follows it on;
+* a backup raised above the master preempts it the same way (after the preempt delay, if any);
+* at equal priority a backup follows the master whatever the addresses, so a node restored to
+  the priority of the node that took over from it does not take the VIPs back.
 """
 
 from __future__ import annotations
