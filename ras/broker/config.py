@@ -115,6 +115,9 @@ class BrokerConfig:
     # farm certificate; the resource's gateway filter is checked again for the redeeming one)
     # or "gateway" (only the one it was issued through: no HALB or failover between them).
     ticket_scope: TicketScope = TicketScope.FARM
+    # A login's resume token lets the client log in again after a lost connection (a HALB
+    # failover, a dead gateway) for this long, without password or second factor; 0: none.
+    resume_ttl_s: float = 28800.0
     report_interval_s: float = 5.0
     host_timeout_s: float = 20.0
     handshake_timeout_s: float = 10.0
@@ -194,6 +197,8 @@ class BrokerConfig:
                 raise Invalid(
                     f"factor_rules[{i}].factor", "needs RADIUS servers: add a [radius] table"
                 )
+        if not 0 <= self.resume_ttl_s <= 604800:
+            raise Invalid("resume_ttl_s", "must be between 0 (no resume) and 604800 (a week)")
         if self.ticket_ttl_s > 3600:
             raise Invalid("ticket_ttl_s", "must be at most 3600 (tickets are short-lived)")
         if self.host_timeout_s <= self.report_interval_s:

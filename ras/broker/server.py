@@ -51,7 +51,7 @@ from ras.broker.radius import Accept, Challenge, RadiusClient, RadiusUnavailable
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
 from ras.broker.throttle import Throttle
-from ras.broker.tickets import TicketAuthority
+from ras.broker.tickets import ResumeTokens, TicketAuthority
 from ras.broker.totp import verify_totp
 from ras.errors import ErrorCode, RasError, RemoteProtocolError, TicketError, TransportError
 from ras.net.channel import Channel, PeerError
@@ -82,6 +82,7 @@ from ras.protocol import (
     Registered,
     Resource,
     ResourceList,
+    Resume,
     Role,
     Route,
     SessionAction,
@@ -189,6 +190,7 @@ class Broker:
         self._configured = self._load_configured()
         self.gateways: dict[str, GatewayInfo] = {}
         self.tickets = TicketAuthority(store.secret("ticket-key"))
+        self.resume = ResumeTokens(store.secret("resume-key"))
         self.links = GatewayLinks()  # ACME tokens and the public certificate, pushed to gateways
         self._ssl = server_context(config.cert_file, config.key_file, client_ca_file=config.ca_file)
 
@@ -336,11 +338,16 @@ class Broker:
         user: _User | None = None
         while True:
             msg = await chan.receive()
-            if isinstance(msg, Authenticate):  # it keeps its own deadlines (a user types codes)
-                result = await self._authenticate(chan, msg, client, gateway)
+            if isinstance(msg, (Authenticate, Resume)):  # its own deadlines (a user types codes)
+                if isinstance(msg, Authenticate):
+                    result = await self._authenticate(chan, msg, client, gateway)
+                else:
+                    result = await self._resume(msg, client, gateway)
                 if isinstance(result, _User):
                     user = result
-                    await chan.send(AuthOk(user.name, user.groups))
+                    await chan.send(
+                        AuthOk(user.name, user.groups, self._resume_token(user, client))
+                    )
                 else:
                     user = None
                     await chan.refuse(*result)
@@ -435,6 +442,42 @@ class Broker:
             "auth ok user=%s %s factors=%s source=%s rule=%s",
             identity.name, where, factors, identity.source, rule,
         )  # fmt: skip
+        return _User(identity.name, groups)
+
+    def _resume_token(self, user: _User, client: str) -> str:
+        """A token to log in again after a lost connection ("" when resume is off)."""
+        if self.config.resume_ttl_s <= 0:
+            return ""
+        token, _ = self.resume.issue(
+            user=user.name, client=client, now=time.time(), ttl_s=self.config.resume_ttl_s
+        )
+        return token
+
+    async def _resume(
+        self, msg: Resume, client: str, gateway: str
+    ) -> _User | tuple[ErrorCode, str]:
+        """Log in again with a resume token: genuine, unexpired, from the same client address,
+        and the user still known to the directory and enabled (its groups read again)."""
+        where = f"client={client} gateway={gateway}"
+        try:
+            claims = self.resume.verify(msg.token, now=time.time())
+            if claims.client != client:
+                raise TicketError(f"it was issued to client {claims.client}")
+            with trio.fail_after(self.config.request_timeout_s):
+                identity = await self.directory.lookup(claims.user)
+            if identity is None:
+                raise TicketError(f"user {claims.user} is unknown or disabled now")
+        except TicketError as exc:
+            log.warning("resume refused %s reason=%s", where, exc)
+            return ErrorCode.AUTH_FAILED, "the session cannot be resumed; log in again"
+        except (DirectoryUnavailable, trio.TooSlowError) as exc:
+            why = str(exc) if isinstance(exc, DirectoryUnavailable) else "no answer in time"
+            log.error("resume unavailable user=%s %s reason=directory: %s", claims.user, where, why)
+            return ErrorCode.UNAVAILABLE, "the directory cannot be reached; try again later"
+        groups = policy.groups_of(identity.name, identity.groups, self._config().groups)
+        log.info(
+            "auth ok user=%s %s factors=resume source=%s", identity.name, where, identity.source
+        )
         return _User(identity.name, groups)
 
     def _failed(self, user: str, where: str, why: str, client: str) -> tuple[ErrorCode, str]:

@@ -1,10 +1,15 @@
-"""Launch tickets: signed, expiring, single-use permissions to open one tunnel.
+"""Launch tickets and resume tokens: signed, expiring claims that only the broker can make.
 
-A ticket names everything the gateway may do with it: the user and resource it was issued
-for, the one host:port the tunnel may reach, the gateway that may redeem it, the client
+A launch ticket is a single-use permission to open one tunnel. It names everything the
+gateway may do with it: the user and resource it was issued for, the one host:port the
+tunnel may reach, the gateway it was issued through (see ``ticket_scope``), the client
 address it was issued to, and when it expires. It is signed with HMAC-SHA256 under a key that
 only the broker holds (gateways never verify tickets themselves: they redeem them at the
 broker, which also enforces single use). Form: ``t1.<base64url JSON claims>.<base64url MAC>``.
+
+A resume token (``s1.``, same form, its own key) lets a client whose connection was lost log in
+again on a new one, through any gateway, without its password or second factor: it names the
+user, the client address and an expiry (the user is looked up again at each use).
 
 This module is pure: the clock is an argument, the single-use register lives in the store.
 """
@@ -17,12 +22,14 @@ import hmac
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from ras.errors import TicketError
 
-__all__ = ["TicketAuthority", "TicketClaims"]
+__all__ = ["ResumeClaims", "ResumeTokens", "TicketAuthority", "TicketClaims"]
 
 _PREFIX = "t1"
+_RESUME_PREFIX = "s1"
 
 
 def _b64(data: bytes) -> str:
@@ -53,9 +60,6 @@ class TicketAuthority:
             raise ValueError("the ticket key must be at least 32 bytes")
         self._key = key
 
-    def _mac(self, signed: str) -> bytes:
-        return hmac.new(self._key, signed.encode(), hashlib.sha256).digest()
-
     def issue(
         self,
         *,
@@ -78,24 +82,73 @@ class TicketAuthority:
             client=client,
             expires=round(now + ttl_s, 3),
         )
-        body = _b64(json.dumps(asdict(claims), separators=(",", ":")).encode())
-        signed = f"{_PREFIX}.{body}"
-        return f"{signed}.{_b64(self._mac(signed))}", claims
+        return _sign(self._key, _PREFIX, asdict(claims)), claims
 
     def verify(self, token: str, *, now: float) -> TicketClaims:
         """The claims of a genuine, unexpired ticket; ``TicketError`` otherwise."""
-        parts = token.split(".")
-        if not token.isascii() or len(parts) != 3 or parts[0] != _PREFIX:
-            raise TicketError("not a ticket")
-        signed = f"{parts[0]}.{parts[1]}"
-        # Compare the text, not the decoded bytes: base64 decoding ignores the unused low bits
-        # of the last character, so several spellings of a MAC decode alike.
-        if not hmac.compare_digest(parts[2].encode(), _b64(self._mac(signed)).encode()):
-            raise TicketError("ticket signature is not valid")
         try:
-            claims = TicketClaims(**json.loads(_unb64(parts[1])))
-        except (ValueError, TypeError):
+            claims = TicketClaims(**_open(self._key, _PREFIX, token, "ticket"))
+        except TypeError:
             raise TicketError("ticket claims are unreadable") from None
         if now >= claims.expires:
             raise TicketError("ticket has expired")
         return claims
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeClaims:
+    id: str
+    user: str
+    client: str
+    expires: float
+
+
+class ResumeTokens:
+    """Issues and checks resume tokens under one secret key (at least 32 bytes)."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 32:
+            raise ValueError("the resume key must be at least 32 bytes")
+        self._key = key
+
+    def issue(
+        self, *, user: str, client: str, now: float, ttl_s: float
+    ) -> tuple[str, ResumeClaims]:
+        claims = ResumeClaims(_b64(os.urandom(12)), user, client, round(now + ttl_s, 3))
+        return _sign(self._key, _RESUME_PREFIX, asdict(claims)), claims
+
+    def verify(self, token: str, *, now: float) -> ResumeClaims:
+        """The claims of a genuine, unexpired resume token; ``TicketError`` otherwise."""
+        try:
+            claims = ResumeClaims(**_open(self._key, _RESUME_PREFIX, token, "resume token"))
+        except TypeError:
+            raise TicketError("resume token claims are unreadable") from None
+        if now >= claims.expires:
+            raise TicketError("resume token has expired")
+        return claims
+
+
+def _sign(key: bytes, prefix: str, claims: dict[str, object]) -> str:
+    body = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    signed = f"{prefix}.{body}"
+    return f"{signed}.{_b64(hmac.new(key, signed.encode(), hashlib.sha256).digest())}"
+
+
+def _open(key: bytes, prefix: str, token: str, what: str) -> dict[str, Any]:
+    """The claims of a token signed under ``key``; ``TicketError`` if it is not genuine."""
+    parts = token.split(".")
+    if not token.isascii() or len(parts) != 3 or parts[0] != prefix:
+        raise TicketError(f"not a {what}")
+    signed = f"{parts[0]}.{parts[1]}"
+    mac = hmac.new(key, signed.encode(), hashlib.sha256).digest()
+    # Compare the text, not the decoded bytes: base64 decoding ignores the unused low bits
+    # of the last character, so several spellings of a MAC decode alike.
+    if not hmac.compare_digest(parts[2].encode(), _b64(mac).encode()):
+        raise TicketError(f"{what} signature is not valid")
+    try:
+        claims = json.loads(_unb64(parts[1]))
+    except ValueError:
+        raise TicketError(f"{what} claims are unreadable") from None
+    if not isinstance(claims, dict):
+        raise TicketError(f"{what} claims are unreadable")
+    return claims

@@ -126,6 +126,25 @@ class Channel:
             else:
                 return msg
 
+    async def ping(self, nonce: int) -> None:
+        """Send ``ping`` and wait for its ``pong`` (a request whose answer ``receive_reply``
+        would skip). Pings from the peer are answered on the way; anything else is a
+        ``TransportError``, an ``error`` a ``PeerError``."""
+        await self.send(Ping(nonce))
+        while True:
+            msg = await self.receive()
+            match msg:
+                case Pong() if msg.nonce == nonce:
+                    return
+                case Pong():
+                    continue
+                case Ping():
+                    await self.send(Pong(msg.nonce))
+                case Error():
+                    raise PeerError(msg)
+                case _:
+                    raise TransportError(f"the peer answered ping with {msg.TYPE}")
+
     async def request(self, msg: Message) -> Message:
         """Send ``msg`` and return the answer; an ``error`` answer raises ``PeerError``."""
         await self.send(msg)

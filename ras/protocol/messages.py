@@ -60,6 +60,7 @@ __all__ = [
     "Resource",
     "ResourceKind",
     "ResourceList",
+    "Resume",
     "Role",
     "Route",
     "RouteOk",
@@ -77,6 +78,7 @@ __all__ = [
 
 MAX_STRING = 4096
 MAX_LIST = 1000
+MAX_RESUME_TOKEN = 16_384  # a user's groups are signed into it; a frame holds at most 64 KiB
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@\\-]{0,254}")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # C0, DEL, C1, surrogates
 _HOST = re.compile(
@@ -93,6 +95,7 @@ class MessageType(enum.StrEnum):
     AUTH_CHALLENGE = "auth_challenge"
     AUTH_RESPONSE = "auth_response"
     AUTH_OK = "auth_ok"
+    RESUME = "resume"
     LIST_RESOURCES = "list_resources"
     RESOURCE_LIST = "resource_list"
     LAUNCH = "launch"
@@ -281,16 +284,33 @@ class AuthResponse(Message):
 
 @dataclass(frozen=True, slots=True)
 class AuthOk(Message):
+    """A login succeeded. ``resume_token`` (optional, empty: none) lets the client log in
+    again on a new connection with ``resume`` after its connection is lost."""
+
     TYPE: ClassVar[MessageType] = MessageType.AUTH_OK
     user: str
     groups: tuple[str, ...]
+    resume_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         _check_str(self, "user", limit=256)
+        _check_str(self, "resume_token", empty=True, limit=MAX_RESUME_TOKEN)
         if len(self.groups) > MAX_LIST:
             raise _fail(type(self), "groups", f"more than {MAX_LIST} entries")
         for group in self.groups:
             _check_text(type(self), "groups", group, empty=False, limit=256)
+
+
+@dataclass(frozen=True, slots=True)
+class Resume(Message):
+    """Log in again with the ``resume_token`` of an earlier ``auth_ok`` (a new connection,
+    perhaps to another gateway, after the first was lost): answered like ``authenticate``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RESUME
+    token: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_str(self, "token", limit=MAX_RESUME_TOKEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -707,7 +727,7 @@ class PublicCertificate(Message):
 MESSAGE_CLASSES: Mapping[MessageType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
-        Hello, Welcome, Authenticate, AuthChallenge, AuthResponse, AuthOk, ListResources,
+        Hello, Welcome, Authenticate, AuthChallenge, AuthResponse, AuthOk, Resume, ListResources,
         ResourceList, Launch, LaunchOk, OpenTunnel, TunnelOpen, AgentRegister, LoadReport,
         GatewayRegister, ClientSession, Registered, ListGateways, GatewayList, RedeemTicket,
         TicketOk, Ping, Pong, Error, SessionAction, SessionActionOk, Route, RouteOk, RdpToken,
