@@ -24,7 +24,7 @@ from ras.client.session import ClientSession
 from ras.config import from_mapping
 from ras.errors import ConfigError
 from ras.gateway.config import GatewayConfig, NextHop
-from ras.gateway.forward import decode_path, encode_path
+from ras.gateway.front import decode_path, encode_path
 from ras.protocol import Mode
 
 FW1_SOURCE, FW2_SOURCE = "127.0.0.11", "127.0.0.12"
@@ -91,6 +91,11 @@ def _lines(caplog: pytest.LogCaptureFixture, logger: str, start: str) -> list[st
     ]
 
 
+def _audits(caplog: pytest.LogCaptureFixture, via: str) -> list[str]:
+    """The gateways' audit lines of the tunnels of one kind (ticket, token, forward)."""
+    return [x for x in _lines(caplog, "ras.gateway", "tunnel closed ") if f" via={via} " in x]
+
+
 @pytest.mark.parametrize("mode", list(Mode))
 async def test_all_client_modes_through_a_chain_of_two_forwarders(
     tmp_path, nursery, host, caplog, mode
@@ -115,11 +120,11 @@ async def test_all_client_modes_through_a_chain_of_two_forwarders(
                         got += await tunnel.receive_some()
                 assert bytes(got) == payload
             # the audit lines come when the relays have ended
-            while mode.tunnelled and not _lines(caplog, "ras.gateway", "tunnel closed"):  # noqa: ASYNC110 (polling another task's state)
+            while mode.tunnelled and not _audits(caplog, "ticket"):  # noqa: ASYNC110 (polling another task's state)
                 await trio.sleep(0.05)
             while not (  # noqa: ASYNC110 (polling another task's state)
-                any("path=fw1 " in x for x in _lines(caplog, "ras.gateway", "forward closed"))
-                and any("path=fw1>fw2 " in x for x in _lines(caplog, "ras.gateway", "forward c"))
+                any("path=fw1 " in x for x in _audits(caplog, "forward"))
+                and any("path=fw1>fw2 " in x for x in _audits(caplog, "forward"))
             ):
                 await trio.sleep(0.05)
 
@@ -130,7 +135,7 @@ async def test_all_client_modes_through_a_chain_of_two_forwarders(
         assert all("client=127.0.0.1 " in line for line in lines), lines
     if mode.tunnelled:
         assert all("client=127.0.0.1 " in x for x in _lines(caplog, "ras.broker", "ticket redee"))
-        (audit,) = _lines(caplog, "ras.gateway", "tunnel closed")
+        (audit,) = _audits(caplog, "ticket")
         fields = dict(re.findall(r"(\w+)=(\S+)", audit))
         assert fields["user"] == USER
         assert fields["resource"] == "desktop"
@@ -144,7 +149,7 @@ async def test_all_client_modes_through_a_chain_of_two_forwarders(
     # fw1 skipped its dead first next hop and said so
     assert any("next hop down" in r.getMessage() for r in caplog.records)
     # each forwarder wrote its own line, with the original client
-    for line in _lines(caplog, "ras.gateway", "forward closed"):
+    for line in _audits(caplog, "forward"):
         if "path=fw1 " in line or "path=fw1>fw2 " in line:
             assert "client=127.0.0.1:" in line
 

@@ -91,7 +91,7 @@ async def test_routing_token_reaches_the_host_unchanged_and_is_reusable(
     assert host.connections == 2
     assert decoy.connections == 0
     lines = [r.getMessage() for r in caplog.records]
-    closed = [m for m in lines if m.startswith("rdp tunnel closed")]
+    closed = [m for m in lines if m.startswith("tunnel closed")]
     assert len(closed) == 2
     assert all(f"rdp=127.0.0.1:{host.port}" in m and "via=token" in m for m in closed)
     assert all(f"user={USER} resource=desktop" in m for m in closed)

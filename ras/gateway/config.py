@@ -22,16 +22,19 @@ class GatewayMode(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class NextHop:
-    """The gateway a forwarding gateway passes connections to: its plain and TLS ports."""
+    """The gateway a forwarding gateway passes connections to: its plain, TLS and RDP ports
+    (the RDP port only for a forwarder with ``rdp_lb_enabled``)."""
 
     host: str
     plain_port: int = 80
     tls_port: int = 443
+    rdp_port: int = 3389
 
     def __post_init__(self) -> None:
         check_host("host", self.host)
         check_port("plain_port", self.plain_port, zero_ok=False)
         check_port("tls_port", self.tls_port, zero_ok=False)
+        check_port("rdp_port", self.rdp_port, zero_ok=False)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -49,7 +52,8 @@ class GatewayConfig:
     Forwarding mode (``mode = "forwarding"``) needs ``next_hops`` and no broker, farm
     certificate or public certificate, unless ``terminate_tls``: then the public certificate
     is presented to clients and the next hop's certificate is verified against
-    ``next_hop_ca_file`` (default: the farm CA, ``ca_file``).
+    ``next_hop_ca_file`` (default: the farm CA, ``ca_file``). With ``rdp_lb_enabled`` a
+    forwarding gateway passes its RDP port's connections on to the next hops' ``rdp_port``.
     """
 
     name: str
@@ -92,6 +96,7 @@ class GatewayConfig:
     health_timeout_s: float = 2.0
     # RDP load balancing (docs/client.md): native RDP clients on rdp_port, routed by the
     # broker's routing token in their X.224 cookie, or by "Cookie: mstshash=USER" if allowed.
+    # A forwarding gateway passes them on to its next hops' rdp_port.
     rdp_lb_enabled: bool = False
     rdp_port: int = 3389
     rdp_lb_mstshash: bool = False
@@ -101,12 +106,14 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 256:
             raise Invalid("workers", "must be between 1 and 256")
-        shared = ((self.plain_port, self.plain_enabled), (self.tls_port, self.tls_enabled))
+        shared = (
+            (self.plain_port, self.plain_enabled),
+            (self.tls_port, self.tls_enabled),
+            (self.rdp_port, self.rdp_lb_enabled),
+        )
         if self.workers > 1 and any(port == 0 and on for port, on in shared):
             raise Invalid("workers", "several workers need fixed ports (not 0) to share")
         check_port("rdp_port", self.rdp_port)
-        if self.rdp_lb_enabled and self.mode is GatewayMode.FORWARDING:
-            raise Invalid("rdp_lb_enabled", "needs a broker: it is for normal gateways")
         if not self.name:
             raise Invalid("name", "must not be empty")
         try:  # a str from code that builds the config directly
@@ -173,6 +180,12 @@ class GatewayConfig:
     def _check_forwarding(self) -> None:
         if not self.next_hops:
             raise Invalid("next_hops", "a forwarding gateway needs at least one next hop")
+        if self.rdp_lb_mstshash:
+            raise Invalid(
+                "rdp_lb_mstshash",
+                "is for normal gateways: a forwarding gateway passes RDP connections on, and "
+                "the gateway that serves them decides (set it there)",
+            )
         if self.terminate_tls:
             for key in ("public_cert_file", "public_key_file"):
                 if getattr(self, key) is None:

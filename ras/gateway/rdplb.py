@@ -1,10 +1,12 @@
 """RDP load balancing on the gateway's RDP port (3389, opt-in with ``rdp_lb_enabled``).
 
 Theory of operation. A native RDP client (mstsc, xfreerdp) connects straight to the gateway's
-RDP port, with no ras client. Its first message is the TPKT/X.224 Connection Request; the
-gateway reads exactly that (at most 259 bytes, under one absolute deadline,
-``handshake_timeout_s``, that trickled bytes cannot extend; a PROXY v2 header first is read
-from trusted proxies only, as on the other ports) and takes the route from its cookie line:
+RDP port, with no ras client. The port has the same front door as the others (the gateway's
+``_front_door``: per-address limits, a PROXY v2 header from trusted proxies only, deadlines
+from the accept); a forwarding gateway passes the connection on to its next hop's RDP port.
+A normal gateway then hands it here. Its first message is the TPKT/X.224 Connection Request;
+the gateway reads exactly that (at most 259 bytes, within the handshake deadline, which
+trickled bytes cannot extend) and takes the route from its cookie line:
 
 - ``Cookie: msts=TOKEN``: a routing token the broker issued (an exported .rdp file's
   ``loadbalanceinfo``); the gateway asks the broker ``route{token}``;
@@ -15,25 +17,26 @@ from trusted proxies only, as on the other ports) and takes the route from its c
 The gateway never reads an address out of a cookie: a Windows-style ``msts=<ip>.<port>.0000``
 cookie is just a token the broker does not know. It connects only to the ``route_ok`` host:port
 that the broker names, sends it the Connection Request bytes unchanged (and anything the client
-sent after them), then relays both ways with :func:`ras.net.relay.relay`. It keeps the broker
-connection open, idle, for the RDP connection's life (the broker's session affinity lasts as
-long), and writes an audit line when the connection ends. A refused connection is closed
-without an answer: the RDP client reports a connection failure.
+sent after them), then relays both ways as a tunnel of the gateway (``ras.gateway.tunnels``:
+idle timeout, drain, the audit line). The route frees the connection's pre-authentication
+slot, as a redeemed ticket does. The broker connection stays open, idle, for the RDP
+connection's life (the broker's session affinity lasts as long). A refused connection is
+closed without an answer: the RDP client reports a connection failure.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Awaitable, Callable
 
 import trio
 
 from ras.errors import RemoteProtocolError, TransportError
 from ras.gateway.config import GatewayConfig
+from ras.gateway.front import Conn
+from ras.gateway.link import BrokerClient
+from ras.gateway.tunnels import TunnelInfo, Tunnels
 from ras.net.channel import Channel, PeerError
-from ras.net.relay import relay
-from ras.net.sniff import Kind, PrefixedStream
+from ras.net.sniff import PrefixedStream
 from ras.net.tls import connect_tcp
 from ras.protocol import Route, RouteOk
 from ras.protocol.x224 import MAX_CONNECTION_REQUEST, ConnectionRequest, parse_connection_request
@@ -43,8 +46,6 @@ __all__ = ["RdpBalancer", "read_connection_request"]
 log = logging.getLogger("ras.gateway")
 
 Peer = tuple[str, int]
-OpenBroker = Callable[[Peer], Awaitable[Channel]]
-Front = Callable[[trio.abc.Stream, Peer], Awaitable[tuple[Kind, PrefixedStream, Peer] | None]]
 
 
 async def read_connection_request(stream: trio.abc.Stream) -> tuple[ConnectionRequest, bytes]:
@@ -64,32 +65,29 @@ async def read_connection_request(stream: trio.abc.Stream) -> tuple[ConnectionRe
 
 
 class RdpBalancer:
-    """Serves one gateway's RDP port; ``handle`` is its connection handler."""
+    """Serves a normal gateway's RDP port: ``serve`` takes one sniffed TPKT connection."""
 
-    def __init__(self, config: GatewayConfig, open_broker: OpenBroker, front: Front) -> None:
+    def __init__(self, config: GatewayConfig, broker: BrokerClient, tunnels: Tunnels) -> None:
         self.config = config
-        self._open_broker = open_broker
-        self._front = front
+        self._broker = broker
+        self._tunnels = tunnels
 
-    async def handle(self, stream: trio.abc.Stream, peer: Peer) -> None:
-        cfg = self.config
-        with trio.fail_after(cfg.handshake_timeout_s):  # absolute, from the accept
-            front = await self._front(stream, peer)
-            if front is None:
-                return
-            kind, sniffed, client = front
-            if kind is not Kind.TPKT:
-                log.info("rdp refused client=%s:%d reason=not RDP (%s)", *client, kind.value)
-                return
-            try:
-                request, head = await read_connection_request(sniffed)
-            except RemoteProtocolError as exc:
-                log.info("rdp refused client=%s:%d reason=%s", *client, exc)
-                return
-        route = self._route_for(request, client)
+    async def serve(self, stream: PrefixedStream, conn: Conn) -> None:
+        try:
+            with trio.fail_at(conn.handshake_deadline):  # absolute, from the accept
+                request, head = await read_connection_request(stream)
+        except RemoteProtocolError as exc:
+            log.info("rdp refused client=%s:%d reason=%s", *conn.client, exc)
+            return
+        except trio.TooSlowError:
+            log.info(
+                "pre-auth deadline client=%s:%d phase=connection request: closing", *conn.client
+            )
+            return
+        route = self._route_for(request, conn.client)
         if route is None:
             return
-        await self._connect(route, PrefixedStream(sniffed, head), client)
+        await self._connect(route, PrefixedStream(stream, head), conn)
 
     def _route_for(self, request: ConnectionRequest, client: Peer) -> Route | None:
         token, user = request.routing_token, request.mstshash
@@ -106,14 +104,15 @@ class RdpBalancer:
         log.info("rdp refused client=%s:%d reason=%s", *client, why)
         return None
 
-    async def _connect(self, route: Route, client_stream: trio.abc.Stream, client: Peer) -> None:
+    async def _connect(self, route: Route, client_stream: trio.abc.Stream, conn: Conn) -> None:
         cfg = self.config
+        client = conn.client
         via = "token" if route.token else "mstshash"
         broker: Channel | None = None
         try:
             try:
                 with trio.fail_after(cfg.broker_timeout_s):
-                    broker = await self._open_broker(client)
+                    broker = await self._broker.open_session(client)
                     granted = await broker.request(route)
             except PeerError as exc:
                 log.warning("rdp route refused client=%s:%d via=%s reason=%s", *client, via, exc)
@@ -128,52 +127,26 @@ class RdpBalancer:
                     host = await connect_tcp(granted.host, granted.port)
             except (TransportError, trio.TooSlowError) as exc:
                 log.warning(
-                    "rdp tunnel failed user=%s client=%s:%d rdp=%s:%d reason=%s",
+                    "tunnel failed user=%s client=%s:%d rdp=%s:%d via=%s reason=%s",
                     granted.user,
                     *client,
                     granted.host,
                     granted.port,
+                    via,
                     exc or "connect timeout",
                 )
                 return
-            await self._relay(client_stream, host, granted, client, via)
+            conn.tunnelled()  # routed: the slot is free, and a drain lets it run
+            info = TunnelInfo(
+                via=via,
+                client=client,
+                target=(granted.host, granted.port),
+                gateway=cfg.name,
+                path=(*conn.path, cfg.name),
+                user=granted.user,
+                resource=granted.resource,
+            )
+            await self._tunnels.run(info, client_stream, host)
         finally:
             if broker is not None:
                 await broker.aclose()
-
-    async def _relay(
-        self,
-        client_stream: trio.abc.Stream,
-        host: trio.abc.Stream,
-        granted: RouteOk,
-        client: Peer,
-        via: str,
-    ) -> None:
-        name = self.config.name
-        log.info(
-            "rdp tunnel open user=%s resource=%s client=%s:%d rdp=%s:%d gateway=%s via=%s",
-            granted.user,
-            granted.resource,
-            *client,
-            granted.host,
-            granted.port,
-            name,
-            via,
-        )
-        started = time.monotonic()
-        stats = await relay(client_stream, host)
-        log.info(
-            "rdp tunnel closed user=%s resource=%s client=%s:%d rdp=%s:%d gateway=%s via=%s "
-            "bytes_up=%d bytes_down=%d seconds=%.1f reset=%s",
-            granted.user,
-            granted.resource,
-            *client,
-            granted.host,
-            granted.port,
-            name,
-            via,
-            stats.a_to_b,
-            stats.b_to_a,
-            time.monotonic() - started,
-            stats.reset,
-        )

@@ -1,7 +1,11 @@
-"""The gateway's open tunnels (and forwarded connections): audit, idle timeout, drain.
+"""The gateway's open tunnels, of every kind: audit, idle timeout, drain.
 
-Each relayed connection is registered while it runs. When it ends, one audit line says who,
-what, from where, to where, through which gateways, how many bytes each way and for how long.
+A tunnel is any connection the gateway relays: a ticketed tunnel of a client session
+(``via=ticket``), an RDP-port connection routed by a routing token or an mstshash cookie
+(``via=token``, ``via=mstshash``), and a connection a forwarding gateway passes on to its next
+hop (``via=forward``). Each is registered while it runs (:meth:`Tunnels.run`); when it ends, one
+audit line (:func:`audit`, the same for every kind) says who, what, from where, to where,
+through which gateways, how many bytes each way and for how long.
 
 Ending a tunnel from outside (idle timeout, the end of a drain) never closes its sockets under
 the relay's feet (a closed descriptor number can be reused by the next accept before the relay
@@ -26,13 +30,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ras.net.relay import socket_of
+from ras.net.relay import RelayStats, relay, socket_of
 
-__all__ = ["Tunnel", "Tunnels", "format_path"]
+__all__ = ["FORWARD", "Tunnel", "TunnelInfo", "Tunnels", "audit", "format_path"]
 
 log = logging.getLogger("ras.gateway")
 _TCP_INFO_LAST_DATA_RECV = 52  # offset of tcpi_last_data_recv (u32, ms) in struct tcp_info
 _TCP_INFO_SIZE = 104
+FORWARD = "forward"  # the ``via`` of a connection passed on to the next gateway
+Peer = tuple[str, int]
 
 
 def format_path(path: tuple[str, ...]) -> str:
@@ -51,12 +57,42 @@ def _idle_ms(sock: trio.socket.SocketType) -> int | None:
     return int(ms)
 
 
+@dataclass(frozen=True, slots=True)
+class TunnelInfo:
+    """What the audit line says of a tunnel besides its bytes and duration.
+
+    ``via``: ``ticket``, ``token``, ``mstshash`` or ``forward``. ``target``: the RDP host, or
+    for a forward the next hop (host and the port connected to). ``path``: the gateways the
+    connection went through, this one included. ``user`` and ``resource``: where the broker
+    said (a forwarder does not know them). ``health_check``: a proxy's own check passed on by
+    a forwarder, audited at DEBUG (several a second with default intervals).
+    """
+
+    via: str
+    client: Peer
+    target: Peer
+    gateway: str
+    path: tuple[str, ...]
+    tls: bool = False
+    user: str = ""
+    resource: str = ""
+    health_check: bool = False
+
+    def describe(self) -> str:
+        who = f"user={self.user} resource={self.resource} " if self.user else ""
+        to = "next_hop" if self.via == FORWARD else "rdp"
+        return (
+            f"{who}client={self.client[0]}:{self.client[1]} "
+            f"{to}={self.target[0]}:{self.target[1]} "
+            f"gateway={self.gateway} path={format_path(self.path)} via={self.via} tls={self.tls}"
+        )
+
+
 @dataclass(slots=True, eq=False)
 class Tunnel:
     """One relayed connection while it runs."""
 
-    client: tuple[str, int]
-    path: tuple[str, ...]
+    info: TunnelInfo
     sides: tuple[trio.abc.Stream, trio.abc.Stream]
     started: float = field(default_factory=time.monotonic)
     ended_by: str = ""  # why the gateway ended it (idle, drain); empty: the peers did
@@ -96,15 +132,20 @@ class Tunnels:
     def __len__(self) -> int:
         return len(self._open)
 
+    async def run(self, info: TunnelInfo, a: trio.abc.Stream, b: trio.abc.Stream) -> RelayStats:
+        """Relay ``a`` (the client's side) and ``b`` until both ends are done, registered the
+        while (idle timeout, drain); log the tunnel's opening and its audit line. Closes both
+        streams."""
+        quiet = info.health_check or info.via == FORWARD  # one line per forward is enough
+        log.log(logging.DEBUG if quiet else logging.INFO, "tunnel open %s", info.describe())
+        with self.track(info, a, b) as tunnel:
+            stats = await relay(a, b)
+        audit(tunnel, stats)
+        return stats
+
     @contextlib.contextmanager
-    def track(
-        self,
-        client: tuple[str, int],
-        path: tuple[str, ...],
-        a: trio.abc.Stream,
-        b: trio.abc.Stream,
-    ) -> Iterator[Tunnel]:
-        tunnel = Tunnel(client, path, (a, b))
+    def track(self, info: TunnelInfo, a: trio.abc.Stream, b: trio.abc.Stream) -> Iterator[Tunnel]:
+        tunnel = Tunnel(info, (a, b))
         if not self._open:
             self._empty = trio.Event()
         self._open.add(tunnel)
@@ -133,9 +174,24 @@ class Tunnels:
                 idle = tunnel.idle_ms()
                 if idle is not None and idle >= limit_ms:
                     log.info(
-                        "tunnel idle client=%s:%d path=%s idle_s=%.0f: closing",
-                        *tunnel.client,
-                        format_path(tunnel.path),
+                        "tunnel idle client=%s:%d path=%s via=%s idle_s=%.0f: closing",
+                        *tunnel.info.client,
+                        format_path(tunnel.info.path),
+                        tunnel.info.via,
                         idle / 1000,
                     )
                     tunnel.shut("idle timeout")
+
+
+def audit(tunnel: Tunnel, stats: RelayStats) -> None:
+    """The audit line of a tunnel of any kind, written once, when it has ended."""
+    log.log(
+        logging.DEBUG if tunnel.info.health_check else logging.INFO,
+        "tunnel closed %s bytes_up=%d bytes_down=%d seconds=%.1f reset=%s%s",
+        tunnel.info.describe(),
+        stats.a_to_b,
+        stats.b_to_a,
+        tunnel.seconds,
+        stats.reset,
+        f" ended_by={tunnel.ended_by}" if tunnel.ended_by else "",
+    )
