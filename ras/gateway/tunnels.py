@@ -24,7 +24,6 @@ import contextlib
 import logging
 import socket
 import struct
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -94,7 +93,7 @@ class Tunnel:
 
     info: TunnelInfo
     sides: tuple[trio.abc.Stream, trio.abc.Stream]
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=trio.current_time)
     ended_by: str = ""  # why the gateway ended it (idle, drain); empty: the peers did
 
     def shut(self, why: str) -> None:
@@ -118,7 +117,7 @@ class Tunnel:
 
     @property
     def seconds(self) -> float:
-        return time.monotonic() - self.started
+        return trio.current_time() - self.started
 
 
 class Tunnels:
