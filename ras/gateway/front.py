@@ -94,9 +94,8 @@ class Conn:
         self.sessions.discard(self.scope)
 
     def close(self) -> None:
-        """The connection is over, however it ended."""
-        self.release()
-        self.sessions.discard(self.scope)
+        """The connection is over, however it ended (idempotent)."""
+        self.tunnelled()
 
 
 class TrustedProxies:

@@ -125,27 +125,27 @@ class Gateway:
 
     async def _serve_all(self, task_status: trio.TaskStatus[dict[str, Peer]]) -> None:
         cfg = self.config
-        ports = [(Port.PLAIN, cfg.plain_port, cfg.plain_enabled)]
-        ports += [(Port.TLS, cfg.tls_port, cfg.tls_enabled)]
-        ports += [(Port.RDP, cfg.rdp_port, cfg.rdp_lb_enabled)]
+        ports = {
+            Port.PLAIN: (cfg.plain_port, cfg.plain_enabled),
+            Port.TLS: (cfg.tls_port, cfg.tls_enabled),
+            Port.RDP: (cfg.rdp_port, cfg.rdp_lb_enabled),
+        }
         bound: dict[str, tuple[str, int]] = {}
         async with trio.open_nursery() as handlers:
             async with trio.open_nursery() as nursery:
-                for port, number, enabled in ports:
-                    if enabled:
-                        handler = partial(self._front_door, port=port)
-                        addrs = await nursery.start(
-                            partial(
-                                serve_tcp,
-                                handler,
-                                cfg.listen_host,
-                                number,
-                                log=log,
-                                what=port.value,
-                                handler_nursery=handlers,
-                            )
-                        )
-                        bound[port.value] = addrs[0]
+                for port, (number, enabled) in ports.items():
+                    if not enabled:
+                        continue
+                    listen = partial(
+                        serve_tcp,
+                        partial(self._front_door, port=port),  # the same door for every port
+                        cfg.listen_host,
+                        number,
+                        log=log,
+                        what=port.value,
+                        handler_nursery=handlers,
+                    )
+                    bound[port.value] = (await nursery.start(listen))[0]
                 if self._link is not None:
                     nursery.start_soon(self._link.run)
                     log.info(
