@@ -47,6 +47,7 @@ from ras.protocol import (
     ResourceList,
     Resume,
     Role,
+    State,
     TunnelOpen,
 )  # fmt: skip
 
@@ -127,13 +128,19 @@ class ClientSession:
         async with self._lock:
             try:
                 return await self._ask(self._chan, msg)
-            except PeerError:
-                raise
+            except PeerError as exc:
+                # a refusal on a connection that stays open is the answer; one that closed it
+                # (the gateway lost its broker, or timed the session out) is a lost session
+                if self.user is None or self._chan.conn.state is State.OPEN:
+                    raise
+                if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
+                    raise
+                log.warning("session lost server=%s:%d reason=%s", *self.server, exc)
             except TransportError as exc:
                 if self.user is None:
                     raise
                 log.warning("session lost server=%s:%d reason=%s", *self.server, exc)
-                await self._reestablish()
+            await self._reestablish()
             return await self._ask(self._chan, msg)
 
     async def _login(

@@ -68,6 +68,8 @@ class Channel:
         await self.aclose()
 
     async def send(self, msg: Message) -> None:
+        if self.conn.state in (State.CLOSED, State.ERROR) and not isinstance(msg, Error):
+            raise TransportError("the connection is closed")
         await self._write(self.conn.send(msg))
 
     async def _write(self, data: bytes) -> None:
