@@ -23,7 +23,7 @@ from ras.client.session import ClientSession
 from ras.config import from_mapping
 from ras.errors import ConfigError
 from ras.gateway.config import GatewayConfig, NextHop
-from ras.gateway.tunnels import FORWARD, TunnelInfo, Tunnels
+from ras.gateway.tunnels import TunnelInfo, Tunnels, Via
 from ras.net.health import probe
 from ras.protocol import Mode
 from ras.protocol.x224 import encode_connection_request
@@ -317,29 +317,14 @@ async def _until_logged_debug(caplog: pytest.LogCaptureFixture, start: str, coun
 async def test_every_kind_of_tunnel_gets_one_audit_line(caplog, autojump_clock):
     caplog.set_level(logging.DEBUG, logger="ras.gateway")
     tunnels = Tunnels()
-    kinds = {
-        "ticket": TunnelInfo(
-            "ticket",
-            ("198.51.100.7", 5),
-            ("10.0.0.21", 3389),
-            "gw1",
-            ("gw1",),
-            tls=True,
-            user="alice",
-            resource="desktop",
-        ),
-        "token": TunnelInfo(
-            "token",
-            ("198.51.100.7", 6),
-            ("10.0.0.21", 3389),
-            "gw1",
-            ("dmz1", "gw1"),
-            user="alice",
-            resource="desktop",
-        ),
-        FORWARD: TunnelInfo(FORWARD, ("198.51.100.7", 7), ("10.0.2.21", 3389), "dmz1", ("dmz1",)),
-    }
-    for via, info in kinds.items():
+    client_at = ("198.51.100.7", 5)
+    host, hop = ("10.0.0.21", 3389), ("10.0.2.21", 3389)
+    kinds = [
+        TunnelInfo(Via.TICKET, client_at, host, "gw1", ("gw1",), True, "alice", "desktop"),
+        TunnelInfo(Via.TOKEN, client_at, host, "gw1", ("dmz1", "gw1"), False, "alice", "desktop"),
+        TunnelInfo(Via.FORWARD, client_at, hop, "dmz1", ("dmz1",)),
+    ]
+    for info in kinds:
         client, client_end = trio.testing.memory_stream_pair()
         far, far_end = trio.testing.memory_stream_pair()
         async with trio.open_nursery() as nursery:
@@ -352,7 +337,7 @@ async def test_every_kind_of_tunnel_gets_one_audit_line(caplog, autojump_clock):
             assert await client.receive_some() == b"down!"
             await client.aclose()
             await far.aclose()
-        assert len(tunnels) == 0, via
+        assert len(tunnels) == 0, info.via
     audits = [r for r in caplog.records if r.getMessage().startswith("tunnel closed ")]
     assert [r.levelno for r in audits] == [logging.INFO] * 3
     ticket, token, forward = (r.getMessage() for r in audits)
@@ -363,7 +348,7 @@ async def test_every_kind_of_tunnel_gets_one_audit_line(caplog, autojump_clock):
     )
     assert " path=dmz1>gw1 via=token tls=False bytes_up=2 bytes_down=5 " in token
     assert forward.startswith(
-        "tunnel closed client=198.51.100.7:7 next_hop=10.0.2.21:3389 gateway=dmz1 path=dmz1 "
+        "tunnel closed client=198.51.100.7:5 next_hop=10.0.2.21:3389 gateway=dmz1 path=dmz1 "
         "via=forward tls=False bytes_up=2 bytes_down=5 "
     )
     opened = [r for r in caplog.records if r.getMessage().startswith("tunnel open ")]

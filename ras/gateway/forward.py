@@ -41,7 +41,7 @@ from ras.errors import LocalProtocolError, RasError, TransportError
 from ras.gateway.config import GatewayConfig, NextHop
 from ras.gateway.front import CHECK_TLV, PATH_TLV, Conn, Port, encode_path
 from ras.gateway.link import SOFTWARE
-from ras.gateway.tunnels import FORWARD, TunnelInfo, Tunnels, format_path
+from ras.gateway.tunnels import TunnelInfo, Tunnels, Via, format_path
 from ras.net.channel import aclose_quietly
 from ras.net.health import probe
 from ras.net.relay import socket_of
@@ -132,7 +132,7 @@ class Forwarder:
             return
         conn.tunnelled()  # the next gateway holds the client to its own deadline from here
         info = TunnelInfo(
-            via=FORWARD,
+            via=Via.FORWARD,
             client=conn.client,
             target=target,
             gateway=cfg.name,

@@ -34,7 +34,7 @@ from ras.errors import RemoteProtocolError, TransportError
 from ras.gateway.config import GatewayConfig
 from ras.gateway.front import Conn
 from ras.gateway.link import BrokerClient
-from ras.gateway.tunnels import TunnelInfo, Tunnels
+from ras.gateway.tunnels import TunnelInfo, Tunnels, Via
 from ras.net.channel import Channel, PeerError
 from ras.net.sniff import PrefixedStream
 from ras.net.tls import connect_tcp
@@ -107,7 +107,7 @@ class RdpBalancer:
     async def _connect(self, route: Route, client_stream: trio.abc.Stream, conn: Conn) -> None:
         cfg = self.config
         client = conn.client
-        via = "token" if route.token else "mstshash"
+        via = Via.TOKEN if route.token else Via.MSTSHASH
         broker: Channel | None = None
         try:
             try:

@@ -24,7 +24,7 @@ from ras.errors import ErrorCode, TransportError
 from ras.gateway.config import GatewayConfig
 from ras.gateway.front import Conn
 from ras.gateway.link import SOFTWARE, BrokerClient
-from ras.gateway.tunnels import TunnelInfo, Tunnels
+from ras.gateway.tunnels import TunnelInfo, Tunnels, Via
 from ras.net.channel import Channel, PeerError
 from ras.net.sniff import PrefixedStream
 from ras.net.tls import connect_tcp
@@ -167,7 +167,7 @@ class ClientSessions:
             raise
         client = PrefixedStream(chan.stream, chan.into_tunnel())
         info = TunnelInfo(
-            via="ticket",
+            via=Via.TICKET,
             client=conn.client,
             target=(granted.host, granted.port),
             gateway=cfg.name,

@@ -21,6 +21,7 @@ the timeout.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import socket
 import struct
@@ -31,12 +32,11 @@ import trio
 
 from ras.net.relay import RelayStats, relay, socket_of
 
-__all__ = ["FORWARD", "Tunnel", "TunnelInfo", "Tunnels", "audit", "format_path"]
+__all__ = ["Tunnel", "TunnelInfo", "Tunnels", "Via", "audit", "format_path"]
 
 log = logging.getLogger("ras.gateway")
 _TCP_INFO_LAST_DATA_RECV = 52  # offset of tcpi_last_data_recv (u32, ms) in struct tcp_info
 _TCP_INFO_SIZE = 104
-FORWARD = "forward"  # the ``via`` of a connection passed on to the next gateway
 Peer = tuple[str, int]
 
 
@@ -56,18 +56,27 @@ def _idle_ms(sock: trio.socket.SocketType) -> int | None:
     return int(ms)
 
 
+class Via(enum.StrEnum):
+    """How a tunnel came to be (the audit line's ``via``)."""
+
+    TICKET = "ticket"  # a client session's tunnel, opened with a launch ticket
+    TOKEN = "token"  # an RDP-port connection routed by its routing token
+    MSTSHASH = "mstshash"  # an RDP-port connection routed by its mstshash user name
+    FORWARD = "forward"  # a connection a forwarding gateway passed on
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelInfo:
     """What the audit line says of a tunnel besides its bytes and duration.
 
-    ``via``: ``ticket``, ``token``, ``mstshash`` or ``forward``. ``target``: the RDP host, or
+    ``via``: how it came to be. ``target``: the RDP host, or
     for a forward the next hop (host and the port connected to). ``path``: the gateways the
     connection went through, this one included. ``user`` and ``resource``: where the broker
     said (a forwarder does not know them). ``health_check``: a proxy's own check passed on by
     a forwarder, audited at DEBUG (several a second with default intervals).
     """
 
-    via: str
+    via: Via
     client: Peer
     target: Peer
     gateway: str
@@ -79,7 +88,7 @@ class TunnelInfo:
 
     def describe(self) -> str:
         who = f"user={self.user} resource={self.resource} " if self.user else ""
-        to = "next_hop" if self.via == FORWARD else "rdp"
+        to = "next_hop" if self.via is Via.FORWARD else "rdp"
         return (
             f"{who}client={self.client[0]}:{self.client[1]} "
             f"{to}={self.target[0]}:{self.target[1]} "
@@ -135,7 +144,7 @@ class Tunnels:
         """Relay ``a`` (the client's side) and ``b`` until both ends are done, registered the
         while (idle timeout, drain); log the tunnel's opening and its audit line. Closes both
         streams."""
-        quiet = info.health_check or info.via == FORWARD  # one line per forward is enough
+        quiet = info.health_check or info.via is Via.FORWARD  # one line per forward is enough
         log.log(logging.DEBUG if quiet else logging.INFO, "tunnel open %s", info.describe())
         with self.track(info, a, b) as tunnel:
             stats = await relay(a, b)
