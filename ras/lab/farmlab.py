@@ -11,6 +11,9 @@ config file, as on separate machines::
 The gateways share one public certificate (for the VIP and ``PUBLIC_NAME``), so a gateway SSL
 client behind the VIP trusts whichever gateway it lands on. The HALB nodes balance the plain,
 TLS and RDP ports (8080, 8443, 3389) with PROXY v2; gateways trust the lab subnet as proxies.
+With ``front="keepalived"`` the same two nodes run the reference stack instead of ``ras halb``:
+keepalived holding the VIP (same VRID, priorities and 100 ms adverts) and haproxy in ``mode
+tcp`` balancing the three ports (least connections, PROXY v2, 0.2 s health checks).
 The agent reports ``rdp_port`` on the ``rdp`` host; what listens there is the caller's choice
 (an echo server for the failover harness, a bridge to a real RDP server for xfreerdp).
 
@@ -19,6 +22,8 @@ Shared by the lab tests and ``benchmarks/failover.py``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -30,11 +35,19 @@ from pathlib import Path
 
 from ras.broker.passwords import hash_password
 from ras.broker.store import SQLiteStore, UserRecord
-from ras.lab.daemons import Probe, halb_config, probe
+from ras.lab.daemons import (
+    Probe,
+    halb_config,
+    haproxy_config,
+    keepalived_argv,
+    keepalived_config,
+    probe,
+)
 from ras.lab.netns import Host, Lab
 from ras.pki import FarmPKI
 
 __all__ = [
+    "FRONTS",
     "PLAIN_PORT",
     "PUBLIC_NAME",
     "RDP_PORT",
@@ -43,6 +56,7 @@ __all__ = [
     "FarmLab",
     "build_farm_lab",
     "farm_hosts",
+    "start_echo_server",
 ]
 
 RAS = [sys.executable, "-m", "ras"]
@@ -55,6 +69,7 @@ PUBLIC_NAME = "farm.lab"
 USER = "alice"
 PASSWORD = "lab password 7"
 VRID = 52
+FRONTS = ("ras", "keepalived")  # what holds the VIP: `ras halb`, or keepalived + haproxy
 
 
 @dataclass
@@ -69,6 +84,13 @@ class FarmLab:
     forwarders: list[str] = field(default_factory=list)
     halbs: list[str] = field(default_factory=list)
     crashed: set[str] = field(default_factory=set)  # hosts whose link is down
+    killed: set[str] = field(default_factory=set)  # daemons killed or stopped on purpose
+    front: str = "ras"
+    # A node's other processes, killed with it by crash_node: pid files of the children its
+    # daemon forked (keepalived's VRRP child), and further processes started here (haproxy).
+    node_pidfiles: dict[str, list[Path]] = field(default_factory=dict)
+    node_procs: dict[str, list[str]] = field(default_factory=dict)
+    starters: dict[str, Callable[[], None]] = field(default_factory=dict)  # for restart()
 
     @property
     def pki(self) -> FarmPKI:
@@ -98,18 +120,40 @@ class FarmLab:
     def kill(self, name: str) -> None:
         """Crash a daemon (SIGKILL): no drain, no goodbye."""
         proc = self.procs[name]
+        self.killed.add(name)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
     def crash_node(self, name: str) -> None:
         """A machine that dies: its daemon killed and its link down (a crashed HALB master
-        leaves the VIP on its interface; with the link down nobody reaches it there)."""
+        leaves the VIP on its interface; with the link down nobody reaches it there). The
+        daemon's children go first: keepalived's VRRP child, told of its parent's death,
+        would send a priority-0 advert and turn the crash into a graceful stop."""
+        for path in self.node_pidfiles.get(name, []):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(path.read_text().strip()), signal.SIGKILL)
         self.kill(name)
+        for other in self.node_procs.get(name, []):
+            self.kill(other)
         self.hosts[name].run(["ip", "link", "set", "eth0", "down"])
         self.crashed.add(name)
 
+    def restart(self, name: str) -> None:
+        """Bring a killed daemon back, or a crashed node up again as a rebooted machine comes
+        back (without the VIP its crash left on the interface), with the same config."""
+        if name in self.crashed:
+            host = self.hosts[name]
+            if self.vip in host.addresses():
+                host.run(
+                    ["ip", "addr", "del", f"{self.vip}/{self.lab.subnet.prefixlen}", "dev", "eth0"]
+                )
+            host.run(["ip", "link", "set", "eth0", "up"])
+            self.crashed.discard(name)
+        self.starters[name]()
+
     def stop(self, name: str, timeout: float = 30.0) -> int:
         proc = self.procs[name]
+        self.killed.add(name)
         proc.send_signal(signal.SIGTERM)
         return proc.wait(timeout)
 
@@ -137,7 +181,7 @@ class FarmLab:
         deadline = time.monotonic() + timeout
         while not check():
             for name, proc in self.procs.items():
-                if proc.poll() is not None:
+                if name not in self.killed and proc.poll() is not None:
                     raise AssertionError(
                         f"{name} exited {proc.returncode} while waiting for {what}:\n"
                         + self.lab.log_tail(proc)
@@ -289,6 +333,37 @@ def _halb(fl: FarmLab, name: str, priority: int, backends: list[str]) -> None:
     fl.start(name, "halb", conf)
 
 
+def _keepalived_haproxy(fl: FarmLab, name: str, priority: int, backends: list[str]) -> None:
+    """The reference front on node ``name``: keepalived (VRRP, the VIP) and haproxy."""
+    host = fl.hosts[name]
+    host.sysctl("net.ipv4.ip_nonlocal_bind", 1)  # haproxy binds the VIP before holding it
+    rundir = fl.tmp / f"{name}-front"
+    rundir.mkdir(exist_ok=True)
+    for stale in rundir.glob("*.pid"):  # a crashed run's: keepalived would not start
+        stale.unlink()
+    conf = keepalived_config(
+        rundir / "keepalived.conf",
+        router_id=name,
+        vrid=VRID,
+        priority=priority,
+        advert_s=0.1,
+        vip_cidr=f"{fl.vip}/{fl.lab.subnet.prefixlen}",
+    )
+    balancer = haproxy_config(
+        rundir / "haproxy.cfg",
+        vip=fl.vip,
+        ports={port: port for port in (PLAIN_PORT, TLS_PORT, RDP_PORT)},
+        servers={b: fl.hosts[b].address for b in backends},
+        health_interval_s=0.2,
+        idle_timeout_s=3600,  # sessions live long; a dead peer shows as a reset
+        redispatch=True,
+    )
+    fl.procs[f"{name}-haproxy"] = host.popen(["haproxy", "-db", "-f", str(balancer)])
+    fl.procs[name] = host.popen(keepalived_argv(conf, rundir))
+    fl.node_procs[name] = [f"{name}-haproxy"]
+    fl.node_pidfiles[name] = [rundir / "vrrp.pid", rundir / "chk.pid"]
+
+
 def build_farm_lab(
     lab: Lab,
     tmp: Path,
@@ -297,10 +372,14 @@ def build_farm_lab(
     forwarders: int = 0,
     halbs: int = 2,
     rdp_port: int = RDP_PORT,
+    front: str = "ras",
 ) -> FarmLab:
     """Start the farm in ``lab`` (which must have the hosts ``farm_hosts(...)`` names) and
-    return once the VIP serves through every layer."""
-    fl = FarmLab(lab, tmp, str(lab.spare_address()), rdp_port, dict(lab.hosts))
+    return once the VIP serves through every layer. ``front``: ``"ras"`` (``ras halb`` on the
+    HALB nodes) or ``"keepalived"`` (keepalived + haproxy there, the reference stack)."""
+    if front not in FRONTS:
+        raise ValueError(f"front {front!r}: one of {', '.join(FRONTS)}")
+    fl = FarmLab(lab, tmp, str(lab.spare_address()), rdp_port, dict(lab.hosts), front=front)
     fl.gateways = [f"gw{i + 1}" for i in range(gateways)]
     fl.forwarders = [f"fw{i + 1}" for i in range(forwarders)]
     fl.halbs = [f"halb{i + 1}" for i in range(halbs)]
@@ -308,7 +387,8 @@ def build_farm_lab(
     _broker(fl)
     _agent(fl)
     for name in fl.gateways:
-        _gateway(fl, name)
+        fl.starters[name] = partial(_gateway, fl, name)
+        fl.starters[name]()
     fl.wait(fl.broker_knows_gateways, "every gateway registered with the broker")
     fl.wait(fl.agent_registered, "the agent registered")
     for name in fl.gateways:
@@ -316,12 +396,15 @@ def build_farm_lab(
     for i, name in enumerate(fl.forwarders):
         # each forwarder prefers its own gateway, then the others in turn (a DMZ chain)
         order = fl.gateways[i % gateways :] + fl.gateways[: i % gateways]
-        _forwarder(fl, name, order)
+        fl.starters[name] = partial(_forwarder, fl, name, order)
+        fl.starters[name]()
     for name in fl.forwarders:
         fl.wait(partial(fl.serves, name), f"{name} serves")
     backends = fl.forwarders or fl.gateways
+    start_front = _halb if front == "ras" else _keepalived_haproxy
     for i, name in enumerate(fl.halbs):
-        _halb(fl, name, 200 - 10 * i, backends)
+        fl.starters[name] = partial(start_front, fl, name, 200 - 10 * i, backends)
+        fl.starters[name]()
     fl.wait(lambda: len(fl.holders()) == 1 and fl.holders()[0] == fl.halbs[0], "halb1 master")
     fl.wait(lambda: probe(fl.client, fl.vip, PLAIN_PORT, 0.5) is Probe.OK, "the VIP serves", 30.0)
     return fl
@@ -337,3 +420,32 @@ def farm_hosts(*, gateways: int = 3, forwarders: int = 0, halbs: int = 2) -> lis
         *(f"fw{i + 1}" for i in range(forwarders)),
         *(f"halb{i + 1}" for i in range(halbs)),
     ]
+
+
+ECHO_SERVER = """\
+import socket, sys, threading
+
+def echo(conn):
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+server = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=128)
+print("listening", flush=True)
+while True:
+    conn, peer = server.accept()
+    threading.Thread(target=echo, args=(conn,), daemon=True).start()
+"""
+
+
+def start_echo_server(host: Host, port: int = RDP_PORT) -> subprocess.Popen[bytes]:
+    """An echo server on ``port`` of ``host`` standing in for the RDP host (the failover
+    harness checks its bytes come back); returns once it listens."""
+    proc = host.popen([sys.executable, "-c", ECHO_SERVER, str(port)])
+    log = host.lab.log_of(proc)
+    deadline = time.monotonic() + 10
+    while "listening" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"echo server in {host.name}:{port}\n{host.lab.log_tail(proc)}")
+        time.sleep(0.02)
+    return proc
