@@ -591,7 +591,15 @@ _DESKTOP_SCRIPT = """\
 #!/bin/sh
 # The whole "desktop" of a ras test session: paint the root window, then log off after {n} s.
 xsetroot -solid '{colour}'
-exec xmessage -timeout {n} 'ras test session: logging off after {n} s'
+{repaint}exec xmessage -timeout {n} 'ras test session: logging off after {n} s'
+"""
+
+# With `repaint_seconds`: the whole root window repainted in turn in two colours, in the
+# background, so that the session sends screen updates all along. Stops with the X server.
+_REPAINT_LOOP = """\
+(while sleep {s} && xsetroot -solid '{other}' && sleep {s} && xsetroot -solid '{colour}'; do
+  :
+done) &
 """
 
 
@@ -600,17 +608,31 @@ class XrdpServer(_Peer):
 
     The session's "desktop" paints the root window `COLOUR` and ends after `desktop_seconds`,
     so xrdp logs the user off and a connected xfreerdp exits 12. (xrdp has no NLA: a wrong
-    password leaves the client on xrdp's login screen until its timeout.) `users` users are
-    created, one per parallel client: a user's second connection takes over the first's
-    session. `.port`, `.user`, `.password`, `.users` once entered. Needs root.
+    password leaves the client on xrdp's login screen until its timeout.) With
+    `repaint_seconds`, the desktop repaints the whole root window every `repaint_seconds`,
+    `REPAINT_COLOUR` and `COLOUR` in turn, so that a long session carries traffic all along
+    (0, the default: painted once, then still). `users` users are created, one per parallel
+    client: a user's second connection takes over the first's session. `.port`, `.user`,
+    `.password`, `.users` once entered. Needs root.
     """
 
     COLOUR = "#206020"
+    REPAINT_COLOUR = "#602020"
 
-    def __init__(self, *, desktop_seconds: int = 1, users: int = 1, timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        desktop_seconds: int = 1,
+        repaint_seconds: float = 0.0,
+        users: int = 1,
+        timeout: float = 60.0,
+    ) -> None:
         if desktop_seconds < 1 or users < 1:
             raise ValueError("desktop_seconds and users must be at least 1")
+        if repaint_seconds < 0:
+            raise ValueError("repaint_seconds must not be negative (0: no repaint)")
         self.desktop_seconds = desktop_seconds
+        self.repaint_seconds = repaint_seconds
         self.timeout = timeout
         self.host = "127.0.0.1"
         self.port = 0
@@ -671,7 +693,14 @@ class XrdpServer(_Peer):
         shutil.copytree("/etc/xrdp", etc, symlinks=True)
         etc.chmod(0o755)  # the session (as the test user) runs the desktop script from here
         desktop = etc / "ras-desktop.sh"
-        desktop.write_text(_DESKTOP_SCRIPT.format(n=self.desktop_seconds, colour=self.COLOUR))
+        repaint = ""
+        if self.repaint_seconds:
+            repaint = _REPAINT_LOOP.format(
+                s=f"{self.repaint_seconds:g}", other=self.REPAINT_COLOUR, colour=self.COLOUR
+            )
+        desktop.write_text(
+            _DESKTOP_SCRIPT.format(n=self.desktop_seconds, colour=self.COLOUR, repaint=repaint)
+        )
         desktop.chmod(0o755)
         _set_ini(
             etc / "xrdp.ini",
