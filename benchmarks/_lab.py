@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from ras.lab import Host, Lab
-from ras.lab.daemons import Probe, gateway_config, halb_config, keepalived_config, probe
+from ras.lab.daemons import (
+    Probe,
+    gateway_config,
+    halb_config,
+    haproxy_config,
+    keepalived_config,
+    probe,
+)
 from ras.pki import FarmPKI
 
 HERE = Path(__file__).resolve().parent
@@ -271,25 +278,13 @@ frontend fast
             advert_s=advert_s,
             vip_cidr=f"{vip}/{self.lab.subnet.prefixlen}",
         )
-        servers = "".join(
-            f"    server {g} {h.address}:{backend_port} check inter {int(HEALTH_INTERVAL_S * 1000)}"
-            " rise 2 fall 2 send-proxy-v2\n"
-            for g, h in self.gateways.items()
+        haproxy_conf = haproxy_config(
+            run / "haproxy.cfg",
+            vip=vip,
+            ports={port: backend_port},
+            servers={g: h.address for g, h in self.gateways.items()},
+            health_interval_s=HEALTH_INTERVAL_S,
         )
-        haproxy_conf = run / "haproxy.cfg"
-        haproxy_conf.write_text(f"""
-global
-    nbthread 1
-    maxconn 9000
-defaults
-    mode tcp
-    timeout connect 1s
-    timeout client 30s
-    timeout server 30s
-listen ras
-    bind {vip}:{port}
-    balance leastconn
-{servers}""")
         haproxy = host.popen([HAPROXY, "-db", "-f", str(haproxy_conf)])
         keepalived = host.popen(
             [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Mapping
 from pathlib import Path
 
 from ras.errors import ProtocolError
@@ -19,6 +20,7 @@ __all__ = [
     "Probe",
     "gateway_config",
     "halb_config",
+    "haproxy_config",
     "keepalived_argv",
     "keepalived_config",
     "probe",
@@ -153,6 +155,46 @@ def keepalived_argv(conf: Path, rundir: Path) -> list[str]:
         "-c",
         str(rundir / "chk.pid"),
     ]
+
+
+def haproxy_config(
+    path: Path,
+    *,
+    vip: str,
+    ports: Mapping[int, int],
+    servers: Mapping[str, ipaddress.IPv4Address | str],
+    health_interval_s: float = 0.2,
+    idle_timeout_s: float = 30.0,
+    redispatch: bool = False,
+) -> Path:
+    """haproxy 2.6 as the reference balancer beside keepalived: ``mode tcp``, one ``listen``
+    per ``ports`` entry (VIP port -> the servers' port), ``balance leastconn``, PROXY v2 to
+    the servers, and a TCP connect check every ``health_interval_s`` (rise 2, fall 2), as
+    `halb_config` checks ours. It binds the VIP before holding it: the node needs
+    ``net.ipv4.ip_nonlocal_bind=1``. ``redispatch``: a failed connect is retried on another
+    server at once (``retries 3``, ``option redispatch 1``), as ``ras halb`` does."""
+    inter = int(health_interval_s * 1000)
+    retry = "    retries 3\n    option redispatch 1\n" if redispatch else ""
+    listens = "".join(
+        f"listen ras-{port}\n    bind {vip}:{port}\n    balance leastconn\n"
+        + "".join(
+            f"    server {name} {address}:{backend_port} check inter {inter} rise 2 fall 2"
+            " send-proxy-v2\n"
+            for name, address in servers.items()
+        )
+        for port, backend_port in ports.items()
+    )
+    path.write_text(f"""
+global
+    nbthread 1
+    maxconn 9000
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client {idle_timeout_s:g}s
+    timeout server {idle_timeout_s:g}s
+{retry}{listens}""")
+    return path
 
 
 class Probe(enum.Enum):
