@@ -65,7 +65,9 @@ class Report:
     session_bytes: int = 0
     client_reconnects: int = 0
     kill_at_s: float | None = None
-    settled_after_s: float | None = None  # from the kill to the first good launch after it
+    # from the kill to the end of the first good launch that started after it (one already
+    # under way at the kill may still succeed without saying anything about the farm after it)
+    settled_after_s: float | None = None
     seconds: float = 0.0
 
 
@@ -88,20 +90,27 @@ class _Run:
     def good(self, seconds: float) -> None:
         now = time.monotonic()
         r = self.report
+        started = now - seconds - self.start
         r.longest_outage_s = max(r.longest_outage_s, now - self.last_good)
         self.last_good = now
         r.launches += 1
         self.durations.append(seconds)
-        if r.kill_at_s is not None and r.settled_after_s is None:
+        if r.kill_at_s is not None and r.settled_after_s is None and started >= r.kill_at_s:
             r.settled_after_s = round(self.now() - r.kill_at_s, 3)
         if self.args.launches and r.launches >= self.args.launches:
             self.done.set()
 
-    def bad(self, why: str) -> None:
+    def bad(self, why: str, started: float) -> None:
+        """A failed launch; ``started``: when it began (time.monotonic()). It counts as after
+        the settling only if it began after it: one stuck since the kill fails later."""
         r = self.report
         r.launches += 1
         r.failed += 1
-        if r.kill_at_s is not None and r.settled_after_s is not None:
+        if (
+            r.kill_at_s is not None
+            and r.settled_after_s is not None
+            and started - self.start >= r.kill_at_s + r.settled_after_s
+        ):
             r.failed_after_settle += 1
         if len(r.failures) < 20:
             r.failures.append(f"{self.now():.3f}s {why}")
@@ -128,7 +137,7 @@ class _Run:
                 finally:
                     await aclose_quietly(stream)
         except (RasError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-            self.bad(f"{type(exc).__name__}: {exc}")
+            self.bad(f"{type(exc).__name__}: {exc}", started)
             return
         self.good(time.monotonic() - started)
 
