@@ -2,7 +2,8 @@
 
 ``init_farm`` makes a state directory the first time (farm CA and every certificate, the
 gateway's self-signed public certificate, the config files, the SQLite state and a demo user)
-and reuses what is there on later runs; ``run_farm`` serves the three daemons until cancelled.
+and reuses what is there on later runs; ``run_farm`` serves the three daemons until cancelled,
+and the demo RDP host (``ras.demohost``) when the farm was made without an RDP host of its own.
 Every file it writes is an ordinary config that ``ras broker/gateway/agent --config`` read too.
 """
 
@@ -23,6 +24,7 @@ from ras.broker.server import Broker
 from ras.broker.store import SQLiteStore, UserRecord
 from ras.client.config import ClientConfig
 from ras.config import load
+from ras.demohost import run_demo_host
 from ras.gateway.config import GatewayConfig
 from ras.gateway.server import Gateway
 from ras.pki import FarmPKI, write_atomic
@@ -42,6 +44,7 @@ class FarmPorts:
     broker_gateways: int = 20002
     broker_agents: int = 20003
     broker_admin: int = 20443
+    demo_rdp: int = 33389  # the demo RDP host (ras.demohost), when no --rdp is given
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,17 @@ class FarmState:
     def admin_password_file(self) -> Path:
         return self.directory / "admin.password"
 
+    @property
+    def demo_marker(self) -> Path:
+        """Present when the farm's RDP host is the demo one (ras.demohost); holds its port."""
+        return self.directory / "demo-rdp.port"
+
+    def demo_rdp_port(self) -> int | None:
+        try:
+            return int(self.demo_marker.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
 
 def _toml_str(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -85,14 +99,19 @@ def _write_once(path: Path, text: str) -> None:
 def init_farm(
     directory: Path,
     *,
-    rdp_host: str = "127.0.0.1",
+    rdp_host: str | None = None,
     rdp_port: int = 3389,
     ports: FarmPorts = FarmPorts(),
     agent_name: str = "host1",
 ) -> FarmState:
-    """Create what is missing in ``directory``; never overwrite a file that exists."""
+    """Create what is missing in ``directory``; never overwrite a file that exists. With no
+    ``rdp_host`` the farm's RDP host is the demo one (``ras.demohost``) on ``ports.demo_rdp``."""
     state = FarmState(directory.resolve())
     state.directory.mkdir(parents=True, exist_ok=True)
+    if rdp_host is None:
+        rdp_host, rdp_port = "127.0.0.1", ports.demo_rdp
+        if not state.agent_toml.exists():
+            _write_once(state.demo_marker, f"{rdp_port}\n")
     pki = FarmPKI(state.directory / "pki")
     pki.init_ca()
     pki.ensure("broker", LOOPBACK_NAMES)
@@ -204,6 +223,13 @@ async def run_farm(
         agent = Agent(agent_cfg)
         async with trio.open_nursery() as nursery:
             addrs: dict[str, tuple[str, int]] = {}
+            demo = state.demo_rdp_port()
+            if demo is not None and (agent_cfg.rdp_host, agent_cfg.rdp_port) == (
+                "127.0.0.1",
+                demo,
+            ):
+                host = await nursery.start(run_demo_host, state.directory, demo)
+                addrs["demo_rdp"] = (host.host, host.port)
             for what, addr in (await nursery.start(broker.serve)).items():
                 addrs[f"broker_{what}"] = addr
             for what, addr in (await nursery.start(gateway.serve)).items():

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import shutil
 import sys
+import tomllib
 from pathlib import Path
 
 import trio
@@ -29,16 +30,60 @@ def _rdp(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# flag -> (FarmPorts field, state file, key in it)
+_PORT_FLAGS = {
+    "gateway_port": ("gateway_plain", "gateway.toml", "plain_port"),
+    "gateway_tls_port": ("gateway_tls", "gateway.toml", "tls_port"),
+    "broker_port": ("broker_gateways", "broker.toml", "gateway_port"),
+    "agent_port": ("broker_agents", "broker.toml", "agent_port"),
+    "admin_port": ("broker_admin", "broker.toml", "admin_port"),
+    "demo_rdp_port": ("demo_rdp", "", ""),
+}
+
+
 def _init(args: argparse.Namespace) -> FarmState:
-    host, port = _rdp(args.rdp)
-    ports = FarmPorts(
-        gateway_plain=args.gateway_port,
-        gateway_tls=args.gateway_tls_port,
-        broker_gateways=args.broker_port,
-        broker_agents=args.agent_port,
-        broker_admin=args.admin_port,
+    given = {flag: getattr(args, flag) for flag in _PORT_FLAGS if getattr(args, flag) is not None}
+    ports = FarmPorts(**{_PORT_FLAGS[flag][0]: value for flag, value in given.items()})
+    rdp = None if args.rdp is None else _rdp(args.rdp)
+    existed = (args.state_dir / "agent.toml").exists()
+    state = init_farm(
+        args.state_dir,
+        rdp_host=None if rdp is None else rdp[0],
+        rdp_port=3389 if rdp is None else rdp[1],
+        ports=ports,
     )
-    return init_farm(args.state_dir, rdp_host=host, rdp_port=port, ports=ports)
+    if existed:
+        _refuse_conflicts(state, given, rdp)
+    return state
+
+
+def _refuse_conflicts(state: FarmState, given: dict[str, int], rdp: tuple[str, int] | None) -> None:
+    """Flags that an existing state already settles differently: refused, never ignored."""
+    wrong: list[str] = []
+    for flag, value in given.items():
+        _, name, key = _PORT_FLAGS[flag]
+        if not name:  # --demo-rdp-port: the demo host's port is the agent's RDP port
+            current = state.demo_rdp_port()
+            if current is not None and current != value:
+                wrong.append(f"--demo-rdp-port {value}: the farm's demo RDP host is on {current}")
+            continue
+        current = tomllib.loads((state.directory / name).read_text()).get(key)
+        if current != value:
+            wrong.append(f"--{flag.replace('_', '-')} {value}: {name} has {key} = {current}")
+    if rdp is not None:
+        agent = tomllib.loads(state.agent_toml.read_text())
+        current_rdp = (agent.get("rdp_host"), agent.get("rdp_port"))
+        if current_rdp != rdp:
+            wrong.append(
+                f"--rdp {rdp[0]}:{rdp[1]}: agent.toml has rdp_host = {current_rdp[0]!r}, "
+                f"rdp_port = {current_rdp[1]}"
+            )
+    if wrong:
+        raise ConfigError(
+            f"the farm in {state.directory} was made with other settings ("
+            + "; ".join(wrong)
+            + "): edit those files, or start a new farm with --state-dir"
+        )
 
 
 def _command_name() -> str:
@@ -68,6 +113,15 @@ def _next_steps(state: FarmState, addrs: dict[str, tuple[str, int]]) -> str:
         f"--cert {rel}/pki/admin.pem --key {rel}/pki/admin.key"
     )
     ras = _command_name()
+    if "demo_rdp" in addrs:
+        rdp_host = (
+            f"  RDP host {at('demo_rdp')}, a demo desktop (its own user: demo, password in "
+            f"{rel}/demo-rdp.password)\n"
+        )
+        rdp_login = f'/u:demo /p:"$(cat {rel}/demo-rdp.password)"'
+    else:
+        rdp_host = ""
+        rdp_login = "/u:<a user of your RDP host>"
     return f"""
 RAS farm is up (state in {rel}/):
   gateway  {at("gateway_plain")} (plain)  {at("gateway_tls")} (TLS)
@@ -75,11 +129,12 @@ RAS farm is up (state in {rel}/):
   broker   {at("broker_gateways")} (gateways, mTLS)  {at("broker_agents")} (agents, mTLS)
   admin    https://{at("broker_admin")} (the admin API, for `ras admin`; an admin
            certificate: {rel}/pki/admin.pem; admin user: admin, password in {rel}/admin.password)
-  user     demo, password in {rel}/demo.password
-Next, in another shell:
-  {ras} client --config {rel}/client.toml {pw} list
+  user     demo (the farm's), password in {rel}/demo.password
+{rdp_host}Log in to the desktop through the gateway, in another shell:
   {ras} client --config {rel}/client.toml {pw} launch desktop --listen 127.0.0.1:13389
-  xfreerdp /v:127.0.0.1:13389 /u:<user on the RDP host> /cert:ignore
+  xfreerdp /v:127.0.0.1:13389 {rdp_login} /cert:ignore
+More:
+  {ras} client --config {rel}/client.toml {pw} list
   {ras} admin {admin} host list
   {ras} admin {admin} session list
 Stop with Ctrl-C.
@@ -120,11 +175,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="A whole farm in one process on 127.0.0.1. The first run makes the state "
         "directory: the farm CA and the daemons' certificates, the gateway's self-signed "
         "certificate, config files, the SQLite state and a demo user; later runs reuse it. "
-        "The agent reports the RDP host given by --rdp (xrdp on this machine by default). "
-        "Ports are written into the config files on the first run; later runs use the files.",
-        epilog="example:\n  ras farm up --state-dir ./state --rdp 127.0.0.1:3389",
+        "Without --rdp the farm's RDP host is a demo desktop on this machine (Xvfb mirrored by "
+        "freerdp-shadow-cli with NLA, RDP user 'demo'); with --rdp HOST:PORT, your own RDP "
+        "host. Ports and the RDP host are written into the config files on the first run; a "
+        "later run with a flag that differs from them is refused, naming the file and key.",
+        epilog="examples:\n  ras farm up\n  ras farm up --state-dir ./state2 --rdp 10.0.0.5:3389",
     )
     actions = farm.add_subparsers(dest="action", metavar="ACTION", required=True)
+    defaults = FarmPorts()
     for name, func, text in (
         ("up", _up, "create the state if needed, then run the farm"),
         ("init", _init_only, "only create the state directory"),
@@ -133,38 +191,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         p.add_argument("--state-dir", type=Path, default=Path("state"), help="default: ./state")
         p.add_argument(
             "--rdp",
-            default="127.0.0.1:3389",
             metavar="HOST:PORT",
-            help="the RDP host the farm's agent serves (default: 127.0.0.1:3389)",
+            help="your RDP host, served by the farm's agent (default: the demo RDP host)",
         )
-        p.add_argument(
-            "--gateway-port",
-            type=int,
-            default=FarmPorts().gateway_plain,
-            help=f"gateway plain port (default: {FarmPorts().gateway_plain})",
-        )
-        p.add_argument(
-            "--gateway-tls-port",
-            type=int,
-            default=FarmPorts().gateway_tls,
-            help=f"gateway TLS port (default: {FarmPorts().gateway_tls})",
-        )
-        p.add_argument(
-            "--broker-port",
-            type=int,
-            default=FarmPorts().broker_gateways,
-            help=f"broker port for gateways (default: {FarmPorts().broker_gateways})",
-        )
-        p.add_argument(
-            "--agent-port",
-            type=int,
-            default=FarmPorts().broker_agents,
-            help=f"broker port for agents (default: {FarmPorts().broker_agents})",
-        )
-        p.add_argument(
-            "--admin-port",
-            type=int,
-            default=FarmPorts().broker_admin,
-            help=f"broker admin API port, HTTPS (default: {FarmPorts().broker_admin})",
-        )
+        for flag, what, default in (
+            ("--gateway-port", "gateway plain port", defaults.gateway_plain),
+            ("--gateway-tls-port", "gateway TLS port", defaults.gateway_tls),
+            ("--broker-port", "broker port for gateways", defaults.broker_gateways),
+            ("--agent-port", "broker port for agents", defaults.broker_agents),
+            ("--admin-port", "broker admin API port, HTTPS", defaults.broker_admin),
+            ("--demo-rdp-port", "the demo RDP host's port", defaults.demo_rdp),
+        ):
+            p.add_argument(flag, type=int, metavar="PORT", help=f"{what} (default: {default})")
         p.set_defaults(func=func)
