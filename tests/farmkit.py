@@ -142,9 +142,19 @@ async def add_gateway(f: Farm, nursery: trio.Nursery, name: str, **options: obje
 
 
 async def add_agent(
-    f: Farm, nursery: trio.Nursery, name: str, host: str, port: int, *, cert_name: str | None = None
+    f: Farm,
+    nursery: trio.Nursery,
+    name: str,
+    host: str,
+    port: int,
+    *,
+    cert_name: str | None = None,
+    **options: object,
 ) -> Agent:
+    """An agent for host ``name``; ``options``: other ``AgentConfig`` settings (a
+    ``broker_port`` of a fault proxy in front of the broker, ``retry_max_s``)."""
     cert, key = f.pki.ensure(cert_name or name)
+    settings: dict[str, object] = {"broker_port": f.broker_addrs["agents"][1], **options}
     cfg = AgentConfig(
         name=name,
         cert_file=cert,
@@ -152,7 +162,7 @@ async def add_agent(
         ca_file=f.pki.ca_path,
         rdp_host=host,
         rdp_port=port,
-        broker_port=f.broker_addrs["agents"][1],
+        **settings,  # type: ignore[arg-type]
     )
     agent = Agent(cfg)
     await nursery.start(agent.run)

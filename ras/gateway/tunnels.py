@@ -140,6 +140,10 @@ class Tunnels:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __iter__(self) -> Iterator[Tunnel]:
+        """The tunnels open now (a copy: they may end while the caller looks)."""
+        return iter(list(self._open))
+
     async def run(self, info: TunnelInfo, a: trio.abc.Stream, b: trio.abc.Stream) -> RelayStats:
         """Relay ``a`` (the client's side) and ``b`` until both ends are done, registered the
         while (idle timeout, drain); log the tunnel's opening and its audit line. Closes both
