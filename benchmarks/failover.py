@@ -15,6 +15,10 @@ this script kills one component:
 Each in gateway, gateway SSL and RDP-port (routing token) mode, `--repeat` times; the victim is
 brought back between runs (one lab per case and front). Prints a table of medians; `--json
 FILE` writes every run. Needs root, keepalived and haproxy. See benchmarks/README.md.
+
+Every process in the lab runs the committed ``ras`` package (HEAD, checked out into a temporary
+directory when the run starts), so a daemon restarted minutes later runs the same code however
+the working tree changes meanwhile.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from ras.lab.farmlab import (
     start_echo_server,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 MODES = ("gateway", "gateway_ssl", "rdp")
 FRONT_NAMES = {"ras": "ras halb", "keepalived": "keepalived+haproxy"}
 
@@ -346,7 +351,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.cases = _list(p, "--cases", args.cases, list(CASES))
     args.modes = _list(p, "--modes", args.modes, MODES)
     args.fronts = _list(p, "--fronts", args.fronts, list(FRONT_NAMES))
+    args.json = args.json and args.json.resolve()  # the run changes directory
+    args.logdir = args.logdir and args.logdir.resolve()
     return args
+
+
+def _snapshot(tmp: Path) -> str:
+    """Check out the committed ``ras`` package (HEAD) into ``tmp/code`` and make every process
+    started from now on (``python -m ras``, ``python -m ras.lab.failover``) import it: they
+    start in that directory, which comes first on ``sys.path`` with ``-m``. The run then
+    measures one commit, whatever happens to the working tree meanwhile. Returns the commit."""
+    code = tmp / "code"
+    code.mkdir()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    archive = subprocess.run(
+        ["git", "archive", commit, "ras"], cwd=REPO, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(code)], input=archive, check=True)
+    check = [sys.executable, "-c", "import ras.cli.main, ras.lab.failover"]
+    done = subprocess.run(check, cwd=code, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"ras at {commit} does not import:\n{done.stderr}")
+    os.chdir(code)
+    os.environ["PYTHONPATH"] = str(code)
+    return commit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,14 +407,22 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ras-failover-bench-") as tmp:
-        for name in args.cases:
-            case = CASES[name]
-            for front in (f for f in args.fronts if f in case.fronts):
-                try:
-                    runs += case_runs(case, front, args, rng, Path(tmp))
-                except (BenchError, AssertionError) as exc:
-                    say(args, f"{name} / {FRONT_NAMES[front]}: FAILED: {exc}")
-                    results["errors"].append(f"{name} / {front}: {exc}")
+        try:
+            results["commit"] = _snapshot(Path(tmp))
+        except (BenchError, subprocess.CalledProcessError) as exc:
+            print(f"failover benchmark: {exc}", file=sys.stderr)
+            return 2
+        try:
+            for name in args.cases:
+                case = CASES[name]
+                for front in (f for f in args.fronts if f in case.fronts):
+                    try:
+                        runs += case_runs(case, front, args, rng, Path(tmp))
+                    except (BenchError, AssertionError) as exc:
+                        say(args, f"{name} / {FRONT_NAMES[front]}: FAILED: {exc}")
+                        results["errors"].append(f"{name} / {front}: {exc}")
+        finally:
+            os.chdir(REPO)  # out of the copy before it goes
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["seconds"] = round(time.monotonic() - began, 1)
     results["summary"] = summarize(runs)
