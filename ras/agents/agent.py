@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from functools import partial
 
 import trio
 
@@ -18,7 +19,7 @@ from ras.agents.config import AgentConfig
 from ras.agents.load import CpuSampler, UtmpSession, memory_percent, rdp_sessions, utmp_sessions
 from ras.errors import ErrorCode, TransportError
 from ras.net.channel import Channel, greet
-from ras.net.tasks import race, reconnecting
+from ras.net.tasks import fatal_refusal, race, reconnecting
 from ras.net.tls import connect_tls
 from ras.pki import client_context
 from ras.protocol import (
@@ -125,11 +126,14 @@ class Agent:
 
     async def _session(self) -> None:
         cfg = self.config
-        with trio.fail_after(cfg.connect_timeout_s):
+        # A refusal (FORBIDDEN: another certificate name, the gateways' port) ends the agent:
+        # retrying would be refused the same way forever.
+        refused = partial(fatal_refusal, f"broker {cfg.broker_host}:{cfg.broker_port}")
+        with refused(), trio.fail_after(cfg.connect_timeout_s):
             stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._tls)
             chan = await greet(stream, Role.AGENT, SOFTWARE)
         async with chan:
-            with trio.fail_after(cfg.connect_timeout_s):
+            with refused(), trio.fail_after(cfg.connect_timeout_s):
                 reply = await chan.request(
                     AgentRegister(cfg.name, cfg.kind, cfg.rdp_host, cfg.rdp_port, cfg.max_sessions)
                 )

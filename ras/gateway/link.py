@@ -24,7 +24,7 @@ from ras.gateway.brokerpool import RedeemPool
 from ras.gateway.certificate import PublicTLS
 from ras.gateway.config import GatewayConfig
 from ras.net.channel import Channel, PeerError, greet
-from ras.net.tasks import race, reconnecting
+from ras.net.tasks import fatal_refusal, race, reconnecting
 from ras.net.tls import connect_tls
 from ras.pki import client_context
 from ras.protocol import (
@@ -129,10 +129,13 @@ class BrokerLink:
     async def _session(self) -> None:
         """One life of the link: register, then ping and take pushes until it breaks."""
         cfg = self.config
-        with trio.fail_after(cfg.broker_timeout_s):
+        # A refusal (FORBIDDEN: another certificate name, the agents' port) ends the daemon:
+        # retrying would be refused the same way forever.
+        refused = partial(fatal_refusal, f"broker {cfg.broker_host}:{cfg.broker_port}")
+        with refused(), trio.fail_after(cfg.broker_timeout_s):
             chan = await self._broker.open()
         async with chan:
-            with trio.fail_after(cfg.broker_timeout_s):
+            with refused(), trio.fail_after(cfg.broker_timeout_s):
                 reply = await chan.request(
                     GatewayRegister(cfg.name, cfg.public_host, cfg.public_port)
                 )

@@ -34,7 +34,7 @@ from functools import partial
 
 import trio
 
-from ras.errors import TransportError
+from ras.errors import ConfigError, TransportError
 from ras.gateway.acme import Challenges
 from ras.gateway.brokerpool import RedeemPool
 from ras.gateway.certificate import PublicTLS
@@ -119,6 +119,11 @@ class Gateway:
     ) -> None:
         try:
             await self._serve_all(task_status)
+        except* ConfigError as group:  # the broker refuses this gateway: said plainly, not grouped
+            fatal: BaseException = group
+            while isinstance(fatal, BaseExceptionGroup):
+                fatal = fatal.exceptions[0]
+            raise fatal from None
         finally:
             if self._broker is not None:  # its connections end with the gateway, however
                 await self._broker.aclose()
@@ -143,6 +148,7 @@ class Gateway:
                         number,
                         log=log,
                         what=port.value,
+                        tls=port is Port.TLS,  # the front door ends (or passes on) the TLS
                         handler_nursery=handlers,
                     )
                     bound[port.value] = (await nursery.start(listen))[0]

@@ -16,6 +16,7 @@ from types import TracebackType
 import trio
 
 from ras.errors import ErrorCode, ProtocolError, RemoteProtocolError, TransportError
+from ras.net.reasons import reason
 from ras.protocol import (
     Connection,
     ConnectionClosed,
@@ -82,7 +83,7 @@ class Channel:
                 OSError,
                 ssl.SSLError,
             ) as exc:
-                raise TransportError(f"connection lost while sending: {exc}") from exc
+                raise TransportError(f"connection lost while sending: {reason(exc)}") from exc
 
     async def refuse(self, code: ErrorCode, message: str) -> None:
         """Answer a request with a (non-fatal, 2xx/5xx) ``error``; the connection stays open."""
@@ -106,7 +107,7 @@ class Channel:
                 OSError,
                 ssl.SSLError,
             ) as exc:
-                raise TransportError(f"connection lost: {exc}") from exc
+                raise TransportError(f"connection lost: {reason(exc)}") from exc
             try:
                 self._events.extend(self.conn.receive_data(bytes(data)))
             except RemoteProtocolError as exc:

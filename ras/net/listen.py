@@ -144,13 +144,16 @@ async def serve_tcp(
     log: logging.Logger,
     what: str,
     ssl_context: ssl.SSLContext | None = None,
+    tls: bool | None = None,
     handler_nursery: trio.Nursery | None = None,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept on ``host:port`` (0: any free port) until cancelled; ``started`` gets the bound
     addresses. With ``ssl_context`` the streams are TLS (the handshake is the handler's job,
-    under its own deadline). Handlers run in ``handler_nursery`` if given (then cancelling
-    this listener only stops accepting: a graceful drain), else in a nursery of its own."""
+    under its own deadline); ``tls`` is what the log line says for a handler that does its
+    own TLS (default: whether ``ssl_context`` is given). Handlers run in ``handler_nursery``
+    if given (then cancelling this listener only stops accepting: a graceful drain), else in
+    a nursery of its own."""
     try:
         listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(
             await open_listeners(host, port, backlog=1024, reuse_port=_reuse_port_default)
@@ -161,7 +164,10 @@ async def serve_tcp(
         listeners = [trio.SSLListener(lst, ssl_context) for lst in listeners]
     bound = [_local_address(lst) for lst in listeners]
     for h, p in bound:
-        log.info("listening what=%s on=%s:%d tls=%s", what, h, p, ssl_context is not None)
+        log.info(
+            "listening what=%s on=%s:%d tls=%s",
+            what, h, p, ssl_context is not None if tls is None else tls,
+        )  # fmt: skip
 
     async def guarded(stream: trio.abc.Stream) -> None:
         peer = peer_address(stream)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
-from ras.errors import RasError
+from ras.errors import ConfigError, ErrorCode, RasError
+from ras.net.channel import PeerError
 
-__all__ = ["race", "reconnecting"]
+__all__ = ["fatal_refusal", "race", "reconnecting"]
 
 
 async def race(*fns: Callable[[], Awaitable[object]]) -> None:
@@ -34,6 +36,20 @@ async def race(*fns: Callable[[], Awaitable[object]]) -> None:
         raise errors[0]
 
 
+@contextlib.contextmanager
+def fatal_refusal(peer: str) -> Iterator[None]:
+    """Inside: the peer's FORBIDDEN answer becomes a ``ConfigError`` (which ends
+    ``reconnecting``): it refuses who we are, and will refuse it again on every retry."""
+    try:
+        yield
+    except PeerError as exc:
+        if exc.code is not ErrorCode.FORBIDDEN:
+            raise
+        raise ConfigError(
+            f"{peer} refuses us: {exc.error.message} (check name, cert_file and the port)"
+        ) from None
+
+
 async def reconnecting(
     session: Callable[[], Awaitable[object]],
     *,
@@ -44,13 +60,16 @@ async def reconnecting(
 ) -> None:
     """Run ``session`` (one connection's life) again and again until cancelled. After it
     fails, wait 0.5 s, doubling up to ``max_backoff_s``; a session that lasted longer than
-    ``max_backoff_s`` starts the backoff over. ``on_down`` runs each time a session ends."""
+    ``max_backoff_s`` starts the backoff over. ``on_down`` runs each time a session ends.
+    A ``ConfigError`` is not retried: it ends the loop."""
     backoff = 0.5
     while True:
         started = trio.current_time()
         try:
             await session()
             reason = "closed"
+        except ConfigError:
+            raise  # a mistake in the configuration: retrying cannot mend it
         except (RasError, trio.TooSlowError) as exc:
             reason = str(exc) or "timed out"
         on_down()

@@ -9,6 +9,7 @@ import trio
 
 from ras.errors import TransportError
 from ras.net.channel import aclose_quietly
+from ras.net.reasons import reason
 
 __all__ = ["connect_tcp", "connect_tls"]
 
@@ -50,7 +51,9 @@ async def connect_tls(
         await stream.do_handshake()
     except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
         await aclose_quietly(tcp)
-        raise TransportError(f"TLS with {host}:{port} failed: {exc}") from exc
+        raise TransportError(
+            f"TLS with {host}:{port} failed: {reason(exc, handshake=True)}"
+        ) from exc
     except BaseException:  # cancelled mid-handshake: do not leak the socket
         await aclose_quietly(tcp)
         raise
