@@ -8,6 +8,7 @@ makes a working state directory.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,9 @@ from ras.farm import init_farm
 from ras.gateway.config import GatewayConfig
 
 
-def ras(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def ras(
+    *args: str | Path, cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "100"}
     env.pop("RAS_PASSWORD", None)
     return subprocess.run(
@@ -34,7 +37,7 @@ def ras(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProce
         stdin=subprocess.DEVNULL,
         cwd=cwd,
         env=env,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 
@@ -282,3 +285,54 @@ def test_farm_init_with_a_bad_rdp_address_exits_2(tmp_path):
     assert result.returncode == 2
     assert "--rdp" in result.stderr
     assert "xrdp-host" in result.stderr
+
+
+# -- the gateway's and the agent's identity, and one prefix for errors ----------------------------
+
+
+def _edited(state_dir: Path, name: str, new_name: str, changes: dict[str, object]) -> Path:
+    """A copy of the farm's ``name`` config beside it (relative paths still resolve), with
+    ``changes`` made."""
+    lines = (state_dir / name).read_text().splitlines()
+    lines = [ln for ln in lines if ln.split(" = ")[0] not in changes]
+    lines += [f"{key} = {value!r}".replace("'", '"') for key, value in changes.items()]
+    config = state_dir / new_name
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+@pytest.mark.parametrize(
+    ("which", "cert_name", "wrong"), [("gateway", "gateway", "gw2"), ("agent", "host1", "host9")]
+)
+def test_a_name_its_certificate_does_not_carry_exits_2_at_start(
+    farm_state, which, cert_name, wrong
+):
+    name, _ = DAEMONS[which]
+    ports = {"plain_port": 0, "tls_port": 0} if which == "gateway" else {}
+    config = _edited(farm_state.directory, name, f"{which}-{wrong}.toml", {"name": wrong, **ports})
+    # It logged "ready" and retried forever (FORBIDDEN: certificate is for ...).
+    result = ras(*command_for(which, config), timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"ras {which}: {config}: key 'name': ")
+    assert f"'{wrong}'" in result.stderr
+    assert f"'{cert_name}'" in result.stderr
+    assert f"pki/{cert_name}.pem" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_errors_start_with_the_command_before_and_after_the_daemon_starts(farm_state):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = _edited(
+            farm_state.directory, "gateway.toml", "gateway-taken.toml",
+            {"plain_port": port, "tls_port": 0},
+        )  # fmt: skip
+        running = ras("gateway", "--config", config, timeout=60)
+    # Once trio ran, it said "ras: plain: cannot listen ..."; before, "ras gateway: ...".
+    assert running.returncode == 1, running.stderr
+    assert f"ras gateway: plain: cannot listen on 127.0.0.1:{port}" in running.stderr
+    starting = ras("gateway", "--config", farm_state.directory / "nowhere.toml")
+    assert starting.returncode == 2
+    assert starting.stderr.startswith("ras gateway: ")

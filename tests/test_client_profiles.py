@@ -17,10 +17,11 @@ from ras.client.profiles import Profiles, load_profiles, save_profiles
 from ras.client.rdpfile import parse_rdp_file, render_rdp_file
 from ras.client.session import ClientSession
 from ras.errors import ConfigError, TransportError
+from ras.pki import FarmPKI
 from ras.protocol import Mode
 
 
-def ras(*args: str | Path, home: Path) -> subprocess.CompletedProcess[str]:
+def ras(*args: str | Path, home: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
     env.pop("RAS_PASSWORD", None)
     return subprocess.run(
@@ -29,7 +30,7 @@ def ras(*args: str | Path, home: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         stdin=subprocess.DEVNULL,
         env=env,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 
@@ -179,3 +180,51 @@ def test_rdp_file_for_mstsc() -> None:
     )
     with pytest.raises(ValueError, match="token"):
         render_rdp_file(host="gw", port=3389, token="t\r\nfull address:s:evil:3389")
+
+
+# -- what the client says when it cannot go on ----------------------------------------------------
+
+
+async def test_cli_errors_say_what_to_do(tmp_path):
+    async with farm(tmp_path) as f:
+        plain = f.client_config(mode=Mode.GATEWAY)
+        tls = f.client_config(mode=Mode.GATEWAY_SSL)
+        pw = tmp_path / "pw"
+        pw.write_text(PASSWORD + "\n")
+        server = ("--server", f"{plain.server_host}:{plain.server_port}", "--mode", "gateway")
+
+        def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+            return ras("--user", USER, *args, home=tmp_path, timeout=60)
+
+        # A resource that is not published: said at once, exit 2. It was "point an RDP
+        # client at ..." and a failure (147, like a wrong RDP password) only at connect.
+        listen = str(await _dead_port())
+        nosuch = await trio.to_thread.run_sync(
+            lambda: run(*server, "--password-file", pw, "launch", "nosuch", "--listen", listen)
+        )
+        assert nosuch.returncode == 2, nosuch.stderr
+        assert "ras client: no resource 'nosuch' is published to alice (yours: desktop)" in (
+            nosuch.stderr
+        )
+        assert "point an RDP client" not in nosuch.stderr
+
+        # A gateway certificate the CA file does not vouch for. It was "TLS with ... failed: ".
+        rogue = FarmPKI(tmp_path / "rogue")
+        rogue.ensure("x")
+        untrusted = await trio.to_thread.run_sync(
+            lambda: run(
+                "--server", f"{tls.server_host}:{tls.server_port}", "--ca-file", rogue.ca_path,
+                "--password-file", pw, "list",
+            )
+        )  # fmt: skip
+        assert untrusted.returncode == 4, untrusted.stderr
+        assert "its certificate is not trusted" in untrusted.stderr
+
+        # A password file that is not there: a bad argument (2), as documented; it was 1.
+        missing = await trio.to_thread.run_sync(
+            lambda: run(*server, "--password-file", tmp_path / "nowhere", "list")
+        )
+        assert missing.returncode == 2, missing.stderr
+        assert missing.stderr == f"ras client: {tmp_path / 'nowhere'}: cannot read the " + (
+            "password file: No such file or directory\n"
+        )

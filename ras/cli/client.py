@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from ras.cli.common import EXIT, exit_code_for, load_config, run_daemon
+from ras.cli.common import EXIT, fail, load_config, run_daemon
 from ras.cli.daemons import read_secret
 from ras.client.config import ClientConfig, split_hostport
 from ras.client.forwarder import serve_forwarder
@@ -150,6 +150,7 @@ def _launch(args: argparse.Namespace) -> int:
             if rdp is None:
                 raise ConfigError(f"{args.rdp_command} not found: install it, or use --listen")
         async with await _login(cfg, args) as session, trio.open_nursery() as nursery:
+            await _check_published(session, resource)  # before anything listens or starts
             nursery.start_soon(session.keepalive)
             host, port = await nursery.start(
                 lambda task_status: serve_forwarder(
@@ -167,6 +168,16 @@ def _launch(args: argparse.Namespace) -> int:
 
     code = _run(main)
     return code if code != EXIT.OK else result["code"]
+
+
+async def _check_published(session: ClientSession, resource: str) -> None:
+    """A resource that is not published to this user is a bad argument (exit 2), told now:
+    not when an RDP client connects and fails like a wrong RDP password would."""
+    published = await session.list_resources()
+    if resource not in {r.id for r in published}:
+        user = session.user.user if session.user is not None else "you"
+        ids = ", ".join(r.id for r in published) or "none"
+        raise ConfigError(f"no resource {resource!r} is published to {user} (yours: {ids})")
 
 
 def _rdp_file(args: argparse.Namespace) -> int:
@@ -269,8 +280,7 @@ def _run_sync(run: Callable[[], None]) -> int:
     try:
         run()
     except RasError as exc:
-        print(f"ras client: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
+        return fail(exc)
     return EXIT.OK
 
 
@@ -278,8 +288,7 @@ def _run(main: Callable[[], Awaitable[None]]) -> int:
     try:
         return run_daemon(main)
     except RasError as exc:  # raised before trio started
-        print(f"ras client: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
+        return fail(exc)
 
 
 def _add_profile_parsers(actions: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

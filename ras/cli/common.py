@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -14,8 +13,18 @@ import trio
 
 from ras.config import load
 from ras.errors import AuthError, ConfigError, PKIError, RasError, TransportError
+from ras.logs import LineFormatter
 
-__all__ = ["EXIT", "load_config", "run_daemon", "setup_logging"]
+__all__ = [
+    "EXIT",
+    "exit_code_for",
+    "fail",
+    "load_config",
+    "report_error",
+    "run_daemon",
+    "set_prog",
+    "setup_logging",
+]
 
 T = TypeVar("T")
 
@@ -38,22 +47,36 @@ class EXIT:
   4  the gateway or broker could not be reached"""
 
 
-class _Formatter(logging.Formatter):
-    converter = time.gmtime  # type: ignore[assignment]
-
-    def __init__(self) -> None:
-        super().__init__(
-            "%(asctime)s.%(msecs)03dZ %(name)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"
-        )
-
-
 def setup_logging(level: str) -> None:
+    """Log to stderr, one line per event, every field escaped (:class:`ras.logs.LineFormatter`)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
+    handler.setFormatter(LineFormatter())
     root = logging.getLogger("ras")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+
+
+_prog = ["ras"]
+
+
+def set_prog(name: str) -> None:
+    """What error lines start with: ``ras gateway`` for ``ras gateway ...`` (``ras main``
+    sets it from the subcommand)."""
+    _prog[0] = name
+
+
+def report_error(what: object) -> None:
+    """An error for the person at the terminal: one line on stderr, ``ras gateway: ...``,
+    the same before the daemon starts and after (the message says what failed: the file,
+    the address, the field)."""
+    print(f"{_prog[0]}: {what}", file=sys.stderr)
+
+
+def fail(exc: RasError) -> int:
+    """Report ``exc`` and return its exit code."""
+    report_error(exc)
+    return exit_code_for(exc)
 
 
 def load_config(cls: type[T], path: Path) -> T:
@@ -125,8 +148,7 @@ def run_daemon(
     except BaseException as exc:
         leaf = _leaf(exc)
         if isinstance(leaf, RasError):
-            print(f"ras: {leaf}", file=sys.stderr)
-            return exit_code_for(leaf)
+            return fail(leaf)
         if isinstance(leaf, KeyboardInterrupt):
             return EXIT.INTERRUPTED
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import getpass
+import ssl
 import sys
 from pathlib import Path
 
@@ -15,13 +16,14 @@ from ras.broker.passwords import hash_password
 from ras.broker.server import GC_THRESHOLDS, Broker
 from ras.broker.store import SQLiteStore, UserRecord
 from ras.broker.totp import new_secret, otpauth_uri
-from ras.cli.common import EXIT, exit_code_for, load_config, run_daemon
-from ras.errors import RasError
-from ras.gateway.config import GatewayConfig
+from ras.cli.common import EXIT, exit_code_for, fail, load_config, report_error, run_daemon
+from ras.errors import ConfigError, PKIError, RasError
+from ras.gateway.config import GatewayConfig, GatewayMode
 from ras.gateway.server import Gateway
 from ras.net.workers import run_workers, tune_gc
+from ras.pki import peer_name, split_chain
 
-__all__ = ["add_parsers", "read_secret"]
+__all__ = ["add_parsers", "check_identity", "read_secret"]
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -32,12 +34,34 @@ def read_secret(path: Path | None, prompt: str, env_value: str | None = None) ->
         try:
             return path.read_text().splitlines()[0] if path.stat().st_size else ""
         except OSError as exc:
-            raise RasError(f"{path}: cannot read the password file: {exc.strerror}") from None
+            raise ConfigError(f"{path}: cannot read the password file: {exc.strerror}") from None
     if env_value is not None:
         return env_value
     if not sys.stdin.isatty():
-        raise RasError("no password given: use --password-file or a terminal")
+        raise ConfigError("no password given: use --password-file or a terminal")
     return getpass.getpass(prompt)
+
+
+def check_identity(cert_file: Path | None, name: str, *, config_path: Path) -> None:
+    """A gateway or agent is who its farm certificate names: the broker refuses any other
+    ``name``, so a mismatch is a configuration error at start, not a retry loop later."""
+    if cert_file is None:
+        return
+    try:
+        data = cert_file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{cert_file}: cannot read the certificate: {exc.strerror}") from None
+    try:
+        leaf = split_chain(data)[0]
+        cert_name = peer_name(ssl.PEM_cert_to_DER_cert(leaf.decode("ascii")))
+    except (ValueError, PKIError) as exc:
+        raise ConfigError(f"{cert_file}: {exc}") from None
+    if cert_name != name:
+        raise ConfigError(
+            f"{config_path}: key 'name': {name!r} differs from the name in its certificate "
+            f"{cert_file}, {cert_name!r}: the broker accepts only the certificate's name "
+            f"(set name = {cert_name!r}, or issue a certificate for {name!r})"
+        )
 
 
 def _run_broker(args: argparse.Namespace) -> int:
@@ -46,8 +70,7 @@ def _run_broker(args: argparse.Namespace) -> int:
         store = SQLiteStore(cfg.database)
         broker = Broker(cfg, store)
     except RasError as exc:
-        print(f"ras broker: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
+        return fail(exc)
     tune_gc(GC_THRESHOLDS)
     try:
         return run_daemon(broker.serve)
@@ -86,7 +109,7 @@ def _broker_users(args: argparse.Namespace) -> int:
         finally:
             store.close()
     except RasError as exc:
-        print(f"ras broker {args.action}: {exc}", file=sys.stderr)
+        report_error(f"{args.action}: {exc}")
         return exit_code_for(exc) if exit_code_for(exc) != EXIT.FAILED else EXIT.USAGE
     return EXIT.OK
 
@@ -96,10 +119,11 @@ def _run_gateway(args: argparse.Namespace) -> int:
         config = load_config(GatewayConfig, args.config)
         if args.workers is not None:
             config = dataclasses.replace(config, workers=args.workers)
+        if config.mode is GatewayMode.NORMAL:
+            check_identity(config.cert_file, config.name, config_path=args.config)
         gateway = Gateway(config)
     except RasError as exc:
-        print(f"ras gateway: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
+        return fail(exc)
     tune_gc()
     # SIGTERM drains (drain_timeout_s), a second one stops at once; SIGHUP rereads the
     # public certificate files. With several workers, the parent passes signals on.
@@ -113,10 +137,11 @@ def _run_agent(args: argparse.Namespace) -> int:
     if args.simulate is not None:
         return _simulate_agents(args)
     try:
-        agent = Agent(load_config(AgentConfig, args.config))
+        config = load_config(AgentConfig, args.config)
+        check_identity(config.cert_file, config.name, config_path=args.config)
+        agent = Agent(config)
     except RasError as exc:
-        print(f"ras agent: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
+        return fail(exc)
 
     async def main() -> None:
         await agent.run()
@@ -129,13 +154,12 @@ def _simulate_agents(args: argparse.Namespace) -> int:
     from ras.agents.simulate import Profile, simulate
 
     if args.simulate < 1:
-        print("ras agent: --simulate needs at least 1 host", file=sys.stderr)
+        report_error("--simulate needs at least 1 host")
         return EXIT.USAGE
     try:
         cfg = load_config(AgentConfig, args.config)
     except RasError as exc:
-        print(f"ras agent: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
+        return fail(exc)
 
     async def main() -> None:
         await simulate(

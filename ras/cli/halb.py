@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ras.cli.common import EXIT, exit_code_for, load_config, run_daemon
+from ras.cli.common import EXIT, fail, load_config, run_daemon
 from ras.errors import RasError
 from ras.halb.config import HalbConfig
 from ras.halb.daemon import Halb
@@ -21,8 +21,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         halb = Halb(load_config(HalbConfig, args.config), config_path=args.config)
     except RasError as exc:
-        print(f"ras halb: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
+        return fail(exc)
     return run_daemon(halb.serve)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from ras import __version__
 from ras.cli import admin, daemons, farm, halb, pki
 from ras.cli.client import add_parser as add_client
-from ras.cli.common import EXIT, setup_logging
+from ras.cli.common import EXIT, set_prog, setup_logging
 
 __all__ = ["main"]
 
@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("arguments after -- are only for `ras client launch`")
     args.passthrough = passthrough
     setup_logging(args.log_level)
+    set_prog(f"ras {args.command}")
     code: int = args.func(args)
     return code
 
