@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import ssl
 import sys
@@ -423,3 +424,104 @@ async def test_ras_admin_command(tmp_path):
         f.store.put_user(UserRecord(ADMIN, hash_password("changed"), ("ras-admins",)))
         code, out, err = await ras_admin(f, tmp_path, "status")
         assert code == 3
+
+
+# -- hostile bodies, lockouts, stale launches -----------------------------------------------------
+
+HOSTILE = [
+    (b"[" * 60_000, "bad_json", None),  # was a RecursionError and a 500
+    (b'{"username": "\\ud800", "password": "x"}', "bad_field", "username"),  # UnicodeEncodeError
+    (b'{"username": "a", "password": ' + b"1" * 5000 + b"}", "bad_json", None),  # ValueError
+    (b'{"username": "a", "username": "b", "password": "x"}', "bad_json", None),
+    (b'{"username": "a", "password": NaN}', "bad_json", None),
+    (b'{"username": "a", "password": "\xed\xa0\x80"}', "bad_json", None),  # a surrogate in UTF-8
+]  # fmt: skip
+
+
+async def test_hostile_json_is_a_400_never_a_500(tmp_path, caplog):
+    async with farm(tmp_path) as f:
+        api = await logged_on(with_admin(f))
+        for body, code, field in HOSTILE:
+            # unauthenticated: the logon reads its body before anyone is known
+            status, answer = await raw(f, "POST", "/api/session/logon", body)
+            assert (status, answer["error"], answer.get("field")) == (400, code, field), body[:60]
+            assert answer["message"]
+        deep = b'{"name": "carol", "password": "pw", "groups": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+        status, answer = await raw(f, "POST", "/api/users", deep, token=api.token)
+        assert (status, answer["error"]) == (400, "bad_json")
+        assert "nested deeper than" in str(answer["message"])
+        status, answer = await raw(
+            f, "POST", "/api/users", b'{"name": "carol", "password": 1' + b"0" * 4400 + b"}",
+            token=api.token,
+        )  # fmt: skip
+        assert (status, answer["error"]) == (400, "bad_json")
+    assert "bug in the admin API" not in caplog.text
+
+
+async def test_a_lockout_says_when_it_ends_and_an_admin_can_lift_it(tmp_path):
+    async with farm(tmp_path) as f:
+        api = await logged_on(with_admin(f))
+        for _ in range(5):
+            with pytest.raises(AuthError):
+                await login(f, USER, "wrong")
+        with pytest.raises(AuthError) as info:
+            await login(f, USER, PASSWORD)
+        # It was "too many failed logins; try again later".
+        assert info.value.code is ErrorCode.THROTTLED
+        assert "try again in 5 min" in str(info.value)
+
+        anonymous = _client(f)
+        for _ in range(5):
+            await refused(anonymous, "POST", "session/logon", {"username": USER, "password": "x"})
+        err = await refused(
+            anonymous, "POST", "session/logon", {"username": USER, "password": PASSWORD}
+        )
+        assert err.status == 429
+        assert "try again in 5 min" in str(err)
+
+        assert await call(api, "POST", f"users/{USER}/unlock") == {"user": USER, "unlocked": True}
+        assert await login(f, USER, PASSWORD) == USER
+        err = await refused(
+            anonymous, "POST", "session/logon", {"username": USER, "password": PASSWORD}
+        )
+        assert err.status == 403  # tried again (alice is no admin), not throttled
+        assert await call(api, "POST", f"users/{USER}/unlock") == {"user": USER, "unlocked": False}
+
+
+async def test_a_launch_nobody_connected_to_leaves_the_session_list(tmp_path):
+    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", 3389)]) as f:
+        api = await logged_on(with_admin(f))
+        async with as_gateway(f) as chan:
+            await chan.request(Authenticate(USER, PASSWORD))
+            await chan.request(Launch("desktop", Mode.GATEWAY_SSL))
+        [launching] = await call(api, "GET", "sessions")
+        assert launching["state"] == "launching"
+        # The client never connected, and launch_timeout_s has passed: the list drops it
+        # (it kept it until the next launch or the agent's next detailed report).
+        f.broker.sessions.launch_timeout_s = 0.0
+        assert await call(api, "GET", "sessions") == []
+        assert (await call(api, "GET", "status"))["sessions"]["total"] == 0
+
+
+async def test_ras_admin_session_times_and_unlock(tmp_path):
+    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", 3389)]) as f:
+        with_admin(f)
+        async with as_gateway(f) as chan:
+            await chan.request(Authenticate(USER, PASSWORD))
+            await chan.request(Launch("desktop", Mode.GATEWAY_SSL))
+        code, out, err = await ras_admin(f, tmp_path, "session", "list")
+        assert code == 0, err
+        since = out.splitlines()[0].index("SINCE")
+        # It was the raw epoch (1796284800.123); now the UTC time and how long ago.
+        shown = out.splitlines()[1][since:]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(\d+s ago\)", shown.strip()), shown
+        code, out, err = await ras_admin(f, tmp_path, "--json", "session", "list")
+        assert isinstance(json.loads(out)[0]["since"], float)  # scripts keep the number
+
+        for _ in range(5):
+            with pytest.raises(AuthError):
+                await login(f, USER, "wrong")
+        code, out, err = await ras_admin(f, tmp_path, "user", "unlock", USER)
+        assert code == 0, err
+        assert out == f"{USER}: unlocked\n"
+        assert await login(f, USER, PASSWORD) == USER

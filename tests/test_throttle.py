@@ -9,7 +9,7 @@ from farmkit import PASSWORD, USER, broker_session, farm, login
 
 from ras.broker.directory import BuiltinDirectory, Identity
 from ras.broker.store import Store
-from ras.broker.throttle import Lockout, Throttle
+from ras.broker.throttle import Lockout, Throttle, wait_text
 from ras.errors import ErrorCode
 
 
@@ -77,6 +77,25 @@ def test_success_clears_the_users_failures_but_not_the_addresses():
     assert t.failed("bob", "a") == Lockout("address", 300.0)  # the address kept all five
 
 
+def test_an_admin_unlocks_a_name_but_not_an_address():
+    clock = Clock()
+    t = throttle(clock, per_user=3, per_address=3)
+    for _ in range(3):
+        t.failed("alice", "a")
+    assert t.unlock("ALICE") is True  # any spelling of the name
+    assert t.check("alice", "b") is None
+    assert t.check("alice", "a") == Lockout("address", 300.0)  # the address may guess others
+    assert t.unlock("alice") is False  # nothing to lift
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.2, "1 s"), (59.1, "60 s"), (119, "119 s"), (120, "2 min"), (300, "5 min")],
+)
+def test_wait_text(seconds, text):
+    assert wait_text(seconds) == text
+
+
 def test_attempts_while_locked_are_not_counted_and_memory_is_bounded():
     clock = Clock()
     t = Throttle(
@@ -126,7 +145,7 @@ async def test_a_locked_user_is_refused_without_asking_the_directory(tmp_path, w
             # with the right password, and the directory is not asked.
             code, message = await login(chan, who, PASSWORD)
             assert code is ErrorCode.THROTTLED
-            assert message == "too many failed logins; try again later"
+            assert message == "too many failed logins; try again in 5 min"  # lockout_s = 300
         async with broker_session(f, client="198.51.100.20") as chan:  # from elsewhere too
             assert (await login(chan, who, PASSWORD))[0] is ErrorCode.THROTTLED
         assert directory.asked == 3

@@ -24,6 +24,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
+import re
 import secrets
 import ssl
 import time
@@ -39,7 +41,7 @@ import trio
 from ras.broker.directory import DirectoryUnavailable
 from ras.broker.model import GroupRecord
 from ras.broker.policy import groups_of
-from ras.broker.throttle import Throttle
+from ras.broker.throttle import Throttle, wait_text
 from ras.net.http import MAX_REQUEST_HEAD, respond
 from ras.net.listen import serve_tcp
 from ras.pki import peer_name, server_context
@@ -83,6 +85,98 @@ def bad_field(name: str, why: str) -> ApiError:
     return ApiError(400, "bad_field", f"{name}: {why}", field=name)
 
 
+# -- request bodies -------------------------------------------------------------------------------
+#
+# Strict, like the control protocol's decoder (ras.protocol.messages): UTF-8 only, no duplicate
+# keys, no NaN or Infinity, bounded nesting and number lengths, and no lone surrogates (they
+# are not Unicode: a name holding one could be neither stored nor logged). Every refusal is a
+# 400, never a 500.
+
+MAX_DEPTH = 32  # the deepest body the API takes is a resource with its filter: 3 levels
+MAX_DIGITS = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _bad_json(why: str) -> ApiError:
+    return ApiError(400, "bad_json", f"the body is not acceptable JSON: {why}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _bad_json(f"the key {key!a} appears twice in one object")
+        obj[key] = value
+    return obj
+
+
+def _number(text: str) -> int | float:
+    if sum(c.isdigit() for c in text) > MAX_DIGITS:
+        raise _bad_json(f"a number with more than {MAX_DIGITS} digits")
+    value = float(text) if any(c in text for c in ".eE") else int(text)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad_json(f"the number {text} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise _bad_json(f"{name} is not a number JSON allows")
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def _check_tree(value: Any) -> None:
+    """Depth and strings, walked without recursion (the tree may be as deep as the parser
+    allowed)."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise _bad_json(f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise bad_field(_where(path) or "body", "holds a lone surrogate (not Unicode)")
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if _SURROGATE.search(key):
+                    raise _bad_json(f"a key holds a lone surrogate: {key!a}")
+                stack.append((child, (*path, key)))
+        elif isinstance(item, list):
+            stack.extend((child, (*path, i)) for i, child in enumerate(item))
+
+
+def decode_json(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or ApiError 400: ``bad_json`` for what is not strict
+    JSON, ``bad_field`` (naming it) for a string that is not Unicode."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad_json(f"not UTF-8 (at byte {exc.start})") from None
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_int=_number,
+            parse_float=_number,
+            parse_constant=_no_constant,
+        )
+    except json.JSONDecodeError as exc:
+        raise _bad_json(f"{exc.msg} (line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise _bad_json(f"nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # what the parser's own number conversion refused
+        raise _bad_json(str(exc)) from None
+    _check_tree(value)
+    if not isinstance(value, dict):
+        raise ApiError(400, "bad_json", "the body must be a JSON object")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class ApiRequest:
     """One parsed request; ``admin`` is who asked (a user name or ``cert:<name>``)."""
@@ -96,16 +190,10 @@ class ApiRequest:
     admin: str = ""
 
     def json(self) -> dict[str, Any]:
-        """The body as a JSON object; 400 if it is not one."""
+        """The body as a JSON object; 400 if it is not one (see :func:`decode_json`)."""
         if not self.body:
             return {}
-        try:
-            value = json.loads(self.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ApiError(400, "bad_json", f"the body is not JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ApiError(400, "bad_json", "the body must be a JSON object")
-        return value
+        return decode_json(self.body)
 
 
 Handler = Callable[[ApiRequest], Awaitable[tuple[int, Any]]]
@@ -292,13 +380,17 @@ class AdminServer:
             raise bad_field("password", "a non-empty string is required")
         lockout = self._throttle.check(username, request.client)
         if lockout is not None:
+            wait = lockout.retry_after_s
             log.warning(
-                "admin logon throttled user=%s client=%s lock=%s",
+                "admin logon throttled user=%s client=%s lock=%s retry_in=%.0fs",
                 username,
                 request.client,
                 lockout.what,
+                wait,
             )
-            raise ApiError(429, "throttled", "too many failed logons; try again later")
+            raise ApiError(
+                429, "throttled", f"too many failed logons; try again in {wait_text(wait)}"
+            )
         identity = await self.authenticate(username, password)
         if identity is None:
             self._throttle.failed(username, request.client)
@@ -332,6 +424,10 @@ class AdminServer:
             self.broker.store.list_objects, GroupRecord
         )
         return identity.name, groups_of(identity.name, identity.groups, groups)
+
+    def unlock(self, user: str) -> bool:
+        """Forget the user name's failed admin logons (and its lock); True if it was locked."""
+        return self._throttle.unlock(user)
 
     async def _logoff(self, request: ApiRequest) -> tuple[int, Any]:
         token = request.headers.get("auth_token", "")

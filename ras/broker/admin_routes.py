@@ -11,6 +11,7 @@ a worker thread, as everywhere in the broker.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from ras.broker.server import Broker
 
 __all__ = ["routes"]
+
+log = logging.getLogger("ras.broker.admin")
 
 _STARTED = time.time()
 MAX_PASSWORD = 1024
@@ -185,6 +188,15 @@ class _Api:
         user = await self._user(request.parts[1])
         await _run(self.store.put_user, dataclasses.replace(user, totp_secret=None))
         return 200, _user_json(user, await self._member_of(user.name)) | {"totp": False}
+
+    async def users_unlock(self, request: ApiRequest) -> tuple[int, Any]:
+        """Lift a lock from failed logins (the farm's and the admin API's): any user name, in
+        the store or only in the directory."""
+        name = request.parts[1]
+        farm = self.broker.throttle.unlock(name)
+        admin = self.server.unlock(name)
+        log.info("admin unlock user=%s by=%s was_locked=%s", name, request.admin, farm or admin)
+        return 200, {"user": name, "unlocked": farm or admin}
 
     # -- groups -------------------------------------------------------------------------------
 
@@ -337,8 +349,15 @@ class _Api:
 
     # -- sessions, gateways, explain, status ------------------------------------------------------
 
+    def _sessions(self) -> list[Any]:
+        """The sessions now. Launches nobody connected to expire here too: the table drops
+        them only when a launch or an agent's detailed report comes, and a farm may have
+        neither for a long time."""
+        self.broker.sessions.expire(time.time())
+        return self.broker.sessions.list()
+
     async def sessions_list(self, request: ApiRequest) -> tuple[int, Any]:
-        sessions = self.broker.sessions.list()
+        sessions = self._sessions()
         user = request.query.get("user", "").casefold()
         host = request.query.get("host", "").casefold()
         return 200, [
@@ -347,7 +366,7 @@ class _Api:
         ]  # fmt: skip
 
     async def sessions_get(self, request: ApiRequest) -> tuple[int, Any]:
-        for session in self.broker.sessions.list():
+        for session in self._sessions():
             if session.id == request.parts[1]:
                 return 200, session.to_json()
         raise _not_found("session", request.parts[1])
@@ -355,7 +374,7 @@ class _Api:
     def _session_action(self, action: str) -> Handler:
         async def handler(request: ApiRequest) -> tuple[int, Any]:
             session_id = request.parts[1]
-            if not any(s.id == session_id for s in self.broker.sessions.list()):
+            if not any(s.id == session_id for s in self._sessions()):
                 raise _not_found("session", session_id)
             try:
                 result = await self.broker.session_action(session_id, action)
@@ -405,7 +424,7 @@ class _Api:
         online = [
             h for h in hosts if h.online and now - h.last_report <= self.broker.hosts.timeout_s
         ]
-        sessions = self.broker.sessions.list()
+        sessions = self._sessions()
         return 200, {
             "broker": self.broker.config.name,
             "version": __version__,
@@ -458,6 +477,7 @@ def routes(server: AdminServer) -> list[Route]:
         Route("DELETE", ("users", "{}"), api.users_delete),
         Route("POST", ("users", "{}", "totp"), api.users_totp_enrol),
         Route("DELETE", ("users", "{}", "totp"), api.users_totp_remove),
+        Route("POST", ("users", "{}", "unlock"), api.users_unlock),
         *generic,
         Route("GET", ("groups", "{}"), api.groups_get),
         Route("GET", ("hosts",), api.hosts_list),

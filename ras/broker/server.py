@@ -50,7 +50,7 @@ from ras.broker.model import (
 from ras.broker.radius import Accept, Challenge, RadiusClient, RadiusUnavailable
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
-from ras.broker.throttle import Throttle
+from ras.broker.throttle import Throttle, wait_text
 from ras.broker.tickets import ResumeTokens, TicketAuthority
 from ras.broker.totp import verify_totp
 from ras.errors import ErrorCode, RasError, RemoteProtocolError, TicketError, TransportError
@@ -399,7 +399,9 @@ class Broker:
                 "auth throttled user=%s %s locked=%s retry_in=%.0fs",
                 msg.username, where, lock.what, lock.retry_after_s,
             )  # fmt: skip
-            return ErrorCode.THROTTLED, "too many failed logins; try again later"
+            return ErrorCode.THROTTLED, (
+                f"too many failed logins; try again in {wait_text(lock.retry_after_s)}"
+            )
         try:
             with trio.fail_after(self.config.request_timeout_s):
                 identity = await self.directory.authenticate(msg.username, msg.password)

@@ -17,10 +17,11 @@ same for an unknown user and a wrong password, locked or not. Memory is bounded:
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Lockout", "Throttle"]
+__all__ = ["Lockout", "Throttle", "wait_text"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,3 +116,19 @@ class Throttle:
 
     def succeeded(self, user: str) -> None:
         self._users.clear(self._user_key(user))
+
+    def unlock(self, user: str) -> bool:
+        """An administrator's pardon: forget the user name's failures and lock. True if it was
+        locked. (A locked address stays locked: it may be guessing other names too.)"""
+        key = self._user_key(user)
+        locked = self._users.locked(key, self.clock()) > 0
+        self._users.clear(key)
+        return locked
+
+
+def wait_text(seconds: float) -> str:
+    """How long a lock still holds, for a person: ``try again in {wait_text(s)}``."""
+    whole = max(1, math.ceil(seconds))
+    if whole < 120:
+        return f"{whole} s"
+    return f"{math.ceil(whole / 60)} min"

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import http.client
 import json
 import os
 import socket
 import ssl
-import sys
+import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ras.cli.common import EXIT
+from ras.cli.common import EXIT, report_error
 from ras.cli.daemons import read_secret
-from ras.errors import PKIError, RasError
+from ras.errors import RasError
 from ras.pki import client_context
 
 __all__ = ["AdminApiError", "AdminClient", "add_parser"]
@@ -183,8 +184,31 @@ COLUMNS = {
     "resources": ["id", "name", "kind", "hosts", "pools", "filter", "enabled", "source"],
     "rules": ["name", "factor", "order", "filter"],
     "sessions": ["id", "user", "host", "resource", "state", "gateway", "client", "since"],
-    "gateways": ["name", "public_host", "public_port", "online"],
+    "gateways": ["name", "public_host", "public_port", "online", "since"],
 }
+_TIMES = ("since", "updated")  # seconds since the epoch in the API's answers
+
+
+def _ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s ago"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s ago"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m ago"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h ago"
+
+
+def readable_times(obj: dict[str, Any], now: float) -> dict[str, Any]:
+    """``obj`` with its epoch times as UTC and how long ago (for people; --json keeps them)."""
+    out = dict(obj)
+    for key in _TIMES:
+        value = out.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            stamp = dt.datetime.fromtimestamp(value, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+            out[key] = f"{stamp} ({_ago(now - value)})"
+    return out
 
 
 # -- commands -------------------------------------------------------------------------------------
@@ -328,12 +352,18 @@ def _show(result: Any, a: argparse.Namespace) -> None:
     if a.json:
         print(json.dumps(result, indent=2, sort_keys=True))
         return
+    now = time.time()
     if isinstance(result, list):
+        result = [readable_times(r, now) if isinstance(r, dict) else r for r in result]
         columns = COLUMNS.get(a.kind_path, sorted({k for r in result for k in r}))
         print(table(result, columns) if result else f"(no {a.kind_path})")
     elif isinstance(result, dict):
+        result = readable_times(result, now)
         if "deleted" in result:
             print(f"removed {result['deleted']}")
+        elif "unlocked" in result:
+            done = "unlocked" if result["unlocked"] else "was not locked; nothing to do"
+            print(f"{result['user']}: {done}")
         else:
             print(details(result))
         if "otpauth_uri" in result:
@@ -379,13 +409,10 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             api.logoff()
     except AdminApiError as exc:
-        print(f"ras admin: {exc}", file=sys.stderr)
+        report_error(exc)
         return exc.exit_code
-    except PKIError as exc:
-        print(f"ras admin: {exc}", file=sys.stderr)
-        return EXIT.USAGE
-    except RasError as exc:
-        print(f"ras admin: {exc}", file=sys.stderr)
+    except RasError as exc:  # a certificate or password file: a bad argument
+        report_error(exc)
         return EXIT.USAGE
     _show(result, args)
     return EXIT.OK
@@ -452,6 +479,14 @@ def _users(sub: Any) -> None:
         _call("PUT", "users/{name}", lambda a: {"enabled": False}),
         "users",
         "refuse a user's logins (the user is kept)",
+        "name",
+    )
+    _leaf(
+        users,
+        "unlock",
+        _call("POST", "users/{name}/unlock"),
+        "users",
+        "lift the lock that too many failed logins put on a user name",
         "name",
     )
     p = _leaf(users, "set", _user_set, "users", "change a user's groups", "name")
