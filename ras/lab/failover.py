@@ -38,6 +38,7 @@ import trio
 from ras.client.config import ClientConfig
 from ras.client.session import ClientSession
 from ras.errors import RasError
+from ras.logs import LineFormatter
 from ras.net.channel import aclose_quietly
 from ras.net.tls import connect_tcp
 from ras.protocol import Mode
@@ -296,7 +297,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter())  # one line per event, fields escaped
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     args.password = Path(args.password_file).read_text().strip()
     host, _, port = args.server.rpartition(":")
     mode = Mode.GATEWAY_SSL if args.mode == "gateway_ssl" else Mode.GATEWAY
