@@ -6,7 +6,8 @@ import pytest
 import rdp_peers
 from rdp_peers import ShadowServer, Xvfb
 
-pytest_plugins = ("labkit",)  # the network-namespace lab fixtures (make_lab, lab)
+# the network-namespace lab fixtures (make_lab, lab); the fast level's (inline_threads)
+pytest_plugins = ("labkit", "memkit")
 
 SHADOW_USER = "rdpuser"
 SHADOW_PASSWORD = "correct horse 7"
