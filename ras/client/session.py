@@ -26,10 +26,10 @@ import trio
 
 from ras import __version__
 from ras.client.config import ClientConfig
-from ras.errors import AuthError, ErrorCode, TransportError
-from ras.net.channel import Channel, PeerError, greet
+from ras.errors import AuthError, ErrorCode, PeerError, TransportError
+from ras.net.channel import Channel, greet
 from ras.net.sniff import PrefixedStream
-from ras.net.tls import connect_tcp, connect_tls
+from ras.net.tls import connect_staggered, connect_tls
 from ras.pki import client_context
 from ras.protocol import (
     AuthChallenge,
@@ -81,10 +81,14 @@ class ClientSession:
                     assert config.ca_file is not None
                     ctx = client_context(config.ca_file)
                     stream: trio.abc.Stream = await connect_tls(
-                        host, port, ctx, server_hostname=config.server_name or host
+                        host,
+                        port,
+                        ctx,
+                        server_hostname=config.server_name or host,
+                        connect=connect_staggered,
                     )
                 else:
-                    stream = await connect_tcp(host, port)
+                    stream = await connect_staggered(host, port)
                 return await greet(stream, Role.CLIENT, SOFTWARE)
         except trio.TooSlowError:
             raise TransportError(f"no answer from {host}:{port} in time") from None
