@@ -9,6 +9,10 @@ that callers handle one small family and never an exception group.
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ras.protocol.messages import Error
 
 __all__ = [
     "AuthError",
@@ -16,6 +20,7 @@ __all__ = [
     "ErrorCode",
     "LocalProtocolError",
     "PKIError",
+    "PeerError",
     "ProtocolError",
     "RasError",
     "RemoteProtocolError",
@@ -66,6 +71,15 @@ class PKIError(RasError):
 
 class TransportError(RasError):
     """A connection failed, broke or timed out underneath the protocol."""
+
+
+class PeerError(TransportError):
+    """The peer answered with an ``error`` message: its ``code`` and text (``error``)."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(f"{error.code.name}: {error.message}")
+        self.code = error.code
+        self.error = error
 
 
 class ProtocolError(RasError):

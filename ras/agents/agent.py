@@ -27,8 +27,6 @@ from ras.protocol import (
     Error,
     LoadReport,
     Message,
-    Ping,
-    Pong,
     Registered,
     Role,
     SessionAction,
@@ -163,8 +161,8 @@ class Agent:
         """Answer the broker's pings and session actions; a closed link ends the session."""
         while True:
             msg = await chan.receive()
-            if isinstance(msg, Ping):
-                await chan.send(Pong(msg.nonce))
-            elif isinstance(msg, SessionAction):
+            if await chan.answer_ping(msg):
+                continue
+            if isinstance(msg, SessionAction):
                 await chan.send(await self.act(msg))
                 await chan.send(self.measure())  # the broker sees the change at once

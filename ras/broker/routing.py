@@ -44,8 +44,6 @@ from ras.errors import ErrorCode, TicketError, TransportError
 from ras.net.channel import Channel
 from ras.protocol import (
     Message,
-    Ping,
-    Pong,
     RdpToken,
     RdpTokenOk,
     ResourceKind,
@@ -384,9 +382,7 @@ async def _hold(broker: Broker, chan: Channel, granted: RouteOk, client: str, ga
     try:
         while True:
             msg = await chan.receive()
-            if isinstance(msg, Ping):
-                await chan.send(Pong(msg.nonce))
-            elif not isinstance(msg, Pong):
+            if not await chan.answer_ping(msg):
                 await chan.fail(ErrorCode.UNEXPECTED, "nothing more is expected after route_ok")
                 return
     except TransportError:

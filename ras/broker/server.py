@@ -53,8 +53,15 @@ from ras.broker.store import Store
 from ras.broker.throttle import Throttle, wait_text
 from ras.broker.tickets import ResumeTokens, TicketAuthority
 from ras.broker.totp import verify_totp
-from ras.errors import ErrorCode, RasError, RemoteProtocolError, TicketError, TransportError
-from ras.net.channel import Channel, PeerError
+from ras.errors import (
+    ErrorCode,
+    PeerError,
+    RasError,
+    RemoteProtocolError,
+    TicketError,
+    TransportError,
+)
+from ras.net.channel import Channel
 from ras.net.listen import serve_tcp
 from ras.pki import peer_name, server_context
 from ras.protocol import (
@@ -261,10 +268,8 @@ class Broker:
                 case RedeemTicket() if msg.client:
                     with trio.fail_after(self.config.request_timeout_s):
                         await chan.answer(await self._redeem(msg, msg.client, gateway))
-                case Ping():
-                    await chan.send(Pong(msg.nonce))
-                case Pong():
-                    pass
+                case Ping() | Pong():
+                    await chan.answer_ping(msg)
                 case _:
                     what = msg.TYPE if msg.TYPE != "redeem_ticket" else "redeem_ticket, no client,"
                     await chan.fail(ErrorCode.UNEXPECTED, f"{what} on a redemption connection")
@@ -287,10 +292,8 @@ class Broker:
                         GatewayEntry(g.name, g.public_host, g.public_port) for g in online
                     )
                     await chan.send(GatewayList(entries))
-                case Ping():
-                    await chan.send(Pong(msg.nonce))
-                case Pong():
-                    pass
+                case Ping() | Pong():
+                    await chan.answer_ping(msg)
                 case _:
                     await chan.fail(ErrorCode.UNEXPECTED, f"{msg.TYPE} is not a HALB request")
                     return
@@ -324,8 +327,7 @@ class Broker:
             while True:
                 with trio.fail_after(self.config.host_timeout_s):
                     msg = await chan.receive()
-                if isinstance(msg, Ping):
-                    await chan.send(Pong(msg.nonce))
+                await chan.answer_ping(msg)  # the gateway's keepalive; nothing else is asked
         finally:
             info.links -= 1
             self.links.detach(gateway, chan)
@@ -378,10 +380,8 @@ class Broker:
                             )
                             return
                         await chan.answer(await self._redeem(msg, client, gateway))
-                    case Ping():
-                        await chan.send(Pong(msg.nonce))
-                    case Pong():
-                        pass
+                    case Ping() | Pong():
+                        await chan.answer_ping(msg)
                     case _:
                         await chan.fail(ErrorCode.UNEXPECTED, f"{msg.TYPE} is not a request")
                         return
@@ -836,10 +836,8 @@ class Broker:
                         self._report(reg.name, msg)
                     case SessionActionOk() | Error() if link.waiting:
                         replies.send_nowait(msg)
-                    case Ping():
-                        await chan.send(Pong(msg.nonce))
-                    case Pong():
-                        pass
+                    case Ping() | Pong():
+                        await chan.answer_ping(msg)
                     case _:
                         await chan.fail(
                             ErrorCode.UNEXPECTED, f"{msg.TYPE} is not expected from an agent"

@@ -26,8 +26,8 @@ import trio
 
 from ras import __version__
 from ras.client.config import ClientConfig
-from ras.errors import AuthError, ErrorCode, TransportError
-from ras.net.channel import Channel, PeerError, greet
+from ras.errors import AuthError, ErrorCode, PeerError, TransportError
+from ras.net.channel import Channel, greet
 from ras.net.sniff import PrefixedStream
 from ras.net.tls import connect_staggered, connect_tls
 from ras.pki import client_context

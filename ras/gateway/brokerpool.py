@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ras.errors import TransportError
-from ras.net.channel import Channel, PeerError
+from ras.errors import PeerError, TransportError
+from ras.net.channel import Channel
 from ras.protocol import Message, RedeemTicket
 
 __all__ = ["IDLE_S", "SIZE", "RedeemPool"]

@@ -44,6 +44,7 @@ from ras.gateway.link import SOFTWARE
 from ras.gateway.tunnels import TunnelInfo, Tunnels, Via, format_path
 from ras.net.channel import aclose_quietly
 from ras.net.health import probe
+from ras.net.reasons import transport_errors
 from ras.net.relay import socket_of
 from ras.net.tls import connect_tcp
 from ras.protocol import encode_v2, encode_v2_local
@@ -165,14 +166,15 @@ class Forwarder:
                         hop.hop.host, hop_port, source=cfg.source_address or None
                     )
                     try:
-                        await tcp.send_all(header)
+                        with transport_errors("cannot send the PROXY v2 header"):
+                            await tcp.send_all(header)
                         if port is Port.TLS and self._upstream_tls is not None:
                             return await self._tls(tcp, hop.hop), (hop.hop.host, hop_port)
                     except BaseException:
                         await aclose_quietly(tcp)
                         raise
                     return tcp, (hop.hop.host, hop_port)
-            except (RasError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            except (RasError, trio.TooSlowError) as exc:
                 why = str(exc) or "connect timeout"
                 errors.append(f"{hop.hop.host}:{hop_port}: {why}")
                 if hop.healthy is not False:
@@ -183,10 +185,8 @@ class Forwarder:
         assert self._upstream_tls is not None
         name = self.config.next_hop_server_name or hop.host
         stream = trio.SSLStream(tcp, self._upstream_tls, server_hostname=name)
-        try:
+        with transport_errors(f"TLS with {hop}", handshake=True):
             await stream.do_handshake()
-        except (trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise TransportError(f"TLS with {hop}: {exc.__cause__ or exc}") from exc
         return stream
 
 

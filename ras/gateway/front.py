@@ -30,6 +30,7 @@ import trio
 from ras.errors import RemoteProtocolError, TransportError
 from ras.gateway.limits import Slot
 from ras.gateway.tunnels import format_path
+from ras.net.reasons import transport_errors
 from ras.net.sniff import Kind, PrefixedStream, sniff
 from ras.protocol import ProxyCommand, ProxyHeader, parse_v2
 
@@ -164,10 +165,8 @@ async def _read_proxy_header(stream: PrefixedStream) -> tuple[ProxyHeader, Prefi
     the deadline."""
     buffer = b""
     while (header := parse_v2(buffer)) is None:
-        try:
+        with transport_errors("connection lost in the PROXY v2 header"):
             data = await stream.receive_some(_PROXY_READ)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise TransportError(f"connection lost in the PROXY v2 header: {exc}") from exc
         if not data:
             raise TransportError("connection closed in the middle of the PROXY v2 header")
         buffer += data

@@ -18,12 +18,12 @@ from functools import partial
 import trio
 
 from ras import __version__
-from ras.errors import ErrorCode, TransportError
+from ras.errors import ErrorCode, PeerError, TransportError
 from ras.gateway.acme import Challenges
 from ras.gateway.brokerpool import RedeemPool
 from ras.gateway.certificate import PublicTLS
 from ras.gateway.config import GatewayConfig
-from ras.net.channel import Channel, PeerError, greet
+from ras.net.channel import Channel, greet
 from ras.net.tasks import fatal_refusal, race, reconnecting
 from ras.net.tls import connect_tls
 from ras.pki import client_context
@@ -162,10 +162,8 @@ class BrokerLink:
             msg = await chan.receive()
             heard[0] = trio.current_time()
             match msg:
-                case Pong():
-                    pass
-                case Ping():
-                    await chan.send(Pong(msg.nonce))
+                case Ping() | Pong():
+                    await chan.answer_ping(msg)
                 case AcmeChallenge():
                     self.challenges.add(msg)
                 case AcmeWithdraw():

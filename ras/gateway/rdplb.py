@@ -30,12 +30,13 @@ import logging
 
 import trio
 
-from ras.errors import RemoteProtocolError, TransportError
+from ras.errors import PeerError, RemoteProtocolError, TransportError
 from ras.gateway.config import GatewayConfig
 from ras.gateway.front import Conn
 from ras.gateway.link import BrokerClient
 from ras.gateway.tunnels import TunnelInfo, Tunnels, Via
-from ras.net.channel import Channel, PeerError
+from ras.net.channel import Channel
+from ras.net.reasons import transport_errors
 from ras.net.sniff import PrefixedStream
 from ras.net.tls import connect_tcp
 from ras.protocol import Route, RouteOk
@@ -54,10 +55,8 @@ async def read_connection_request(stream: trio.abc.Stream) -> tuple[ConnectionRe
     as they arrive; the caller owns the deadline."""
     buffer = b""
     while (request := parse_connection_request(buffer)) is None:
-        try:
+        with transport_errors("connection lost in the Connection Request"):
             data = await stream.receive_some(MAX_CONNECTION_REQUEST - len(buffer))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise TransportError(f"connection lost in the Connection Request: {exc}") from exc
         if not data:
             raise TransportError("connection closed before a whole Connection Request")
         buffer += data

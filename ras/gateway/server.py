@@ -34,7 +34,7 @@ from functools import partial
 
 import trio
 
-from ras.errors import ConfigError, TransportError
+from ras.errors import ConfigError
 from ras.gateway.acme import Challenges
 from ras.gateway.brokerpool import RedeemPool
 from ras.gateway.certificate import PublicTLS
@@ -49,6 +49,7 @@ from ras.gateway.session import ClientSessions
 from ras.gateway.tunnels import Tunnels
 from ras.net.fastio import server_tls
 from ras.net.listen import serve_tcp
+from ras.net.reasons import transport_errors
 from ras.net.sniff import Kind, PrefixedStream, sniff
 from ras.pki import client_context
 
@@ -256,10 +257,8 @@ class Gateway:
         context = self.certificate.context
         assert context is not None  # the config checks it
         tls = server_tls(sniffed, context)  # lean TLS the relay drives
-        try:
+        with transport_errors("TLS handshake failed", handshake=True):
             await tls.do_handshake()
-        except trio.BrokenResourceError as exc:
-            raise TransportError(f"TLS handshake failed: {exc.__cause__ or exc}") from exc
         return tls
 
     def _admit(self, conn: Conn) -> bool:

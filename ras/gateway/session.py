@@ -20,12 +20,12 @@ import logging
 
 import trio
 
-from ras.errors import ErrorCode, TransportError
+from ras.errors import ErrorCode, PeerError, TransportError
 from ras.gateway.config import GatewayConfig
 from ras.gateway.front import Conn
 from ras.gateway.link import SOFTWARE, BrokerClient
 from ras.gateway.tunnels import TunnelInfo, Tunnels, Via
-from ras.net.channel import Channel, PeerError
+from ras.net.channel import Channel
 from ras.net.sniff import PrefixedStream
 from ras.net.tls import connect_tcp
 from ras.protocol import (
@@ -36,8 +36,6 @@ from ras.protocol import (
     Launch,
     ListResources,
     OpenTunnel,
-    Ping,
-    Pong,
     RdpToken,
     Resume,
     Role,
@@ -105,10 +103,7 @@ class ClientSessions:
                     log.info("session timeout client=%s:%d user=%s", *peer, user)
                 await chan.fail(ErrorCode.TIMEOUT, "session timed out")
                 return
-            if isinstance(msg, Ping):
-                await chan.send(Pong(msg.nonce))
-                continue
-            if isinstance(msg, Pong):
+            if await chan.answer_ping(msg):
                 continue
             asked = True
             if not isinstance(msg, (*_TO_BROKER, OpenTunnel)):

@@ -30,11 +30,12 @@ from typing import Any
 import trio
 
 from ras import __version__
-from ras.errors import RasError
+from ras.errors import RasError, TransportError
 from ras.halb.config import GatewayRef, HalbConfig, ServiceConfig
 from ras.net.channel import aclose_quietly
 from ras.net.health import probe
 from ras.net.listen import peer_address
+from ras.net.reasons import transport_errors
 from ras.net.relay import relay
 from ras.net.tls import connect_tcp
 from ras.pki import server_context
@@ -215,9 +216,12 @@ class Balancer:
         if offload is not None:
             tls = trio.SSLStream(client, offload, server_side=True)
             try:
-                with trio.fail_after(self.config.tls_handshake_timeout_s):
+                with (
+                    trio.fail_after(self.config.tls_handshake_timeout_s),
+                    transport_errors("TLS handshake", handshake=True),
+                ):
                     await tls.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            except (TransportError, trio.TooSlowError) as exc:
                 log.info("tls offload failed client=%s:%d reason=%s", *peer, exc or "timeout")
                 await aclose_quietly(client)
                 return
@@ -264,10 +268,11 @@ class Balancer:
             with trio.fail_after(self.config.connect_timeout_s):
                 upstream = await connect_tcp(backend.host, service.backend_port)
             if service.proxy_protocol:
-                await upstream.send_all(
-                    encode_v2((peer[0], peer[1]), (str(vip), service.listen_port))
-                )
-        except (RasError, trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+                with transport_errors("cannot send the PROXY v2 header"):
+                    await upstream.send_all(
+                        encode_v2((peer[0], peer[1]), (str(vip), service.listen_port))
+                    )
+        except (RasError, trio.TooSlowError) as exc:
             why = str(exc) or "timeout"
             log.warning(
                 "forward failed client=%s:%d gateway=%s reason=%s", *peer, backend.name, why

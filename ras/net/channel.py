@@ -10,13 +10,12 @@ the stream is closed and ``RemoteProtocolError`` raised. Callers own timeouts: w
 from __future__ import annotations
 
 import collections
-import ssl
 from types import TracebackType
 
 import trio
 
-from ras.errors import ErrorCode, ProtocolError, RemoteProtocolError, TransportError
-from ras.net.reasons import reason
+from ras.errors import ErrorCode, PeerError, ProtocolError, RemoteProtocolError, TransportError
+from ras.net.reasons import BROKEN, transport_errors
 from ras.protocol import (
     Connection,
     ConnectionClosed,
@@ -31,18 +30,9 @@ from ras.protocol import (
     Welcome,
 )  # fmt: skip
 
-__all__ = ["Channel", "PeerError", "greet"]
+__all__ = ["Channel", "PeerError", "greet"]  # PeerError lives in ras.errors; kept here too
 
 RECEIVE_SIZE = 65536
-
-
-class PeerError(TransportError):
-    """The peer answered with an ``error`` message (``code`` and its text)."""
-
-    def __init__(self, error: Error) -> None:
-        super().__init__(f"{error.code.name}: {error.message}")
-        self.code = error.code
-        self.error = error
 
 
 class Channel:
@@ -75,15 +65,8 @@ class Channel:
 
     async def _write(self, data: bytes) -> None:
         async with self._send_lock:
-            try:
+            with transport_errors("connection lost while sending"):
                 await self.stream.send_all(data)
-            except (
-                trio.BrokenResourceError,
-                trio.ClosedResourceError,
-                OSError,
-                ssl.SSLError,
-            ) as exc:
-                raise TransportError(f"connection lost while sending: {reason(exc)}") from exc
 
     async def refuse(self, code: ErrorCode, message: str) -> None:
         """Answer a request with a (non-fatal, 2xx/5xx) ``error``; the connection stays open."""
@@ -99,15 +82,8 @@ class Channel:
     async def receive(self) -> Message:
         """The next message. ``ConnectionClosed`` at a frame boundary is a ``TransportError``."""
         while not self._events:
-            try:
+            with transport_errors("connection lost"):
                 data = await self.stream.receive_some(RECEIVE_SIZE)
-            except (
-                trio.BrokenResourceError,
-                trio.ClosedResourceError,
-                OSError,
-                ssl.SSLError,
-            ) as exc:
-                raise TransportError(f"connection lost: {reason(exc)}") from exc
             try:
                 self._events.extend(self.conn.receive_data(bytes(data)))
             except RemoteProtocolError as exc:
@@ -118,15 +94,20 @@ class Channel:
             raise TransportError("the peer closed the connection")
         return event
 
+    async def answer_ping(self, msg: Message) -> bool:
+        """The one place pings are answered: a ``ping`` gets its ``pong`` and a ``pong`` needs
+        nothing (True: ``msg`` is dealt with); any other message is the caller's (False).
+        Loops that read requests call it first; ``receive_reply`` and ``ping`` do too."""
+        if isinstance(msg, Ping):
+            await self.send(Pong(msg.nonce))
+            return True
+        return isinstance(msg, Pong)
+
     async def receive_reply(self) -> Message:
-        """The next message that is not a ping (pings are answered on the way)."""
+        """The next message that is not a ping or a pong (pings are answered on the way)."""
         while True:
             msg = await self.receive()
-            if isinstance(msg, Ping):
-                await self.send(Pong(msg.nonce))
-            elif isinstance(msg, Pong):
-                continue
-            else:
+            if not await self.answer_ping(msg):
                 return msg
 
     async def ping(self, nonce: int) -> None:
@@ -136,17 +117,13 @@ class Channel:
         await self.send(Ping(nonce))
         while True:
             msg = await self.receive()
-            match msg:
-                case Pong() if msg.nonce == nonce:
-                    return
-                case Pong():
-                    continue
-                case Ping():
-                    await self.send(Pong(msg.nonce))
-                case Error():
-                    raise PeerError(msg)
-                case _:
-                    raise TransportError(f"the peer answered ping with {msg.TYPE}")
+            if isinstance(msg, Pong) and msg.nonce == nonce:
+                return
+            if await self.answer_ping(msg):
+                continue
+            if isinstance(msg, Error):
+                raise PeerError(msg)
+            raise TransportError(f"the peer answered ping with {msg.TYPE}")
 
     async def request(self, msg: Message) -> Message:
         """Send ``msg`` and return the answer; an ``error`` answer raises ``PeerError``."""
@@ -181,7 +158,7 @@ async def aclose_quietly(stream: trio.abc.AsyncResource) -> None:
         with trio.move_on_after(1) as scope:
             scope.shield = True
             await stream.aclose()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError):
+    except BROKEN:
         pass
 
 

@@ -4,10 +4,9 @@ only that its port accepts. The caller owns the deadline."""
 
 from __future__ import annotations
 
-from ras.errors import TransportError
 from ras.net.channel import greet
 from ras.net.tls import connect_tcp
-from ras.protocol import Ping, Pong, Role
+from ras.protocol import Role
 
 __all__ = ["probe"]
 
@@ -17,6 +16,4 @@ async def probe(host: str, port: int, *, software: str, source: str | None = Non
     not answer as a gateway should."""
     stream = await connect_tcp(host, port, source=source)
     async with await greet(stream, Role.CLIENT, software) as chan:
-        await chan.send(Ping(1))
-        if not isinstance(await chan.receive(), Pong):
-            raise TransportError("no pong")
+        await chan.ping(1)

@@ -17,6 +17,7 @@ import trio
 
 from ras.errors import RasError
 from ras.net.channel import aclose_quietly
+from ras.net.reasons import BROKEN, reason
 
 __all__ = [
     "Handler",
@@ -175,8 +176,8 @@ async def serve_tcp(
             await handler(stream, peer)
         except RasError as exc:
             log.info("connection ended what=%s peer=%s:%d reason=%s", what, *peer, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
-            log.info("connection lost what=%s peer=%s:%d reason=%r", what, *peer, exc)
+        except BROKEN as exc:  # a handler that left its I/O unmapped (ras.net.reasons)
+            log.info("connection lost what=%s peer=%s:%d reason=%s", what, *peer, reason(exc))
         except trio.TooSlowError:
             log.info("connection timed out what=%s peer=%s:%d", what, *peer)
         except Exception:

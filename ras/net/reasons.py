@@ -1,17 +1,42 @@
-"""Why a connection failed, in words a user can act on.
+"""The I/O boundary: transport exceptions become ``TransportError``, saying why.
 
 trio wraps what went wrong underneath (``ssl.SSLError``, ``OSError``) in a
-``BrokenResourceError`` whose own text is empty, so ``f"failed: {exc}"`` said nothing. These
-helpers look down the exception's cause chain and say what the peer did or what to check.
+``BrokenResourceError`` whose own text is empty, so ``f"failed: {exc}"`` said nothing.
+:func:`reason` looks down the exception's cause chain and says what the peer did or what to
+check. :func:`transport_errors` is the one mapping the package uses where it does I/O on a
+stream: whatever trio, ``ssl`` or the OS raise there (``BROKEN``, or ``TooSlowError``) leaves
+as a ``TransportError`` (``raise ... from exc``) that names what was being done and why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+from collections.abc import Iterator
 
 import trio
 
-__all__ = ["reason"]
+from ras.errors import TransportError
+
+__all__ = ["BROKEN", "reason", "transport_errors"]
+
+#: What a stream raises when its connection breaks underneath it (``ssl.SSLError`` is an
+#: ``OSError``; named for the reader).
+BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
+
+
+@contextlib.contextmanager
+def transport_errors(what: str, *, handshake: bool = False) -> Iterator[None]:
+    """Inside, a broken or timed-out transport raises ``TransportError("<what>: <why>")``
+    instead (``handshake``: the TLS handshake is what broke). Protocol errors, other
+    ``RasError`` and cancellation pass through unchanged."""
+    try:
+        yield
+    except BROKEN as exc:
+        raise TransportError(f"{what}: {reason(exc, handshake=handshake)}") from exc
+    except trio.TooSlowError as exc:
+        raise TransportError(f"{what}: timed out") from exc
+
 
 # OpenSSL reasons the peer's alert or its silence leaves us with.
 _THEY_REFUSED_US = {

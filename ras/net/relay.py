@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import ssl
 import struct
 from dataclasses import dataclass, field
 
@@ -30,11 +29,11 @@ import trio
 
 from ras.net.channel import aclose_quietly
 from ras.net.fastio import PIPE_SIZE, PIPES, POOL, Leg, Yielder, leg_for, write_fd
+from ras.net.reasons import BROKEN
 
 __all__ = ["SPLICED", "RelayStats", "abort", "relay", "socket_of"]
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
-_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 #: In splice mode, a splice that moves less than this goes back to read/write.
 _SPLICE_BELOW = 16 * 1024
@@ -200,7 +199,7 @@ async def _direction(
             await _plain(src.fd, dst.fd, stats, forward)
         else:
             await _copy(src, dst, stats, forward)
-    except _BROKEN:
+    except BROKEN:
         stats.reset = True
         cancel.cancel()
         return
@@ -208,7 +207,7 @@ async def _direction(
     try:
         if await dst.send_eof():
             return
-    except _BROKEN:
+    except BROKEN:
         pass
     cancel.cancel()
 

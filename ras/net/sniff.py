@@ -13,6 +13,7 @@ import re
 import trio
 
 from ras.errors import TransportError
+from ras.net.reasons import transport_errors
 from ras.protocol import PREFACE_PREFIX
 from ras.protocol.proxy import PROXY_V2_SIGNATURE
 
@@ -90,10 +91,8 @@ async def sniff(stream: trio.abc.Stream) -> tuple[Kind, PrefixedStream]:
     """Read the first bytes of ``stream`` and classify them. The caller owns the deadline."""
     head = b""
     while (kind := classify(head)) is None:
-        try:
+        with transport_errors("connection lost while sniffing"):
             data = await stream.receive_some(NEEDED - len(head))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise TransportError(f"connection lost while sniffing: {exc}") from exc
         if not data:
             raise TransportError("connection closed before the protocol could be told")
         head += data

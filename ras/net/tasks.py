@@ -8,8 +8,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 
-from ras.errors import ConfigError, ErrorCode, RasError
-from ras.net.channel import PeerError
+from ras.errors import ConfigError, ErrorCode, PeerError, RasError
 
 __all__ = ["fatal_refusal", "race", "reconnecting"]
 

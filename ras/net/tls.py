@@ -10,11 +10,12 @@ import trio
 
 from ras.errors import TransportError
 from ras.net.channel import aclose_quietly
-from ras.net.reasons import reason
+from ras.net.reasons import transport_errors
 
 __all__ = ["Connect", "connect_staggered", "connect_tcp", "connect_tls"]
 
-#: How a TCP connection to ``(host, port)`` is opened: ``connect_tcp`` or ``connect_staggered``.
+#: How a daemon opens a TCP connection to ``(host, port)``: ``connect_tcp``, or in tests a
+#: memory network's (the seam that lets handlers run without sockets).
 Connect = Callable[[str, int], Awaitable[trio.abc.Stream]]
 
 
@@ -28,7 +29,7 @@ async def connect_tcp(host: str, port: int, *, source: str | None = None) -> tri
         address = ipaddress.ip_address(host)
     except ValueError:
         address = None
-    try:
+    with transport_errors(f"cannot connect to {host}:{port}"):
         if address is None:
             return await trio.open_tcp_stream(host, port, local_address=source)
         family = trio.socket.AF_INET6 if address.version == 6 else trio.socket.AF_INET
@@ -41,8 +42,6 @@ async def connect_tcp(host: str, port: int, *, source: str | None = None) -> tri
             sock.close()
             raise
         return trio.SocketStream(sock)  # sets TCP_NODELAY
-    except OSError as exc:
-        raise TransportError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
 
 
 async def connect_staggered(
@@ -95,13 +94,9 @@ async def connect_tls(
     tcp = await connect(host, port)
     stream = trio.SSLStream(tcp, context, server_hostname=server_hostname or host)
     try:
-        await stream.do_handshake()
-    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
-        await aclose_quietly(tcp)
-        raise TransportError(
-            f"TLS with {host}:{port} failed: {reason(exc, handshake=True)}"
-        ) from exc
-    except BaseException:  # cancelled mid-handshake: do not leak the socket
+        with transport_errors(f"TLS with {host}:{port} failed", handshake=True):
+            await stream.do_handshake()
+    except BaseException:  # failed, or cancelled mid-handshake: do not leak the socket
         await aclose_quietly(tcp)
         raise
     return stream
