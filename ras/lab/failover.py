@@ -181,12 +181,12 @@ class _Run:
 
     async def run(self) -> Report:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._signals)
             # the RDP port needs a routing token, which a logged-in session asks for
             session = self.session = await self._login()
             nursery.start_soon(session.keepalive)
             if self.args.mode == "rdp":
                 self.token = (await session.rdp_token(self.config.resource)).token
-            nursery.start_soon(self._signals)
             for i in range(self.args.sessions):
                 nursery.start_soon(self.long_session, i)
             nursery.start_soon(self.launches)
@@ -211,15 +211,16 @@ class _Run:
             await session.authenticate(self.config.username, self.args.password)
         return session
 
+    def mark_kill(self, signum: int, frame: object) -> None:
+        """SIGUSR1, a plain handler installed before the run starts (a kill marked while the
+        harness still logs in must not end it): only attributes change here."""
+        self.report.kill_at_s = round(self.now(), 3)
+        self.report.settled_after_s = None
+
     async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGTERM) as signals:
-            async for signum in signals:
-                if signum == signal.SIGUSR1:
-                    self.report.kill_at_s = round(self.now(), 3)
-                    self.report.settled_after_s = None
-                    log.info("kill marked at %.3fs", self.report.kill_at_s)
-                else:
-                    self.done.set()
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                self.done.set()
 
 
 class _Skip(trio.abc.Stream):
@@ -311,11 +312,15 @@ def main(argv: list[str] | None = None) -> int:
         server_name=args.server_name,
         username=args.user,
         resource=args.resource,
-        connect_timeout_s=1.0,
+        connect_timeout_s=2.0,
         request_timeout_s=args.launch_timeout_s,
         keepalive_s=args.keepalive_s,
     )
-    report = trio.run(_Run(args, config).run)
+    run = _Run(args, config)
+    signal.signal(signal.SIGUSR1, run.mark_kill)
+    report = trio.run(run.run)
+    if report.kill_at_s is not None:
+        log.info("kill marked at %.3fs", report.kill_at_s)
     text = json.dumps(asdict(report), indent=1)
     tmp = f"{args.json}.tmp"
     with open(tmp, "w") as f:
