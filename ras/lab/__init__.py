@@ -1,16 +1,20 @@
 """Multi-host labs in Linux network namespaces, for tests and for ``ras lab``.
 
-A :class:`Lab` is one private Ethernet segment (a bridge in a namespace of its own) with hosts
-on it, each host a network namespace with its own ``eth0``, address and firewall. See
-:mod:`ras.lab.netns` for how it is built and torn down.
+A :class:`Lab` is private Ethernet segments (bridges in a namespace of their own) with hosts
+on them, each host a network namespace with its own ``eth0`` (and more interfaces where it
+joins several segments), addresses and firewall. See :mod:`ras.lab.netns` for how it is built
+and torn down, and :mod:`ras.lab.manifest` for the topology manifest that ``ras lab up``
+builds.
 """
 
 from ras.lab.netns import (
     CommandError,
     Host,
+    Interface,
     Lab,
     LabError,
     LabUnavailableError,
+    Segment,
     lab_namespaces,
     lab_unavailable,
 )
@@ -18,9 +22,11 @@ from ras.lab.netns import (
 __all__ = [
     "CommandError",
     "Host",
+    "Interface",
     "Lab",
     "LabError",
     "LabUnavailableError",
+    "Segment",
     "lab_namespaces",
     "lab_unavailable",
 ]

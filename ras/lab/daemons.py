@@ -74,6 +74,7 @@ def halb_config(
     preempt_delay_s: float = 0.0,
     no_gateway_priority: int | None = None,
     extra_services: str = "",
+    interface: str = "eth0",
 ) -> Path:
     """A `ras halb` config: one balanced service, the given gateways, quick health checks.
     ``no_gateway_priority``: None leaves the daemon's default (gateway tracking at 1)."""
@@ -82,7 +83,7 @@ def halb_config(
     )
     path.write_text(f"""
 name = "{name}"
-interface = "eth0"
+interface = "{interface}"
 vips = ["{vip_cidr}"]
 vrid = {vrid}
 priority = {priority}

@@ -1,4 +1,4 @@
-"""A lab of hosts on one Ethernet segment, each host a Linux network namespace.
+"""A lab of hosts on Ethernet segments, each host a Linux network namespace.
 
 Theory of operation
 -------------------
@@ -6,14 +6,18 @@ Everything here is synchronous and drives ``ip`` (iproute2) with ``subprocess``;
 calls it from fixtures or through ``trio.to_thread.run_sync``. Needs root (CAP_SYS_ADMIN and
 CAP_NET_ADMIN), which may be the root of a user namespace.
 
-- The segment is a bridge ``br0`` inside a namespace of its own, ``<prefix>-sw``; never in the
-  root namespace, whose interfaces and routes are never touched. Each host ``<prefix>-<name>``
-  gets ``eth0``, the far end of a veth pair created from inside the switch namespace, an
-  address of the lab's subnet and so only the subnet's route: no default route, so no packet
-  can leave the lab, and none can come in. IPv6 is off in every lab namespace (before any
-  interface exists, so no link-local addresses, no neighbour discovery or MLD chatter).
-  Multicast snooping and STP are off on the bridge: VRRP's multicast reaches every port and a
-  port forwards the moment it is up.
+- A segment is a bridge inside a namespace of its own, ``<prefix>-sw``; never in the root
+  namespace, whose interfaces and routes are never touched. The lab's first segment (its
+  ``subnet``) is bridge ``br0``; `Lab.add_segment` adds more (bridge ``b-<name>``), each an
+  Ethernet of its own: the switch namespace has no address, so nothing passes between its
+  bridges. Each host ``<prefix>-<name>`` gets ``eth0``, the far end of a veth pair created from
+  inside the switch namespace, an address of its segment's subnet and so only the subnet's
+  route; `Lab.attach` gives a host (a router, a firewall) ``eth1``, ``eth2``... on other
+  segments, and `Lab.add_routes` routes between segments through such a host. No default
+  route anywhere, so no packet can leave the lab, and none can come in. IPv6 is off in every
+  lab namespace (before any interface exists, so no link-local addresses, no neighbour
+  discovery or MLD chatter). Multicast snooping and STP are off on the bridges: VRRP's
+  multicast reaches every port and a port forwards the moment it is up.
 - Speed comes from few processes: ``add_hosts(*names)`` creates every namespace in one
   ``ip -batch``, sets sysctls from one thread (no process), wires every veth in one batch in
   the switch, then configures the hosts with one ``ip -n`` each, all at once. A 7-host lab is
@@ -55,6 +59,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -87,9 +92,11 @@ from ras.lab._system import (
 __all__ = [
     "CommandError",
     "Host",
+    "Interface",
     "Lab",
     "LabError",
     "LabUnavailableError",
+    "Segment",
     "lab_namespaces",
     "lab_unavailable",
 ]
@@ -104,8 +111,10 @@ _FIRST_AUTO_HOST = 10  # auto addresses: .10, .11, ...; spare_address(): .254, .
 
 # No "-" in a prefix: a namespace's prefix is what comes before its first "-".
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,31}")
-_HOST_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,12}")  # "v-<name>" fits IFNAMSIZ (15 + NUL)
+# "v-<host>" and "b-<segment>" fit IFNAMSIZ (15 + NUL)
+_HOST_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,12}")
 _counter = itertools.count()
+_port_counter = itertools.count()  # switch-side names of the veths of further interfaces
 _log_counter = itertools.count()
 
 
@@ -159,10 +168,36 @@ def _probe() -> str | None:
 _open_labs: list[Lab] = []
 
 
-class Lab:
-    """An Ethernet segment in a namespace of its own, and the hosts on it.
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """An Ethernet segment of a lab: a bridge in the switch namespace, and its subnet."""
 
-    ``Lab(prefix=None, subnet="10.213.0.0/24")``; a context manager, or call `close()`.
+    name: str
+    subnet: ipaddress.IPv4Network
+    bridge: str
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    """A host's interface ``name`` on ``segment``, with ``address``."""
+
+    name: str
+    segment: Segment
+    address: ipaddress.IPv4Address
+
+
+def _subnet(text: str) -> ipaddress.IPv4Network:
+    subnet = ipaddress.IPv4Network(text)
+    if subnet.prefixlen > 24:
+        raise ValueError(f"lab subnet {text} is smaller than a /24")
+    return subnet
+
+
+class Lab:
+    """Ethernet segments in a namespace of their own, and the hosts on them.
+
+    ``Lab(prefix=None, subnet="10.213.0.0/24", segment="lan")``: the first segment, where hosts
+    go unless told otherwise; `add_segment` adds more. A context manager, or call `close()`.
     ``logdir`` keeps the output of the processes started in the hosts (default: a temporary
     directory removed by `close()`); ``stop_timeout`` is how long `close()` waits for them
     after SIGTERM before SIGKILL. Not thread-safe: build and close it from one thread.
@@ -173,20 +208,22 @@ class Lab:
         prefix: str | None = None,
         subnet: str = "10.213.0.0/24",
         *,
+        segment: str = "lan",
         logdir: Path | None = None,
         stop_timeout: float = 5.0,
     ) -> None:
-        self.subnet = ipaddress.IPv4Network(subnet)
-        if self.subnet.prefixlen > 24:
-            raise ValueError(f"lab subnet {subnet} is smaller than a /24")
+        self.subnet = _subnet(subnet)
         if prefix is not None and not _PREFIX_RE.fullmatch(prefix):
             raise ValueError(f"lab prefix {prefix!r}: lower-case letters and digits, 1 to 32")
+        _check_name("segment", segment)
+        self.segment = Segment(segment, self.subnet, _BRIDGE)
+        self.segments: dict[str, Segment] = {segment: self.segment}
         self.hosts: dict[str, Host] = {}
         self.stop_timeout = stop_timeout
         self._procs: list[subprocess.Popen[bytes]] = []
         self._logs: dict[int, Path] = {}
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
-        self._spares: set[ipaddress.IPv4Address] = set()
+        self._spares: dict[str, set[ipaddress.IPv4Address]] = {segment: set()}
         self._closed = False
         sweep_stale()
         self.prefix, self._lock_fd = self._claim(prefix)
@@ -258,39 +295,73 @@ class Lab:
         if self._closed:
             raise LabError(f"lab {self.prefix} is closed")
 
+    # -- segments
+
+    def add_segment(self, name: str, subnet: str) -> Segment:
+        """Add segment `name` (a bridge ``b-<name>`` of its own) with `subnet`, which must not
+        overlap another segment's."""
+        self._check_open()
+        _check_name("segment", name)
+        net = _subnet(subnet)
+        if name in self.segments:
+            raise LabError(f"lab {self.prefix} has a segment {name} already")
+        for other in self.segments.values():
+            if net.overlaps(other.subnet):
+                raise ValueError(f"segment {name}: {net} overlaps {other.name}'s {other.subnet}")
+        segment = Segment(name, net, f"b-{name}")
+        bridge = f"link add {segment.bridge} type bridge stp_state 0 mcast_snooping 0"
+        ip_batch([bridge, f"link set {segment.bridge} up"], netns=self.switch)
+        self.segments[name] = segment
+        self._spares[name] = set()
+        return segment
+
+    def _segment(self, segment: str | Segment | None) -> Segment:
+        name = self.segment.name if segment is None else getattr(segment, "name", segment)
+        try:
+            return self.segments[str(name)]
+        except KeyError:
+            raise LabError(f"lab {self.prefix} has no segment {name}") from None
+
     # -- hosts
 
-    def add_host(self, name: str, address: str | ipaddress.IPv4Address | None = None) -> Host:
-        """Add host `name` (namespace ``<prefix>-<name>``) with `address` on ``eth0``.
+    def add_host(
+        self,
+        name: str,
+        address: str | ipaddress.IPv4Address | None = None,
+        *,
+        segment: str | Segment | None = None,
+    ) -> Host:
+        """Add host `name` (namespace ``<prefix>-<name>``) with `address` on ``eth0``, on
+        `segment` (default: the lab's first).
 
         Without `address` the host gets the next free of .10, .11, ... of the subnet.
         """
-        return self._add([(name, address)])[0]
+        return self._add([(name, address)], self._segment(segment))[0]
 
-    def add_hosts(self, *names: str) -> list[Host]:
+    def add_hosts(self, *names: str, segment: str | Segment | None = None) -> list[Host]:
         """Add several hosts with automatic addresses at once (faster than one by one)."""
-        return self._add([(name, None) for name in names])
+        return self._add([(name, None) for name in names], self._segment(segment))
 
-    def _add(self, specs: Sequence[tuple[str, str | ipaddress.IPv4Address | None]]) -> list[Host]:
+    def _add(
+        self,
+        specs: Sequence[tuple[str, str | ipaddress.IPv4Address | None]],
+        segment: Segment,
+    ) -> list[Host]:
         self._check_open()
         hosts: list[Host] = []
         for name, address in specs:
-            if not _HOST_RE.fullmatch(name) or name == _SWITCH:
-                raise ValueError(
-                    f"host name {name!r}: 1 to 13 of a-z, 0-9 and '-', not starting with '-', "
-                    f"not {_SWITCH!r}"
-                )
+            _check_name("host", name)
             if name in self.hosts or any(host.name == name for host in hosts):
                 raise LabError(f"lab {self.prefix} has a host {name} already")
-            chosen = self._allocate(address, {host.address for host in hosts})
-            hosts.append(Host(self, name, f"{self.prefix}-{name}", chosen))
+            chosen = self._allocate(address, {host.address for host in hosts}, segment)
+            hosts.append(Host(self, name, f"{self.prefix}-{name}", chosen, segment))
         namespaces = [host.netns for host in hosts]
         wires = []
         for host in hosts:
             veth = f"v-{host.name}"
             wires.append(f"link add {veth} type veth peer name {IFACE} netns {host.netns}")
-            wires.append(f"link set {veth} master {_BRIDGE} up")
-        plen = self.subnet.prefixlen
+            wires.append(f"link set {veth} master {segment.bridge} up")
+        plen = segment.subnet.prefixlen
         configs = {
             host.netns: [
                 "link set lo up",
@@ -310,36 +381,95 @@ class Lab:
         self.hosts.update((host.name, host) for host in hosts)
         return hosts
 
+    def attach(
+        self,
+        host: Host,
+        segment: str | Segment,
+        address: str | ipaddress.IPv4Address | None = None,
+    ) -> Interface:
+        """Give `host` one more interface (``eth1``, ``eth2``...) on `segment`, with `address`
+        (default: the segment's next free of .10, .11, ...). A host on several segments routes
+        between them only where ``net.ipv4.ip_forward`` is set in it."""
+        self._check_open()
+        seg = self._segment(segment)
+        if any(iface.segment == seg for iface in host.interfaces.values()):
+            raise LabError(f"{host.name} is on segment {seg.name} already")
+        chosen = self._allocate(address, set(), seg)
+        iface = Interface(f"eth{len(host.interfaces)}", seg, chosen)
+        port = f"w{next(_port_counter)}"  # unique in the switch; its alias says whose it is
+        ip_batch(
+            [
+                f"link add {port} type veth peer name {iface.name} netns {host.netns}",
+                f"link set {port} alias {host.name}:{iface.name}",
+                f"link set {port} master {seg.bridge} up",
+            ],
+            netns=self.switch,
+        )
+        ip_batch(
+            [f"addr add {chosen}/{seg.subnet.prefixlen} dev {iface.name}",
+             f"link set {iface.name} up"],
+            netns=host.netns,
+        )  # fmt: skip
+        host.interfaces[iface.name] = iface
+        return iface
+
+    def add_routes(
+        self, routes: Mapping[Host, Sequence[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]]]
+    ) -> None:
+        """Route, in each host, each network through a gateway address: one ``ip`` per host,
+        all at once."""
+        self._check_open()
+        ip_batches(
+            {
+                host.netns: [f"route add {net} via {via}" for net, via in pairs]
+                for host, pairs in routes.items()
+                if pairs
+            }
+        )
+
     def _allocate(
-        self, address: str | ipaddress.IPv4Address | None, pending: set[ipaddress.IPv4Address]
+        self,
+        address: str | ipaddress.IPv4Address | None,
+        pending: set[ipaddress.IPv4Address],
+        segment: Segment,
     ) -> ipaddress.IPv4Address:
-        taken = {host.address for host in self.hosts.values()} | self._spares | pending
+        subnet = segment.subnet
+        taken = self._taken(segment) | pending
         if address is None:
-            first = self.subnet.network_address + _FIRST_AUTO_HOST
-            for candidate in self.subnet.hosts():
+            first = subnet.network_address + _FIRST_AUTO_HOST
+            for candidate in subnet.hosts():
                 if candidate >= first and candidate not in taken:
                     return candidate
-            raise LabError(f"no free address left in {self.subnet}")
+            raise LabError(f"no free address left in {subnet}")
         chosen = ipaddress.IPv4Address(address)
-        if chosen not in self.subnet or chosen in (
-            self.subnet.network_address,
-            self.subnet.broadcast_address,
-        ):
-            raise ValueError(f"{chosen} is not a host address of the lab subnet {self.subnet}")
+        if chosen not in subnet or chosen in (subnet.network_address, subnet.broadcast_address):
+            raise ValueError(
+                f"{chosen} is not a host address of segment {segment.name}'s subnet {subnet}"
+            )
         if chosen in taken:
             raise LabError(f"{chosen} is taken in lab {self.prefix}")
         return chosen
 
-    def spare_address(self) -> ipaddress.IPv4Address:
-        """An address of the subnet that no host has and none will get (for a VIP): from the
-        top down, .254, .253, ..."""
-        taken = {host.address for host in self.hosts.values()} | self._spares
-        candidate = self.subnet.broadcast_address - 1
+    def _taken(self, segment: Segment) -> set[ipaddress.IPv4Address]:
+        on = {
+            iface.address
+            for host in self.hosts.values()
+            for iface in host.interfaces.values()
+            if iface.segment == segment
+        }
+        return on | self._spares[segment.name]
+
+    def spare_address(self, segment: str | Segment | None = None) -> ipaddress.IPv4Address:
+        """An address of `segment` (default: the lab's first) that no host has and none will
+        get (for a VIP): from the top down, .254, .253, ..."""
+        seg = self._segment(segment)
+        taken = self._taken(seg)
+        candidate = seg.subnet.broadcast_address - 1
         while candidate in taken:
             candidate -= 1
-        if int(candidate) - int(self.subnet.network_address) < _FIRST_AUTO_HOST:
-            raise LabError(f"no spare address left in {self.subnet}")
-        self._spares.add(candidate)
+        if int(candidate) - int(seg.subnet.network_address) < _FIRST_AUTO_HOST:
+            raise LabError(f"no spare address left in {seg.subnet}")
+        self._spares[seg.name].add(candidate)
         return candidate
 
     # -- processes
@@ -428,15 +558,48 @@ def _close_open_labs() -> None:
 # Hosts
 
 
-class Host:
-    """One host of a `Lab`: network namespace `netns`, interface `iface`, `address` on it."""
+def _check_name(what: str, name: str) -> None:
+    if not _HOST_RE.fullmatch(name) or name == _SWITCH:
+        raise ValueError(
+            f"{what} name {name!r}: 1 to 13 of a-z, 0-9 and '-', not starting with '-', "
+            f"not {_SWITCH!r}"
+        )
 
-    def __init__(self, lab: Lab, name: str, netns: str, address: ipaddress.IPv4Address) -> None:
+
+class Host:
+    """One host of a `Lab`: network namespace `netns`, interface `iface` (``eth0``), `address`
+    on it; `interfaces` has every interface, further ones added by `Lab.attach`."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        name: str,
+        netns: str,
+        address: ipaddress.IPv4Address,
+        segment: Segment | None = None,
+    ) -> None:
         self.lab = lab
         self.name = name
         self.netns = netns
         self.address = address
         self.iface = IFACE
+        self.interfaces = {IFACE: Interface(IFACE, segment or lab.segment, address)}
+
+    def address_on(self, segment: str | Segment) -> ipaddress.IPv4Address:
+        """This host's address on `segment` (`LabError` if it is not on it)."""
+        name = getattr(segment, "name", segment)
+        for iface in self.interfaces.values():
+            if iface.segment.name == name:
+                return iface.address
+        raise LabError(f"{self.name} is not on segment {name}")
+
+    def iface_on(self, segment: str | Segment) -> str:
+        """The name of this host's interface on `segment`."""
+        name = getattr(segment, "name", segment)
+        for iface in self.interfaces.values():
+            if iface.segment.name == name:
+                return iface.name
+        raise LabError(f"{self.name} is not on segment {name}")
 
     def __repr__(self) -> str:
         return f"Host({self.name!r}, netns={self.netns!r}, address={str(self.address)!r})"
@@ -533,10 +696,10 @@ class Host:
         path = sysctl_path(key)
         return self.call(path.read_text).strip()
 
-    def addresses(self) -> list[str]:
-        """The IPv4 addresses on ``eth0`` now (a VIP shows up here while this host holds it)."""
+    def addresses(self, iface: str = IFACE) -> list[str]:
+        """The IPv4 addresses on `iface` now (a VIP shows up here while this host holds it)."""
         self.lab._check_open()
-        out = run(["ip", "-n", self.netns, "-j", "-4", "addr", "show", "dev", IFACE]).stdout
+        out = run(["ip", "-n", self.netns, "-j", "-4", "addr", "show", "dev", iface]).stdout
         return [
             info["local"]
             for link in json.loads(out or "[]")
