@@ -18,6 +18,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +32,39 @@ from ras.broker.passwords import hash_password
 from ras.broker.server import Broker
 from ras.broker.store import SQLiteStore, UserRecord
 from ras.errors import RasError, TransportError
+from ras.gateway.config import GatewayConfig
+from ras.gateway.front import Port
+from ras.gateway.server import Gateway
 from ras.net.channel import Channel, aclose_quietly, greet
+from ras.net.reasons import BROKEN
 from ras.pki import FarmPKI, client_context, server_context
 from ras.protocol import (
     AgentRegister,
     ClientSession,
+    Hello,
     HostKind,
     LoadReport,
     Message,
     Registered,
     Role,
+    Side,
+    Welcome,
 )
 
-__all__ = ["BROKER", "MemoryFarm", "MemoryNet", "inline_threads", "memory_farm"]
+__all__ = [
+    "BROKER",
+    "EchoHost",
+    "MemoryFarm",
+    "MemoryNet",
+    "inline_threads",
+    "memory_farm",
+    "reply_to",
+]
 
 Peer = tuple[str, int]
 Handler = Callable[[trio.abc.Stream, Peer], Awaitable[None]]
 BROKER = "broker.test"  # the broker's address on the memory network (its gateway port: 20002)
-_TRANSPORT = (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError)
+GATEWAY_PORTS = {Port.PLAIN: 80, Port.TLS: 443, Port.RDP: 3389}
 
 
 async def _inline(fn: Callable[..., Any], *args: Any, **_: Any) -> Any:
@@ -101,7 +117,7 @@ class MemoryNet:
         outcome: BaseException | None = None
         try:
             await handler(stream, peer)
-        except (RasError, trio.TooSlowError, *_TRANSPORT) as exc:
+        except (RasError, trio.TooSlowError, *BROKEN) as exc:
             outcome = exc
         finally:
             self.ended.append(outcome)
@@ -135,6 +151,37 @@ class MemoryFarm:
             await chan.send(ClientSession(client, 0))
             yield chan
 
+    def gateway(self, name: str = "gateway", **options: object) -> Gateway:
+        """A normal gateway ``name`` on the memory network: its front door serves ``name``'s
+        ports 80, 443 (TLS) and, with ``rdp_lb_enabled``, 3389; it reaches the broker and the
+        RDP hosts through ``net``. Its link to the broker is not run (nothing here needs it)."""
+        cert, key = self.pki.ensure(name)
+        public_cert, public_key = self.pki.ensure_self_signed(f"{name}-public", ("localhost",))
+        settings: dict[str, object] = {"broker_host": BROKER, "broker_port": 20002, **options}
+        cfg = GatewayConfig(
+            name=name,
+            cert_file=cert,
+            key_file=key,
+            ca_file=self.pki.ca_path,
+            public_cert_file=public_cert,
+            public_key_file=public_key,
+            **settings,  # type: ignore[arg-type]
+        )
+        gateway = Gateway(cfg, connect=self.net.connect)
+        for port, number in GATEWAY_PORTS.items():
+            if port is not Port.RDP or cfg.rdp_lb_enabled:
+                self.net.listen((name, number), partial(gateway.front_door, port=port))
+        return gateway
+
+    async def client(self, source: str = "127.0.0.1", gateway: str = "gateway") -> Channel:
+        """A client's control connection to ``gateway``'s plain port from ``source``, welcomed."""
+        stream = await self.net.connect(gateway, 80, source=source)
+        chan = Channel(stream, Side.CLIENT)
+        await chan.send(Hello(Role.CLIENT, "memkit"))
+        welcome = await chan.receive()
+        assert isinstance(welcome, Welcome), welcome
+        return chan
+
     async def agent(self, name: str, rdp: Peer, *, max_sessions: int = 10) -> Channel:
         """An agent's registered link for host ``name`` (one load report sent)."""
         chan = await self.dial_broker(name, Role.AGENT, port=20003)
@@ -156,7 +203,7 @@ async def memory_farm(
     ``options``: other ``BrokerConfig`` settings. Needs ``inline_threads``."""
     pki = FarmPKI(tmp / "pki")
     pki.init_ca()
-    cert, key = pki.ensure("broker", ("localhost", "127.0.0.1"))
+    cert, key = pki.ensure("broker", ("localhost", "127.0.0.1", BROKER))
     settings: dict[str, object] = {"admin_enabled": False, "host_timeout_s": 3600.0, **options}
     cfg = BrokerConfig(
         database=tmp / "broker.sqlite3",
@@ -184,3 +231,19 @@ async def reply_to(chan: Channel, msg: Message) -> Message:
     raised)."""
     await chan.send(msg)
     return await chan.receive_reply()
+
+
+class EchoHost:
+    """A stand-in RDP host on the memory network: echoes, counts connections, keeps what it
+    received."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.received = bytearray()
+
+    async def serve(self, stream: trio.abc.Stream, peer: Peer) -> None:
+        self.connections += 1
+        with contextlib.suppress(*BROKEN):
+            while data := await stream.receive_some():
+                self.received += data
+                await stream.send_all(data)

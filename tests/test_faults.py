@@ -18,9 +18,8 @@ import trio
 from farmkit import PASSWORD, USER, Farm, Listener, add_agent, add_gateway, farm, replace, until
 
 from ras.client.session import ClientSession
-from ras.errors import ErrorCode, TransportError
+from ras.errors import ErrorCode, PeerError, TransportError
 from ras.lab.faults import Direction, FaultProxy, Faults
-from ras.net.channel import PeerError
 from ras.protocol import Mode
 
 

@@ -1,16 +1,15 @@
 """One front door for every port: the RDP port (3389) gets what the plain and TLS ports get.
 
-Per-address pre-authentication slots, the pre-authentication deadline from the accept, the
-tunnel registry (drain, idle timeout) and the one audit line, in a normal gateway and through a
-forwarding gateway; and health checks through a forwarder that write no INFO line. Each test
-runs a real in-process farm on loopback with a stand-in RDP host that echoes; native RDP
-clients are played with a Connection Request carrying the broker's routing token. Clients come
-from distinct loopback addresses (127.0.0.x) where their limits must not mix.
+The tunnel registry (drain, idle timeout) and the one audit line, in a normal gateway and
+through a forwarding gateway; and health checks through a forwarder that write no INFO line.
+Each test runs a real in-process farm on loopback with a stand-in RDP host that echoes; native
+RDP clients are played with a Connection Request carrying the broker's routing token. (The RDP
+port's per-address slots and its pre-authentication deadline from the accept are tested over
+memory streams, in tests/test_gateway_sessions.py.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 
@@ -29,7 +28,6 @@ from ras.protocol import Mode
 from ras.protocol.x224 import encode_connection_request
 
 PAYLOAD = b"first RDP bytes after the request"
-TRICKLER, OTHER = "127.0.0.3", "127.0.0.4"
 FW_SOURCE, HALB = "127.0.0.12", "127.0.0.11"
 
 
@@ -106,64 +104,6 @@ async def _until_logged(caplog: pytest.LogCaptureFixture, start: str, count: int
 
 async def _rdp_gateway(f: Farm, nursery: trio.Nursery, name: str = "gw", **options: object):
     return await add_gateway(f, nursery, name, rdp_lb_enabled=True, rdp_port=0, **options)
-
-
-# -- admission on the RDP port ---------------------------------------------------------------
-
-
-async def test_rdp_port_slots_per_address_and_the_deadline_from_accept(
-    tmp_path, nursery, host, caplog
-):
-    """A client trickling its Connection Request holds its address's only slot until the
-    pre-authentication deadline (from the accept: its bytes do not extend it); meanwhile a
-    second connection from its address is refused and another address is routed."""
-    caplog.set_level(logging.INFO)
-    async with farm(tmp_path, gateways=(), rdp_hosts=[("host1", "127.0.0.1", host.port)]) as f:
-        gw = await _rdp_gateway(
-            f, nursery, preauth_timeout_s=2, handshake_timeout_s=60, max_preauth_per_ip=1
-        )
-        addr = f.gateway_addrs["gw"]["rdp"]
-        token = await _token(f)
-        wire = encode_connection_request(f"Cookie: msts={token}")
-        trickle = await _connect(addr, TRICKLER)
-        sent = 0
-
-        async def trickler() -> None:
-            nonlocal sent
-            for byte in wire:
-                try:
-                    await trickle.send_all(bytes([byte]))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                sent += 1
-                await trio.sleep(0.5)
-
-        async with trio.open_nursery() as inner:
-            inner.start_soon(trickler)
-            with trio.fail_after(30):
-                while gw.limits.preauth(TRICKLER) != 1:  # noqa: ASYNC110 (another task's state)
-                    await trio.sleep(0.01)
-            # no slot left for its address: a second connection is closed unanswered ...
-            async with await _connect(addr, TRICKLER) as second:
-                with contextlib.suppress(trio.BrokenResourceError):  # closed at once
-                    await second.send_all(wire + PAYLOAD)
-                assert await _ended(second)
-            # ... while another address is routed, and its slot is free once routed
-            async with await _rdp(addr, token, OTHER):
-                assert gw.limits.preauth(OTHER) == 0
-            assert await _ended(trickle)
-            inner.cancel_scope.cancel()
-        await trickle.aclose()
-        assert 2 <= sent < len(wire)  # it kept sending, and the deadline did not move
-        assert gw.limits.held == 0
-        # its slot is back: the trickler's address is routed like anyone
-        async with await _rdp(addr, token, TRICKLER):
-            pass
-        await _until_logged(caplog, "tunnel closed ", 2)
-    assert host.connections == 2
-    assert any(m.startswith(f"pre-auth deadline client={TRICKLER}:") for m in _messages(caplog, ""))
-    refused = _messages(caplog, f"refused client={TRICKLER}:")
-    assert any("waiting to authenticate" in m for m in refused)
 
 
 # -- the tunnel registry: idle timeout and drain ----------------------------------------------

@@ -1,8 +1,10 @@
-"""The gateway's limits: the absolute pre-authentication deadline, pre-auth slots and the rate
-of new connections per client address, the tunnel idle timeout, and the graceful drain of a
-real ``ras gateway`` process on SIGTERM.
+"""The gateway's limits that need real sockets: the tunnel idle timeout (the kernel's clock of
+each socket) and the graceful drain of a real ``ras gateway`` process on SIGTERM; and the
+per-address bookkeeping itself.
 
-Clients come from distinct loopback addresses (127.0.0.x) so each has its own limits.
+The absolute pre-authentication deadline and the slots and rate of new connections per client
+address are tested over memory streams under the autojump clock, in
+tests/test_gateway_sessions.py.
 """
 
 from __future__ import annotations
@@ -23,10 +25,7 @@ from ras.client.config import ClientConfig
 from ras.client.session import ClientSession
 from ras.gateway import limits as limits_module
 from ras.gateway.limits import Refusal, Slot, SourceLimits
-from ras.net.channel import Channel
-from ras.protocol import Authenticate, AuthOk, Hello, Mode, Role, Side, Welcome, preface
-
-TRICKLER, OTHER = "127.0.0.3", "127.0.0.4"
+from ras.protocol import Mode
 
 
 @pytest.fixture
@@ -34,110 +33,6 @@ async def host(nursery: trio.Nursery) -> Listener:
     listener = Listener()
     await nursery.start(listener.serve)
     return listener
-
-
-async def _connect_from(addr: tuple[str, int], source: str) -> trio.SocketStream:
-    sock = trio.socket.socket()
-    await sock.bind((source, 0))
-    await sock.connect(addr)
-    return trio.SocketStream(sock)
-
-
-async def _login_from(addr: tuple[str, int], source: str) -> None:
-    async with Channel(await _connect_from(addr, source), Side.CLIENT) as chan:
-        await chan.send(Hello(Role.CLIENT, "test"))
-        assert isinstance(await chan.receive(), Welcome)
-        assert isinstance(await chan.request(Authenticate(USER, PASSWORD)), AuthOk)
-
-
-async def _closed_without_answer(stream: trio.abc.Stream) -> bool:
-    try:
-        return await stream.receive_some() == b""
-    except trio.BrokenResourceError:
-        return True
-
-
-async def test_a_trickling_client_loses_its_slot_at_the_deadline(tmp_path, nursery, caplog):
-    caplog.set_level(logging.INFO)
-    async with farm(tmp_path, gateways=()) as f:
-        gw = await add_gateway(
-            f, nursery, "gateway", preauth_timeout_s=3, handshake_timeout_s=60, max_preauth_per_ip=1
-        )
-        addr = f.gateway_addrs["gateway"]["plain"]
-        trickle = await _connect_from(addr, TRICKLER)
-        hello = preface() + Channel(trickle, Side.CLIENT).conn.send(Hello(Role.CLIENT, "t"))[6:]
-        sent = 0
-        closed = trio.Event()
-
-        async def trickler() -> None:
-            nonlocal sent
-            with trio.move_on_after(60):  # hang guard: the gateway must close it long before
-                for byte in hello * 10:
-                    try:
-                        await trickle.send_all(bytes([byte]))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        break
-                    sent += 1
-                    await trio.sleep(1)
-                    if closed.is_set():
-                        break
-
-        async def watch() -> None:
-            with trio.fail_after(60):
-                while (await trickle.receive_some()) != b"":
-                    pass
-            closed.set()
-
-        with trio.fail_after(60):
-            async with trio.open_nursery() as inner:
-                inner.start_soon(trickler)
-                inner.start_soon(watch)
-                while gw.limits.preauth(TRICKLER) != 1:  # noqa: ASYNC110 (polling another task's state)
-                    await trio.sleep(0.01)
-                # its address has no slot left: a second connection is closed at once ...
-                second = await _connect_from(addr, TRICKLER)
-                async with second:
-                    await second.send_all(preface())
-                    assert await _closed_without_answer(second)
-                # ... while a real login from elsewhere works in parallel
-                await _login_from(addr, OTHER)
-                await closed.wait()
-                inner.cancel_scope.cancel()
-            await trickle.aclose()
-            # the slot is free again: a real login from the trickler's address works
-            while gw.limits.preauth(TRICKLER):  # noqa: ASYNC110 (polling another task's state)
-                await trio.sleep(0.01)
-            await _login_from(addr, TRICKLER)
-    assert sent >= 2  # it kept sending, and the deadline did not move
-    messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith(f"pre-auth deadline client={TRICKLER}:") for m in messages), messages
-    assert any(
-        m.startswith(f"refused client={TRICKLER}:") and "waiting to authenticate" in m
-        for m in messages
-    )
-    assert gw.limits.held == 0
-
-
-async def test_new_connections_per_address_are_rate_limited(tmp_path, nursery, caplog):
-    caplog.set_level(logging.INFO)
-    async with farm(tmp_path, gateways=()) as f:
-        await add_gateway(f, nursery, "gateway", max_new_per_ip_per_s=0.01, max_new_per_ip_burst=3)
-        addr = f.gateway_addrs["gateway"]["plain"]
-        with trio.fail_after(30):
-            for _ in range(3):
-                async with Channel(await _connect_from(addr, "127.0.0.5"), Side.CLIENT) as chan:
-                    await chan.send(Hello(Role.CLIENT, "test"))
-                    assert isinstance(await chan.receive(), Welcome)
-            fourth = await _connect_from(addr, "127.0.0.5")
-            async with fourth:
-                await fourth.send_all(preface())
-                assert await _closed_without_answer(fourth)
-            await _login_from(addr, "127.0.0.6")  # another address is not affected
-    assert any(
-        "refused client=127.0.0.5:" in r.getMessage()
-        and "new connections a second" in r.getMessage()
-        for r in caplog.records
-    )
 
 
 def test_source_limits_count_release_and_stay_bounded(monkeypatch):

@@ -1,6 +1,6 @@
 """What every port of the gateway shares on the way in: who a connection is from, what it speaks.
 
-Theory of operation. The gateway has one front door (``Gateway._front_door``) for all its
+Theory of operation. The gateway has one front door (``Gateway.front_door``) for all its
 ports: plain, TLS and RDP (``Port``). Each accepted connection becomes a :class:`Conn`, which
 carries its two deadlines, both absolute from the accept: the handshake deadline (sniffing, a
 PROXY v2 header, the TLS handshake, an RDP client's X.224 Connection Request) and the

@@ -25,7 +25,7 @@ from ras.gateway.certificate import PublicTLS
 from ras.gateway.config import GatewayConfig
 from ras.net.channel import Channel, greet
 from ras.net.tasks import fatal_refusal, race, reconnecting
-from ras.net.tls import connect_tls
+from ras.net.tls import Connect, connect_tcp, connect_tls
 from ras.pki import client_context
 from ras.protocol import (
     AcmeChallenge,
@@ -52,10 +52,11 @@ Peer = tuple[str, int]
 class BrokerClient:
     """Opens connections to the broker; the caller owns the deadlines."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, connect: Connect = connect_tcp) -> None:
         assert config.ca_file is not None  # the config checks both
         assert config.cert_file is not None
         self.config = config
+        self._dial = connect
         self._tls = client_context(
             config.ca_file, cert_file=config.cert_file, key_file=config.key_file
         )
@@ -65,7 +66,9 @@ class BrokerClient:
     async def open(self) -> Channel:
         """A connection with hello/welcome done, nothing else said yet."""
         cfg = self.config
-        stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._tls)
+        stream = await connect_tls(
+            cfg.broker_host, cfg.broker_port, self._tls, connect=self._dial
+        )
         return await greet(stream, Role.GATEWAY, SOFTWARE)
 
     async def open_session(self, client: Peer) -> Channel:

@@ -2,7 +2,7 @@
 
 Theory of operation. A native RDP client (mstsc, xfreerdp) connects straight to the gateway's
 RDP port, with no ras client. The port has the same front door as the others (the gateway's
-``_front_door``: per-address limits, a PROXY v2 header from trusted proxies only, deadlines
+``front_door``: per-address limits, a PROXY v2 header from trusted proxies only, deadlines
 from the accept); a forwarding gateway passes the connection on to its next hop's RDP port.
 A normal gateway then hands it here. Its first message is the TPKT/X.224 Connection Request;
 the gateway reads exactly that (at most 259 bytes, within the handshake deadline, which
@@ -38,7 +38,7 @@ from ras.gateway.tunnels import TunnelInfo, Tunnels, Via
 from ras.net.channel import Channel
 from ras.net.reasons import transport_errors
 from ras.net.sniff import PrefixedStream
-from ras.net.tls import connect_tcp
+from ras.net.tls import Connect, connect_tcp
 from ras.protocol import Route, RouteOk
 from ras.protocol.x224 import MAX_CONNECTION_REQUEST, ConnectionRequest, parse_connection_request
 
@@ -66,10 +66,18 @@ async def read_connection_request(stream: trio.abc.Stream) -> tuple[ConnectionRe
 class RdpBalancer:
     """Serves a normal gateway's RDP port: ``serve`` takes one sniffed TPKT connection."""
 
-    def __init__(self, config: GatewayConfig, broker: BrokerClient, tunnels: Tunnels) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        broker: BrokerClient,
+        tunnels: Tunnels,
+        *,
+        connect: Connect = connect_tcp,
+    ) -> None:
         self.config = config
         self._broker = broker
         self._tunnels = tunnels
+        self._dial = connect
 
     async def serve(self, stream: PrefixedStream, conn: Conn) -> None:
         try:
@@ -123,7 +131,7 @@ class RdpBalancer:
                 raise TransportError(f"broker answered route with {granted.TYPE}")
             try:
                 with trio.fail_after(cfg.connect_timeout_s):
-                    host = await connect_tcp(granted.host, granted.port)
+                    host = await self._dial(granted.host, granted.port)
             except (TransportError, trio.TooSlowError) as exc:
                 log.warning(
                     "tunnel failed user=%s client=%s:%d rdp=%s:%d via=%s reason=%s",

@@ -2,7 +2,7 @@
 
 Theory of operation. The gateway listens on its plain port, its TLS port and, with
 ``rdp_lb_enabled``, its RDP port, and every accepted connection goes through the same front
-door (``Gateway._front_door``), whatever the port and the mode:
+door (``Gateway.front_door``), whatever the port and the mode:
 
 1. A pre-authentication slot of its client address (``ras.gateway.limits``), and two deadlines,
    both absolute from the accept and never extended by trickled bytes: the handshake deadline
@@ -51,6 +51,7 @@ from ras.net.fastio import server_tls
 from ras.net.listen import serve_tcp
 from ras.net.reasons import transport_errors
 from ras.net.sniff import Kind, PrefixedStream, sniff
+from ras.net.tls import Connect, connect_tcp
 from ras.pki import client_context
 
 __all__ = ["Gateway"]
@@ -67,7 +68,10 @@ _TAKES = {
 
 
 class Gateway:
-    def __init__(self, config: GatewayConfig) -> None:
+    """``connect``: how a normal gateway opens TCP connections to its broker and to RDP hosts
+    (tests give a memory network's)."""
+
+    def __init__(self, config: GatewayConfig, *, connect: Connect = connect_tcp) -> None:
         self.config = config
         cfg = config
         self.certificate = PublicTLS(cfg.public_cert_file, cfg.public_key_file)
@@ -93,10 +97,10 @@ class Gateway:
                 upstream = client_context(ca)
             self._forwarder = Forwarder(cfg, upstream, self.tunnels)
         else:
-            self._broker = BrokerClient(cfg)
+            self._broker = BrokerClient(cfg, connect=connect)
             self._link = BrokerLink(self._broker, self.challenges, self.certificate)
-            self._sessions = ClientSessions(cfg, self._broker, self.tunnels)
-            self._rdp = RdpBalancer(cfg, self._broker, self.tunnels)
+            self._sessions = ClientSessions(cfg, self._broker, self.tunnels, connect=connect)
+            self._rdp = RdpBalancer(cfg, self._broker, self.tunnels, connect=connect)
         self._not_registered = trio.Event()  # a forwarding gateway has no broker
         self._open: set[trio.CancelScope] = set()  # connections a drain ends (not tunnels)
         self._stopping = trio.Event()
@@ -144,7 +148,7 @@ class Gateway:
                         continue
                     listen = partial(
                         serve_tcp,
-                        partial(self._front_door, port=port),  # the same door for every port
+                        partial(self.front_door, port=port),  # the same door for every port
                         cfg.listen_host,
                         number,
                         log=log,
@@ -201,7 +205,9 @@ class Gateway:
 
     # -- the front door ----------------------------------------------------------------------
 
-    async def _front_door(self, stream: trio.abc.Stream, peer: Peer, *, port: Port) -> None:
+    async def front_door(self, stream: trio.abc.Stream, peer: Peer, *, port: Port) -> None:
+        """Serve one accepted connection from ``peer`` on ``port``, whatever it turns out to
+        be; the listeners call it for every connection (tests, with a memory stream)."""
         cfg = self.config
         now = trio.current_time()
         deadline = now + cfg.preauth_timeout_s

@@ -27,7 +27,7 @@ from ras.gateway.link import SOFTWARE, BrokerClient
 from ras.gateway.tunnels import TunnelInfo, Tunnels, Via
 from ras.net.channel import Channel
 from ras.net.sniff import PrefixedStream
-from ras.net.tls import connect_tcp
+from ras.net.tls import Connect, connect_tcp
 from ras.protocol import (
     Authenticate,
     AuthOk,
@@ -54,10 +54,18 @@ _TO_BROKER = (Authenticate, Resume, AuthResponse, ListResources, Launch, RdpToke
 class ClientSessions:
     """Serves control-protocol clients: ``serve`` takes one sniffed connection."""
 
-    def __init__(self, config: GatewayConfig, broker: BrokerClient, tunnels: Tunnels) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        broker: BrokerClient,
+        tunnels: Tunnels,
+        *,
+        connect: Connect = connect_tcp,
+    ) -> None:
         self.config = config
         self._broker = broker
         self._tunnels = tunnels
+        self._dial = connect
 
     async def serve(self, stream: trio.abc.Stream, conn: Conn) -> None:
         chan = Channel(stream, Side.SERVER)
@@ -141,7 +149,7 @@ class ClientSessions:
         cfg = self.config
         try:
             with trio.fail_after(cfg.connect_timeout_s):
-                host = await connect_tcp(granted.host, granted.port)
+                host = await self._dial(granted.host, granted.port)
         except (TransportError, trio.TooSlowError) as exc:
             log.warning(
                 "tunnel failed user=%s client=%s:%d rdp=%s:%d reason=%s",
