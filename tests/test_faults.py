@@ -187,7 +187,6 @@ async def test_a_tunnel_through_latency_and_slices_carries_bytes_unchanged(
             async with tunnel:
                 assert await _exchange(tunnel, data) == data
     assert bytes(host.received) == data
-    assert front.resets == back.resets == 0
 
 
 @pytest.mark.parametrize("idle_timeout_s", [0, 1])
