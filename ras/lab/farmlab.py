@@ -229,8 +229,26 @@ def build_farm_lab(
         fl.starters[name] = partial(start_front, fl, name, 200 - 10 * i, backends)
         fl.starters[name]()
     fl.wait(lambda: len(fl.holders()) == 1 and fl.holders()[0] == fl.halbs[0], "halb1 master")
-    fl.wait(lambda: probe(fl.client, fl.vip, PLAIN_PORT, 0.5) is Probe.OK, "the VIP serves", 30.0)
+    try:
+        fl.wait(lambda: probe(fl.client, fl.vip, PLAIN_PORT, 0.5) is Probe.OK, "the VIP serves")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{_front_report(fl)}") from None
     return fl
+
+
+def _front_report(fl: FarmLab) -> str:
+    """What a failed wait for the VIP needs to be understood: who holds it, the client's ARP
+    entry for it, the probe's answer, the nodes' logs."""
+    lines = [
+        f"holders: {fl.holders()}",
+        "client neighbours: " + fl.client.run(["ip", "neigh"], check=False).stdout.strip(),
+        f"probe: {probe(fl.client, fl.vip, PLAIN_PORT, 0.5)}",
+    ]
+    for name in fl.halbs:
+        mac = fl.hosts[name].run(["ip", "-br", "link", "show", "eth0"], check=False).stdout
+        lines.append(f"{name} eth0: {mac.strip()}")
+        lines.append(fl.lab.log_tail(fl.procs[name], 30))
+    return "\n".join(lines)
 
 
 def farm_hosts(*, gateways: int = 3, forwarders: int = 0, halbs: int = 2) -> list[str]:
