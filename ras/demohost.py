@@ -10,23 +10,30 @@ unchanged.
 
 Debian packages: xvfb, freerdp2-shadow-x11, winpr-utils, x11-xserver-utils, x11-utils
 (``./dev farm`` installs them).
+
+``python -m ras.demohost --dir DIR [--port 3389] [--bind 0.0.0.0]`` runs one on its own (each
+RDP host of a ``ras lab`` runs so in its network namespace), until SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import IO, Any
 
 import trio
 
 from ras.errors import ConfigError, TransportError
+from ras.logs import LineFormatter
 from ras.net.tls import connect_tcp
 from ras.pki import write_atomic
 
@@ -96,6 +103,35 @@ async def _stop(proc: trio.Process) -> None:
             proc.kill()
 
 
+async def _start_xvfb(out: IO[Any]) -> tuple[trio.Process, int]:
+    """Xvfb on a free display, once it accepts clients. Another X server that takes the same
+    display first (two demo hosts starting at once) makes ours exit: then the next."""
+    for _attempt in range(10):
+        display = _free_display()
+        ready_r, ready_w = os.pipe()
+        try:
+            # -noreset: the X server would reset (and lose the background) when xsetroot exits
+            argv = ["Xvfb", f":{display}", "-screen", "0", "1280x800x24", "-nolisten", "tcp"]
+            argv += ["-noreset", "-displayfd", str(ready_w)]
+            proc = await trio.lowlevel.open_process(
+                argv, stdout=out, stderr=out, pass_fds=(ready_w,)
+            )
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            os.close(ready_w)
+        async with trio.lowlevel.FdStream(ready_r) as ready:
+            got = b""
+            with trio.move_on_after(_START_S):
+                while not got.endswith(b"\n") and (chunk := await ready.receive_some(16)):
+                    got += chunk
+        if got.endswith(b"\n"):
+            return proc, display
+        await _stop(proc)  # exited (display taken) or never ready
+    raise ConfigError("the demo RDP host's X server (Xvfb) did not start")
+
+
 async def _paint_when_up(env: dict[str, str], xvfb: trio.Process) -> None:
     """Paint the background as soon as the X server answers (xsetroot fails until then)."""
     argv = ["xsetroot", "-solid", _COLOUR]
@@ -123,9 +159,10 @@ async def run_demo_host(
     directory: Path,
     port: int,
     *,
+    bind: str = "127.0.0.1",
     task_status: trio.TaskStatus[DemoHost] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the demo RDP host on 127.0.0.1:``port`` until cancelled; its state (credentials,
+    """Run the demo RDP host on ``bind``:``port`` until cancelled; its state (credentials,
     logs) lives in ``directory``. ``ConfigError`` names what is missing."""
     missing = _missing_tools()
     if missing:
@@ -137,17 +174,14 @@ async def run_demo_host(
     home = directory / "demo-rdp-home"  # the shadow server writes its certificate there
     home.mkdir(exist_ok=True)
     logfile = directory / "demo-rdp.log"
-    display = _free_display()
-    env = {**os.environ, "DISPLAY": f":{display}", "HOME": str(home)}
     procs: list[trio.Process] = []
     out = await trio.to_thread.run_sync(partial(open, logfile, "ab"))
     with out:
         try:
-            # -noreset: the X server would reset (and lose the background) when xsetroot exits
-            argv = ["Xvfb", f":{display}", "-screen", "0", "1280x800x24", "-nolisten", "tcp"]
-            argv.append("-noreset")
-            procs.append(await trio.lowlevel.open_process(argv, stdout=out, stderr=out))
-            await _paint_when_up(env, procs[-1])
+            xvfb, display = await _start_xvfb(out)
+            procs.append(xvfb)
+            env = {**os.environ, "DISPLAY": f":{display}", "HOME": str(home)}
+            await _paint_when_up(env, xvfb)
             text = "ras demo desktop: you are logged in through the gateway"
             procs.append(
                 await trio.lowlevel.open_process(
@@ -155,18 +189,50 @@ async def run_demo_host(
                 )
             )
             shadow = [
-                "freerdp-shadow-cli", f"/port:{port}", "/bind-address:127.0.0.1", "/sec:nla",
+                "freerdp-shadow-cli", f"/port:{port}", f"/bind-address:{bind}", "/sec:nla",
                 f"/sam-file:{sam}",
             ]  # fmt: skip
             procs.append(await trio.lowlevel.open_process(shadow, env=env, stdout=out, stderr=out))
-            await _until_listening("127.0.0.1", port, procs[-1], "RDP server")
+            near = "127.0.0.1" if bind == "0.0.0.0" else bind
+            await _until_listening(near, port, procs[-1], "RDP server")
             log.info(
-                "demo RDP host ready rdp=127.0.0.1:%d display=:%d user=%s log=%s",
-                port, display, DEMO_RDP_USER, logfile,
+                "demo RDP host ready rdp=%s:%d display=:%d user=%s log=%s",
+                bind, port, display, DEMO_RDP_USER, logfile,
             )  # fmt: skip
-            task_status.started(DemoHost("127.0.0.1", port, DEMO_RDP_USER, password_file))
+            task_status.started(DemoHost(bind, port, DEMO_RDP_USER, password_file))
             await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
                 for proc in reversed(procs):
                     await _stop(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one demo RDP host in the foreground (``python -m ras.demohost``)."""
+    p = argparse.ArgumentParser(prog="python -m ras.demohost", description=__doc__.split("\n")[0])
+    p.add_argument("--dir", type=Path, required=True, help="its credentials and log")
+    p.add_argument("--port", type=int, default=3389)
+    p.add_argument("--bind", default="127.0.0.1", help="the address to listen on")
+    args = p.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LineFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    args.dir.mkdir(parents=True, exist_ok=True)
+
+    async def serve() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(run_demo_host, args.dir, args.port, bind=args.bind))
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(serve)
+    except ConfigError as exc:
+        print(f"python -m ras.demohost: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

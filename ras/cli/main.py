@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from ras import __version__
-from ras.cli import admin, daemons, farm, halb, pki
+from ras.cli import admin, daemons, farm, halb, lab, pki
 from ras.cli.client import add_parser as add_client
 from ras.cli.common import EXIT, set_prog, setup_logging
 
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     farm.add_parser(sub)
     halb.add_parser(sub)
     admin.add_parser(sub)
+    lab.add_parser(sub)
     return parser
 
 

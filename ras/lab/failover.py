@@ -12,6 +12,11 @@ exec``), it drives the farm the way users do, all at once:
   ``--session-interval-ms``; a session whose tunnel breaks is *cut*, and reconnects (a fresh
   launch and tunnel, as an RDP client's auto-reconnect does) until it carries bytes again.
 
+With ``--probe rdp`` the RDP host is a real RDP server instead of an echo server: a launch is
+good when the server answers an X.224 Connection Request (no cookie through a tunnel, the
+routing token on the RDP port) with a Connection Confirm, proof that the path reaches a live
+RDP server (long-lived sessions need the echo).
+
 The controller kills a component (HALB master, a gateway, a forwarder) and sends the harness
 SIGUSR1 at that moment; on SIGTERM, or after ``--seconds`` or ``--launches``, the harness writes
 its report as JSON: launches and failed launches (before and after the farm *settled*, i.e.
@@ -122,8 +127,9 @@ class _Run:
     async def _tunnel(self) -> trio.abc.Stream:
         if self.args.mode == "rdp":
             stream = await connect_tcp(self.args.rdp_host, self.args.rdp_port)
-            await stream.send_all(encode_connection_request(f"Cookie: msts={self.token}"))
-            return _Skip(stream, len(encode_connection_request(f"Cookie: msts={self.token}")))
+            request = encode_connection_request(f"Cookie: msts={self.token}")
+            await stream.send_all(request)
+            return stream if self.args.probe == "rdp" else _Skip(stream, len(request))
         assert self.session is not None
         launched = await self.session.launch(self.config.resource)
         return await self.session.open_tunnel(launched.ticket)
@@ -134,7 +140,12 @@ class _Run:
             with trio.fail_after(self.args.launch_timeout_s):
                 stream = await self._tunnel()
                 try:
-                    await _echo(stream, _PAYLOAD)
+                    if self.args.probe == "rdp":
+                        if self.args.mode != "rdp":  # through a tunnel: ours, without a cookie
+                            await stream.send_all(encode_connection_request())
+                        await _connection_confirm(stream)
+                    else:
+                        await _echo(stream, _PAYLOAD)
                 finally:
                     await aclose_quietly(stream)
         except (RasError, OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
@@ -265,6 +276,20 @@ async def _echo(stream: trio.abc.Stream, payload: bytes) -> None:
         raise RasError("the echo came back changed")
 
 
+async def _connection_confirm(stream: trio.abc.Stream) -> None:
+    """Read an X.224 Connection Confirm (TPKT version 3, TPDU code 0xD0) from an RDP server."""
+    got = b""
+    while len(got) < 4 or len(got) < int.from_bytes(got[2:4], "big"):
+        data = await stream.receive_some(4096)
+        if not data:
+            raise RasError("the RDP server closed without a Connection Confirm")
+        got += data
+        if got[:1] != b"\x03" or (len(got) >= 6 and got[5] & 0xF0 != 0xD0):
+            raise RasError(f"not an X.224 Connection Confirm: {got[:8].hex()}")
+        if len(got) >= 4 and int.from_bytes(got[2:4], "big") < 7:
+            raise RasError(f"a TPKT length of {int.from_bytes(got[2:4], 'big')}")
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m ras.lab.failover",
@@ -272,6 +297,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(SIGUSR1 marks the kill); write a JSON report.",
     )
     p.add_argument("--server", required=True, help="HOST:PORT of the VIP or gateway")
+    p.add_argument(
+        "--secondary", action="append", default=[], help="HOST:PORT tried next (repeatable)"
+    )
+    p.add_argument(
+        "--probe",
+        choices=["echo", "rdp"],
+        default="echo",
+        help="what answers on the RDP host: an echo server, or a real RDP server",
+    )
     p.add_argument("--mode", choices=["gateway", "gateway_ssl", "rdp"], default="gateway")
     p.add_argument("--ca-file", help="the gateways' public certificate (gateway_ssl)")
     p.add_argument("--server-name", default="", help="the name in that certificate")
@@ -288,6 +322,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keepalive-s", type=float, default=1.0)
     p.add_argument("--json", required=True, help="write the report here")
     args = p.parse_args(argv)
+    if args.probe == "rdp" and args.sessions:
+        p.error("--sessions needs --probe echo (a session's bytes come back from the echo)")
     if args.mode == "rdp":
         host, _, port = args.rdp.rpartition(":")
         if not host:
@@ -307,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     config = ClientConfig(
         server_host=host,
         server_port=int(port),
+        secondary_servers=tuple(args.secondary),
         mode=mode,
         ca_file=Path(args.ca_file) if args.ca_file else None,
         server_name=args.server_name,

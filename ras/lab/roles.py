@@ -251,12 +251,20 @@ class LabFarm:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
-    def crash_node(self, name: str, daemons: Iterable[str] | None = None) -> None:
+    def crash_node(
+        self, name: str, daemons: Iterable[str] | None = None, *, links_first: bool = False
+    ) -> None:
         """A machine that dies: its daemons killed (``daemons``, default the one called
         ``name`` and its node processes) and its links down (a crashed HALB master leaves the
         VIP on its interface; with the link down nobody reaches it there). A daemon's children
         go first: keepalived's VRRP child, told of its parent's death, would send a
-        priority-0 advert and turn the crash into a graceful stop."""
+        priority-0 advert and turn the crash into a graceful stop. ``links_first``: the links
+        go down before the daemons die, so not even the kernel's goodbyes (FIN, RST of the
+        killed processes' connections) get out, as when power fails."""
+        host = self.hosts[name]
+        if links_first:
+            for iface in host.interfaces:
+                host.run(["ip", "link", "set", iface, "down"])
         for path in self.node_pidfiles.get(name, []):
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(path.read_text().strip()), signal.SIGKILL)
@@ -265,9 +273,9 @@ class LabFarm:
                 self.kill(daemon)
         for other in self.node_procs.get(name, []):
             self.kill(other)
-        host = self.hosts[name]
-        for iface in host.interfaces:
-            host.run(["ip", "link", "set", iface, "down"])
+        if not links_first:
+            for iface in host.interfaces:
+                host.run(["ip", "link", "set", iface, "down"])
         self.crashed.add(name)
 
     def restart(self, name: str) -> None:
