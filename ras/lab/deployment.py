@@ -141,9 +141,6 @@ class ManifestFarm(LabFarm):
         """How many packets each firewall has refused so far."""
         return {h.name: dropped(self.hosts[h.name]) for h in self.manifest.having(Role.FIREWALL)}
 
-    def broker_log(self, of: HostSpec) -> str:
-        return self.log(daemon_name(self.manifest.broker_of(of), Role.BROKER))
-
 
 def _read(path: Path) -> str:
     try:

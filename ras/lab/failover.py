@@ -87,6 +87,7 @@ class _Run:
         self.durations: list[float] = []
         self.per_session: list[int] = [0] * args.sessions
         self.done = trio.Event()
+        self.after_settle = 0  # good launches since the farm settled
         self.session: ClientSession | None = None
         self.token = ""
 
@@ -103,6 +104,10 @@ class _Run:
         self.durations.append(seconds)
         if r.kill_at_s is not None and r.settled_after_s is None and started >= r.kill_at_s:
             r.settled_after_s = round(self.now() - r.kill_at_s, 3)
+        if r.settled_after_s is not None:
+            self.after_settle += 1
+            if self.args.after_settle and self.after_settle > self.args.after_settle:
+                self.done.set()
         if self.args.launches and r.launches >= self.args.launches:
             self.done.set()
 
@@ -227,6 +232,7 @@ class _Run:
         harness still logs in must not end it): only attributes change here."""
         self.report.kill_at_s = round(self.now(), 3)
         self.report.settled_after_s = None
+        self.after_settle = 0
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
@@ -315,6 +321,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resource", default="desktop")
     p.add_argument("--launches", type=int, default=0, help="stop after this many launches")
     p.add_argument("--seconds", type=float, default=0.0, help="stop after this long")
+    p.add_argument(
+        "--after-settle",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop once N launches have succeeded after the farm settled from the kill",
+    )
     p.add_argument("--interval-ms", type=float, default=20.0, help="pause between launches")
     p.add_argument("--sessions", type=int, default=0, help="long-lived sessions to hold")
     p.add_argument("--session-interval-ms", type=float, default=200.0)
