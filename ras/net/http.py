@@ -56,6 +56,9 @@ async def respond(
         ("content-type", content_type),
     ]
     data = conn.send(h11.Response(status_code=status, headers=all_headers)) or b""
-    data += conn.send(h11.Data(data=body)) or b""
+    # The answer to HEAD is the head alone (its content-length says what GET would send);
+    # h11 refuses a body there. h11 keeps the request's method only in this attribute.
+    if getattr(conn, "_request_method", None) != b"HEAD":
+        data += conn.send(h11.Data(data=body)) or b""
     data += conn.send(h11.EndOfMessage()) or b""
     await stream.send_all(data)
