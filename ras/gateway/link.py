@@ -66,9 +66,7 @@ class BrokerClient:
     async def open(self) -> Channel:
         """A connection with hello/welcome done, nothing else said yet."""
         cfg = self.config
-        stream = await connect_tls(
-            cfg.broker_host, cfg.broker_port, self._tls, connect=self._dial
-        )
+        stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._tls, connect=self._dial)
         return await greet(stream, Role.GATEWAY, SOFTWARE)
 
     async def open_session(self, client: Peer) -> Channel:
