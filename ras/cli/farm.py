@@ -7,15 +7,18 @@ import contextlib
 import logging
 import shutil
 import sys
-import tomllib
 from pathlib import Path
 
 import trio
 
+from ras.agents.config import AgentConfig
+from ras.broker.config import BrokerConfig
 from ras.broker.server import GC_THRESHOLDS
 from ras.cli.common import exit_code_for, run_daemon
+from ras.config import load
 from ras.errors import ConfigError, RasError
 from ras.farm import FarmPorts, FarmState, init_farm, run_farm
+from ras.gateway.config import GatewayConfig
 from ras.net.workers import tune_gc
 
 __all__ = ["add_parser"]
@@ -58,8 +61,13 @@ def _init(args: argparse.Namespace) -> FarmState:
 
 
 def _refuse_conflicts(state: FarmState, given: dict[str, int], rdp: tuple[str, int] | None) -> None:
-    """Flags that an existing state already settles differently: refused, never ignored."""
+    """Flags that an existing state already settles differently: refused, never ignored. The
+    files are read as the daemons read them (a key left out is its default)."""
     wrong: list[str] = []
+    configs = {
+        "gateway.toml": load(GatewayConfig, state.gateway_toml),
+        "broker.toml": load(BrokerConfig, state.broker_toml),
+    }
     for flag, value in given.items():
         _, name, key = _PORT_FLAGS[flag]
         if not name:  # --demo-rdp-port: the demo host's port is the agent's RDP port
@@ -67,12 +75,12 @@ def _refuse_conflicts(state: FarmState, given: dict[str, int], rdp: tuple[str, i
             if current is not None and current != value:
                 wrong.append(f"--demo-rdp-port {value}: the farm's demo RDP host is on {current}")
             continue
-        current = tomllib.loads((state.directory / name).read_text()).get(key)
+        current = getattr(configs[name], key)
         if current != value:
             wrong.append(f"--{flag.replace('_', '-')} {value}: {name} has {key} = {current}")
     if rdp is not None:
-        agent = tomllib.loads(state.agent_toml.read_text())
-        current_rdp = (agent.get("rdp_host"), agent.get("rdp_port"))
+        agent = load(AgentConfig, state.agent_toml)
+        current_rdp = (agent.rdp_host, agent.rdp_port)
         if current_rdp != rdp:
             wrong.append(
                 f"--rdp {rdp[0]}:{rdp[1]}: agent.toml has rdp_host = {current_rdp[0]!r}, "

@@ -18,6 +18,7 @@ answer is tried on the profile's other servers.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -261,7 +262,8 @@ class ClientSession:
                 continue
             except TransportError as exc:
                 log.warning("session lost server=%s:%d reason=%s", *self.server, exc)
-            for pause in (0.0, *_RECONNECT_BACKOFF_S, *[_RECONNECT_BACKOFF_S[-1]] * 1_000_000):
+            last = _RECONNECT_BACKOFF_S[-1]
+            for pause in itertools.chain((0.0, *_RECONNECT_BACKOFF_S), itertools.repeat(last)):
                 await trio.sleep(pause)
                 try:
                     await self.reconnect()
