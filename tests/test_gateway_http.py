@@ -1,5 +1,5 @@
-"""HTTP on the gateway's ports: the plain port sends browsers to HTTPS; the TLS port answers
-404 until the portal exists. Neither touches the broker or the hosts."""
+"""HTTP on the gateway's ports: the plain port sends browsers to HTTPS; the TLS port serves the
+User Portal (its pages: tests/test_portal.py). Neither touches the RDP hosts."""
 
 from __future__ import annotations
 
@@ -29,15 +29,19 @@ async def test_plain_http_is_redirected_to_https(tmp_path):
     assert "location: https://localhost/portal?x=1" in head.lower()
 
 
-async def test_http_inside_tls_gets_404_and_garbage_is_closed(tmp_path):
+async def test_http_inside_tls_is_the_portal_and_garbage_is_closed(tmp_path):
     async with farm(tmp_path) as f:
         host, port = f.gateway_addrs["gateway"]["tls"]
         ctx = ssl.create_default_context(cafile=str(f.pki.directory / "gateway-public.pem"))
         tcp = await trio.open_tcp_stream(host, port)
         stream = trio.SSLStream(tcp, ctx, server_hostname="localhost", https_compatible=True)
         async with stream:
-            reply = await _http(stream, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        assert reply.startswith(b"HTTP/1.1 404")
+            reply = await _http(stream, b"GET /login HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200")
+        assert b'<form method="post" action="/login"' in reply
+        head = reply.split(b"\r\n\r\n")[0].decode().lower()
+        assert "strict-transport-security: max-age=31536000" in head
+        assert "; secure; httponly; samesite=strict" in head  # the login form's CSRF cookie
         # junk on the plain port is closed without an answer, and the gateway keeps serving
         junk = await trio.open_tcp_stream(*f.gateway_addrs["gateway"]["plain"])
         async with junk:

@@ -1,6 +1,6 @@
-"""The little HTTP the gateway speaks: on the plain port, ACME HTTP-01 answers for the tokens
-the broker handed it and a redirect to HTTPS for everything else; on the TLS port a plain 404
-until the portal and RD Gateway endpoints exist (ACME is never answered there)."""
+"""The little HTTP the gateway speaks on its plain port: ACME HTTP-01 answers for the tokens
+the broker handed it and a redirect to HTTPS for everything else. HTTP on the TLS port is the
+User Portal's (``ras.portal``; ACME is never answered there)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import trio
 from ras.gateway.acme import CHALLENGE_PREFIX, Challenges
 from ras.net.http import MAX_REQUEST_HEAD, read_request, respond
 
-__all__ = ["plain_http", "redirect_to_https", "refuse_http"]
+__all__ = ["plain_http", "redirect_to_https"]
 
 
 async def plain_http(
@@ -55,10 +55,3 @@ async def _redirect(
     await respond(
         stream, conn, 301, b"See " + location.encode() + b"\n", headers=[("location", location)]
     )
-
-
-async def refuse_http(stream: trio.abc.Stream) -> None:
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
-    if await read_request(stream, conn) is None:
-        return
-    await respond(stream, conn, 404, b"Not found\n")

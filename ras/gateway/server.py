@@ -41,7 +41,7 @@ from ras.gateway.certificate import PublicTLS
 from ras.gateway.config import GatewayConfig
 from ras.gateway.forward import Forwarder
 from ras.gateway.front import Conn, Port, TrustedProxies, read_front
-from ras.gateway.http import plain_http, refuse_http
+from ras.gateway.http import plain_http
 from ras.gateway.limits import Refusal, SourceLimits
 from ras.gateway.link import BrokerClient, BrokerLink
 from ras.gateway.rdplb import RdpBalancer
@@ -53,6 +53,7 @@ from ras.net.reasons import transport_errors
 from ras.net.sniff import Kind, PrefixedStream, sniff
 from ras.net.tls import Connect, connect_tcp
 from ras.pki import client_context
+from ras.portal import Portal, PortalSite, serve_portal
 
 __all__ = ["Gateway"]
 
@@ -89,6 +90,7 @@ class Gateway:
         self._link: BrokerLink | None = None
         self._sessions: ClientSessions | None = None
         self._rdp: RdpBalancer | None = None
+        self.portal: Portal | None = None  # HTTP on the TLS port of a normal gateway
         if cfg.forwarding:
             upstream: ssl.SSLContext | None = None
             if cfg.terminate_tls:
@@ -101,6 +103,11 @@ class Gateway:
             self._link = BrokerLink(self._broker, self.challenges, self.certificate)
             self._sessions = ClientSessions(cfg, self._broker, self.tunnels, connect=connect)
             self._rdp = RdpBalancer(cfg, self._broker, self.tunnels, connect=connect)
+            site = PortalSite(
+                cfg.public_host, cfg.public_port, cfg.rdp_port, cfg.rdp_lb_enabled,
+                cfg.broker_timeout_s,
+            )  # fmt: skip
+            self.portal = Portal(site, self._broker.open_session)
         self._not_registered = trio.Event()  # a forwarding gateway has no broker
         self._open: set[trio.CancelScope] = set()  # connections a drain ends (not tunnels)
         self._stopping = trio.Event()
@@ -174,6 +181,8 @@ class Gateway:
                         ",".join(map(str, cfg.next_hops)),
                         cfg.terminate_tls,
                     )
+                if self.portal is not None:
+                    nursery.start_soon(self.portal.run)
                 if cfg.tunnel_idle_timeout_s > 0:
                     nursery.start_soon(self.tunnels.sweep_idle, cfg.tunnel_idle_timeout_s)
                 task_status.started(bound)
@@ -287,9 +296,10 @@ class Gateway:
             case Kind.HTTP if not conn.tls:
                 with trio.fail_at(conn.deadline):
                     await plain_http(stream, cfg.public_host, cfg.public_port, self.challenges)
-            case Kind.HTTP:
+            case Kind.HTTP:  # the User Portal (ras.portal)
+                assert self.portal is not None
                 with trio.fail_at(conn.deadline):
-                    await refuse_http(stream)
+                    await serve_portal(self.portal, stream, conn.client)
             case _:
                 log.info(
                     "refused client=%s:%d reason=%s is not served here", *conn.client, kind.value

@@ -1,0 +1,116 @@
+"""What the portal adds to every answer, and the checks every form passes: no I/O.
+
+- Headers: a strict Content-Security-Policy (scripts, styles and images from the portal
+  itself only, no inline script or style, forms post only here), ``frame-ancestors`` and
+  ``X-Frame-Options`` unless the settings allow embedding, HSTS when configured, no sniffing,
+  no referrer, and ``Cache-Control: no-store`` on everything but static files.
+- CORS: only an ``Origin`` on the settings' allow-list gets ``Access-Control-*`` headers (and
+  the preflight its max-age); any other origin gets none, so the browser keeps the answer
+  from the calling page.
+- CSRF: every form carries a token. Before login it is the double-submit token of the login
+  cookie (a random value in an HttpOnly cookie that the form must repeat); after, the
+  session's own token. A POST whose ``Origin`` is present and neither this portal's nor an
+  allowed one is refused as well.
+- Cookies: ``Secure; HttpOnly; SameSite=Strict`` (``SameSite=None`` when embedding is allowed,
+  or an embedding page could never log in).
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import urllib.parse
+
+from ras.portal.settings import PortalSettings
+from ras.portal.web import Request, Response
+
+__all__ = [
+    "check_token",
+    "cookie",
+    "cors_headers",
+    "new_token",
+    "origin_allowed",
+    "security_headers",
+]
+
+
+def new_token() -> str:
+    """A random, unguessable value (session ids, CSRF tokens, pending logins)."""
+    return secrets.token_urlsafe(32)
+
+
+def check_token(expected: str, given: str | None) -> bool:
+    return bool(expected) and given is not None and hmac.compare_digest(expected, given)
+
+
+def _origin_of(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def csp(settings: PortalSettings, *, extra_connect: tuple[str, ...] = ()) -> str:
+    connect = ["'self'", *extra_connect]
+    if settings.client_ip_detection_url:
+        connect.append(_origin_of(settings.client_ip_detection_url))
+    ancestors = "*" if settings.allow_embedding else "'self'"
+    return "; ".join(
+        (
+            "default-src 'none'",
+            "script-src 'self' 'wasm-unsafe-eval'",  # the web client's RDP engine is WASM
+            "style-src 'self'",
+            "img-src 'self' data: blob:",
+            f"connect-src {' '.join(connect)}",
+            "form-action 'self'",
+            "base-uri 'none'",
+            f"frame-ancestors {ancestors}",
+        )
+    )
+
+
+def security_headers(
+    settings: PortalSettings, response: Response, *, static: bool = False
+) -> list[tuple[str, str]]:
+    headers = [
+        ("content-security-policy", csp(settings)),
+        ("x-content-type-options", "nosniff"),
+        ("referrer-policy", "no-referrer"),
+        ("cross-origin-opener-policy", "same-origin"),
+        ("cache-control", "public, max-age=300" if static else "no-store"),
+    ]
+    if not settings.allow_embedding:
+        headers.append(("x-frame-options", "SAMEORIGIN"))
+    if settings.hsts and settings.hsts_max_age_s > 0:
+        headers.append(("strict-transport-security", f"max-age={settings.hsts_max_age_s}"))
+    return headers
+
+
+def origin_allowed(settings: PortalSettings, request: Request, own: str) -> bool:
+    """May a POST with this request's ``Origin`` change anything? None (an old browser, a
+    native tool), this portal's own origin, and the CORS allow-list may."""
+    origin = request.header("origin")
+    return origin is None or origin == own or origin in settings.cors_origins
+
+
+def cors_headers(settings: PortalSettings, request: Request) -> list[tuple[str, str]]:
+    """``Access-Control-*`` for an allowed ``Origin``; nothing for any other."""
+    origin = request.header("origin")
+    if origin is None or origin not in settings.cors_origins:
+        return []
+    headers = [
+        ("access-control-allow-origin", origin),
+        ("access-control-allow-credentials", "true"),
+        ("vary", "Origin"),
+    ]
+    if request.method == "OPTIONS":
+        headers += [
+            ("access-control-allow-methods", "GET, POST"),
+            ("access-control-allow-headers", "content-type"),
+            ("access-control-max-age", str(settings.cors_max_age_s)),
+        ]
+    return headers
+
+
+def cookie(settings: PortalSettings, name: str, value: str, *, max_age_s: int) -> str:
+    """A ``Set-Cookie`` value; ``max_age_s`` 0 deletes it."""
+    same_site = "None" if settings.allow_embedding else "Strict"
+    return f"{name}={value}; Path=/; Max-Age={max_age_s}; Secure; HttpOnly; SameSite={same_site}"
