@@ -58,6 +58,7 @@ from ras.protocol import (
     OpenTunnel,
     Ping,
     Pong,
+    PortalSettingsUpdate,
     PublicCertificate,
     RdpToken,
     RdpTokenOk,
@@ -148,6 +149,7 @@ SAMPLES: dict[MessageType, tuple[Side, Message]] = {
     MessageType.ACME_CHALLENGE: (SERVER, AcmeChallenge(ACME_TOKEN, f"{ACME_TOKEN}.{THUMBPRINT}")),
     MessageType.ACME_WITHDRAW: (SERVER, AcmeWithdraw(ACME_TOKEN)),
     MessageType.PUBLIC_CERTIFICATE: (SERVER, PublicCertificate(CERT_PEM, KEY_PEM)),
+    MessageType.PORTAL_SETTINGS: (SERVER, PortalSettingsUpdate('{"launch_method":"browser"}')),
 }
 
 
@@ -266,8 +268,10 @@ SESSIONS: dict[str, tuple[Flight, ...]] = {
         s(Welcome(1, "ras-broker/0.1")),
         c(GatewayRegister("gw1", "gw1.farm.example", 443)),
         s(Registered("gw1", 30.0)),
-        # pushed by the broker at any time: ACME HTTP-01 tokens, a new public certificate
+        # pushed by the broker at any time: ACME HTTP-01 tokens, a new public certificate,
+        # the User Portal's settings
         s(AcmeChallenge(ACME_TOKEN, f"{ACME_TOKEN}.{THUMBPRINT}")),
+        s(PortalSettingsUpdate('{"name":"gw1","launch_method":"native"}')),
         c(Ping(2)),
         s(Pong(2), PublicCertificate(CERT_PEM, KEY_PEM), AcmeWithdraw(ACME_TOKEN)),
     ),
@@ -652,6 +656,9 @@ MESSAGE_STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
         PublicCertificate,
         _pem_bodies.map(lambda b: f"-----BEGIN CERTIFICATE-----\n{b}\n-----END CERTIFICATE-----\n"),
         _pem_bodies.map(lambda b: f"-----BEGIN PRIVATE KEY-----\n{b}\n-----END PRIVATE KEY-----\n"),
+    ),
+    MessageType.PORTAL_SETTINGS: st.dictionaries(_text(64), st.booleans() | _text(64)).map(
+        lambda d: PortalSettingsUpdate(json.dumps(d))
     ),
 }
 

@@ -30,6 +30,7 @@ from ras.broker.model import (
     check_name,
 )
 from ras.broker.passwords import hash_password
+from ras.broker.portal import portal_routes
 from ras.broker.store import UserRecord
 from ras.broker.totp import new_secret, otpauth_uri
 from ras.config import Invalid
@@ -497,4 +498,5 @@ def routes(server: AdminServer) -> list[Route]:
         Route("POST", ("sessions", "{}", "disconnect"), api._session_action("disconnect")),
         Route("GET", ("gateways",), api.gateways_list),
         Route("GET", ("explain",), api.explain),
+        *portal_routes(api.broker),
     ]

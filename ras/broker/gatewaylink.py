@@ -1,5 +1,5 @@
-"""What the broker pushes to its gateways over their long-lived links: ACME HTTP-01 tokens and
-the gateways' public certificate.
+"""What the broker pushes to its gateways over their long-lived links: ACME HTTP-01 tokens,
+the gateways' public certificate and each gateway's User Portal settings.
 
 The broker keeps the current state here (the tokens being answered, the latest certificate),
 pushes every change to each online gateway's link, and pushes the whole state to a gateway
@@ -11,12 +11,19 @@ again when it reconnects.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from ras.errors import TransportError
 from ras.net.channel import Channel
-from ras.protocol import AcmeChallenge, AcmeWithdraw, Message, PublicCertificate
+from ras.protocol import (
+    AcmeChallenge,
+    AcmeWithdraw,
+    Message,
+    PortalSettingsUpdate,
+    PublicCertificate,
+)
 
 __all__ = ["GatewayLinks"]
 
@@ -27,9 +34,12 @@ MAX_TOKENS = 100  # ACME orders have a few challenges each; this bounds a runawa
 class GatewayLinks:
     """The online gateways' links and the state pushed to them."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, portal: Callable[[str], Awaitable[PortalSettingsUpdate]] | None = None
+    ) -> None:
         # a gateway with worker processes (``workers = N``) has one link per worker
         self._links: dict[str, list[Channel]] = {}
+        self._portal = portal  # the portal settings of a gateway (ras.broker.portal)
         self.challenges: dict[str, AcmeChallenge] = {}
         self.certificate: PublicCertificate | None = None
 
@@ -43,6 +53,8 @@ class GatewayLinks:
         state: list[Message] = list(self.challenges.values())
         if self.certificate is not None:
             state.append(self.certificate)
+        if self._portal is not None:
+            state.append(await self._portal(gateway))
         for msg in state:
             await self._push_one(gateway, chan, msg)
 
@@ -72,6 +84,16 @@ class GatewayLinks:
         self.certificate = PublicCertificate(cert_pem, key_pem)
         log.info("public certificate distributed gateways=%d", len(self._links))
         await self._push(self.certificate)
+
+    async def push_portal(self) -> None:
+        """Give every online gateway the portal settings that apply to it now."""
+        if self._portal is None:
+            return
+        async with trio.open_nursery() as nursery:
+            for gateway, chans in list(self._links.items()):
+                update = await self._portal(gateway)
+                for chan in chans:
+                    nursery.start_soon(self._push_one, gateway, chan, update)
 
     async def _push(self, msg: Message) -> None:
         async with trio.open_nursery() as nursery:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from ras.config import Invalid
+from ras.portal.settings import PortalSettings
 from ras.protocol import HostKind, ResourceKind
 
 __all__ = [
@@ -350,8 +351,12 @@ class SessionRecord(_Record):
 
 
 MODELS: dict[str, type[Any]] = {
-    cls.KIND: cls for cls in (GroupRecord, HostRecord, PoolRecord, ResourceRecord, FactorRule)
-}
+    cls.KIND: cls
+    for cls in (
+        GroupRecord, HostRecord, PoolRecord, ResourceRecord, FactorRule,
+        PortalSettings,  # the User Portal's settings, per gateway or farm default (ras.portal)
+    )
+}  # fmt: skip
 
 
 # -- JSON ----------------------------------------------------------------------------------------

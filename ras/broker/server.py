@@ -30,7 +30,7 @@ from functools import partial
 import trio
 
 from ras import __version__
-from ras.broker import policy, routing
+from ras.broker import policy, portal, routing
 from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory, DirectoryUnavailable, open_directory
 from ras.broker.gatewaylink import GatewayLinks
@@ -198,7 +198,8 @@ class Broker:
         self.gateways: dict[str, GatewayInfo] = {}
         self.tickets = TicketAuthority(store.secret("ticket-key"))
         self.resume = ResumeTokens(store.secret("resume-key"))
-        self.links = GatewayLinks()  # ACME tokens and the public certificate, pushed to gateways
+        # ACME tokens, the public certificate and the portal settings, pushed to gateways
+        self.links = GatewayLinks(partial(portal.update_for, store))
         self._ssl = server_context(config.cert_file, config.key_file, client_ca_file=config.ca_file)
 
     async def serve(

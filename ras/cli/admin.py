@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ras.cli.admin_portal import COLUMNS as PORTAL_COLUMNS
+from ras.cli.admin_portal import add_portal_parser
 from ras.cli.common import EXIT, report_error
 from ras.cli.daemons import read_secret
 from ras.errors import RasError
@@ -185,6 +187,7 @@ COLUMNS = {
     "rules": ["name", "factor", "order", "filter"],
     "sessions": ["id", "user", "host", "resource", "state", "gateway", "client", "since"],
     "gateways": ["name", "public_host", "public_port", "online", "since"],
+    "portal": PORTAL_COLUMNS,
 }
 _TIMES = ("since", "updated")  # seconds since the epoch in the API's answers
 
@@ -673,6 +676,7 @@ def add_parser(subparsers: Any) -> None:
     _resources(sub)
     _rules(sub)
     _sessions_parser(sub)
+    add_portal_parser(sub, _leaf)
     gw = sub.add_parser("gateway", help="gateways").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )

@@ -6,8 +6,8 @@
   ``client_session`` names the client first), and a small pool (``ras.gateway.brokerpool``)
   on which tickets are redeemed.
 - :class:`BrokerLink` is the long-lived link: it registers the gateway, keeps it alive with
-  pings and takes what the broker pushes (ACME tokens, a new public certificate). When it
-  closes, the broker marks the gateway offline.
+  pings and takes what the broker pushes (ACME tokens, a new public certificate, the User
+  Portal's settings). When it closes, the broker marks the gateway offline.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from ras.net.channel import Channel, greet
 from ras.net.tasks import fatal_refusal, race, reconnecting
 from ras.net.tls import Connect, connect_tcp, connect_tls
 from ras.pki import client_context
+from ras.portal import Portal
 from ras.protocol import (
     AcmeChallenge,
     AcmeWithdraw,
@@ -35,6 +36,7 @@ from ras.protocol import (
     GatewayRegister,
     Ping,
     Pong,
+    PortalSettingsUpdate,
     PublicCertificate,
     RedeemTicket,
     Registered,
@@ -104,8 +106,10 @@ class BrokerLink:
         broker: BrokerClient,
         challenges: Challenges,
         certificate: PublicTLS,
+        portal: Portal | None = None,
     ) -> None:
         self.config = broker.config
+        self.portal = portal
         self._broker = broker
         self.challenges = challenges
         self.certificate = certificate
@@ -171,6 +175,8 @@ class BrokerLink:
                     self.challenges.withdraw(msg.token)
                 case PublicCertificate():
                     await self.certificate.install(msg.cert_pem, msg.key_pem)
+                case PortalSettingsUpdate() if self.portal is not None:
+                    self.portal.apply(msg.settings)
                 case Error():
                     raise PeerError(msg)
                 case _:

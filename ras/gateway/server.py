@@ -100,14 +100,14 @@ class Gateway:
             self._forwarder = Forwarder(cfg, upstream, self.tunnels)
         else:
             self._broker = BrokerClient(cfg, connect=connect)
-            self._link = BrokerLink(self._broker, self.challenges, self.certificate)
-            self._sessions = ClientSessions(cfg, self._broker, self.tunnels, connect=connect)
-            self._rdp = RdpBalancer(cfg, self._broker, self.tunnels, connect=connect)
             site = PortalSite(
                 cfg.public_host, cfg.public_port, cfg.rdp_port, cfg.rdp_lb_enabled,
                 cfg.broker_timeout_s,
             )  # fmt: skip
             self.portal = Portal(site, self._broker.open_session)
+            self._link = BrokerLink(self._broker, self.challenges, self.certificate, self.portal)
+            self._sessions = ClientSessions(cfg, self._broker, self.tunnels, connect=connect)
+            self._rdp = RdpBalancer(cfg, self._broker, self.tunnels, connect=connect)
         self._not_registered = trio.Event()  # a forwarding gateway has no broker
         self._open: set[trio.CancelScope] = set()  # connections a drain ends (not tunnels)
         self._stopping = trio.Event()

@@ -20,6 +20,7 @@ security headers, and CORS headers for an allowed origin only.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import mimetypes
 from collections.abc import Awaitable, Callable
@@ -106,6 +107,19 @@ class Portal:
         self.sessions = Sessions()
         self.web_launch = web_launch
         self._open_session = open_session
+
+    def apply(self, text: str) -> bool:
+        """Take the settings the broker pushed (the JSON of a ``PortalSettings``); bad ones are
+        logged and the current ones kept."""
+        try:
+            data = json.loads(text)
+            settings = PortalSettings.from_json(data)
+        except (ValueError, TypeError, AttributeError) as exc:  # Invalid is a ValueError
+            log.error("portal settings from the broker refused: %s", exc)
+            return False
+        self.settings = settings
+        log.info("portal settings name=%s launch_method=%s", settings.name, settings.launch_method)
+        return True
 
     async def run(self) -> None:
         """Close ended sessions' broker connections and expire idle ones (the gateway's life)."""

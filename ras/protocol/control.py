@@ -110,6 +110,7 @@ _SERVER_SENDS = frozenset({
     T.WELCOME, T.AUTH_CHALLENGE, T.AUTH_OK, T.RESOURCE_LIST, T.LAUNCH_OK, T.TUNNEL_OPEN,
     T.REGISTERED, T.TICKET_OK, T.GATEWAY_LIST, T.PING, T.PONG, T.ERROR, T.ROUTE_OK,
     T.RDP_TOKEN_OK, T.ACME_CHALLENGE, T.ACME_WITHDRAW, T.PUBLIC_CERTIFICATE, T.SESSION_ACTION,
+    T.PORTAL_SETTINGS,
 })  # fmt: skip
 # Messages that open a new phase; all other messages keep an OPEN connection OPEN.
 _TRANSITIONS: dict[tuple[State, MessageType], State] = {

@@ -52,6 +52,7 @@ __all__ = [
     "OpenTunnel",
     "Ping",
     "Pong",
+    "PortalSettingsUpdate",
     "PublicCertificate",
     "RdpToken",
     "RdpTokenOk",
@@ -78,6 +79,7 @@ __all__ = [
 
 MAX_STRING = 4096
 MAX_LIST = 1000
+MAX_PORTAL_SETTINGS = 16_384  # a hundred CORS origins and the rest fit with room to spare
 MAX_RESUME_TOKEN = 16_384  # a user's groups are signed into it; a frame holds at most 64 KiB
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@\\-]{0,254}")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")  # C0, DEL, C1, surrogates
@@ -123,6 +125,7 @@ class MessageType(enum.StrEnum):
     ACME_CHALLENGE = "acme_challenge"
     ACME_WITHDRAW = "acme_withdraw"
     PUBLIC_CERTIFICATE = "public_certificate"
+    PORTAL_SETTINGS = "portal_settings"
 
 
 class Role(enum.StrEnum):
@@ -724,6 +727,26 @@ class PublicCertificate(Message):
                 raise _fail(type(self), name, f"has no {marker.rstrip('-')} block")
 
 
+@dataclass(frozen=True, slots=True)
+class PortalSettingsUpdate(Message):
+    """The broker gives a gateway the User Portal settings that apply to it (its own record or
+    the farm default), right after it registers and whenever an administrator changes them.
+    ``settings`` is the JSON object of the record as the admin API shows it
+    (``ras.portal.settings``, checked strictly by the gateway): one schema, kept in one place."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PORTAL_SETTINGS
+    settings: str
+
+    def __post_init__(self) -> None:
+        _check_str(self, "settings", limit=MAX_PORTAL_SETTINGS)
+        try:
+            value = json.loads(self.settings)
+        except ValueError:
+            raise _fail(type(self), "settings", "is not JSON") from None
+        if not isinstance(value, dict):
+            raise _fail(type(self), "settings", "is not a JSON object")
+
+
 MESSAGE_CLASSES: Mapping[MessageType, type[Message]] = {
     cls.TYPE: cls
     for cls in (
@@ -732,7 +755,7 @@ MESSAGE_CLASSES: Mapping[MessageType, type[Message]] = {
         GatewayRegister, ClientSession, Registered, ListGateways, GatewayList, RedeemTicket,
         TicketOk, Ping, Pong, Error, SessionAction, SessionActionOk, Route, RouteOk, RdpToken,
         RdpTokenOk,
-        AcmeChallenge, AcmeWithdraw, PublicCertificate,
+        AcmeChallenge, AcmeWithdraw, PublicCertificate, PortalSettingsUpdate,
     )
 }  # fmt: skip
 
