@@ -21,13 +21,14 @@ Numbers (``%d``, ``%.1f``) are passed through untouched.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["LineFormatter", "escape", "render"]
+__all__ = ["JsonFormatter", "LineFormatter", "escape", "fields", "render"]
 
 # C0, DEL, C1, the Unicode line and paragraph separators, (lone) surrogates.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
@@ -119,3 +120,39 @@ class LineFormatter(logging.Formatter):
 
 def _indent(text: str) -> str:
     return "\n".join("    " + _controls(line) for line in text.splitlines())
+
+
+# ``key=value`` in a rendered message: the value runs to the next space.
+_FIELD = re.compile(r"(?:^| )([a-z_]+)=(\S*)")
+
+
+def fields(message: str) -> dict[str, str]:
+    """The ``key=value`` fields of a rendered message (each value up to the next space; the
+    message keeps the whole text)."""
+    return {key: value for key, value in _FIELD.findall(message)}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (``--log-format json``): ``time``, ``level``, ``logger``,
+    ``message`` (rendered and escaped as in text lines), its ``key=value`` ``fields``, and
+    ``session`` at the top when the line concerns one, so that ``jq 'select(.session ==
+    "s-...")'`` follows a session through the gateway, broker and agent logs. A traceback is
+    ``exception``. ASCII only: nothing in a value can break the line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = render(record)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        obj: dict[str, object] = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": message,
+        }
+        found = fields(message)
+        if found:
+            obj["fields"] = found
+            if "session" in found:
+                obj["session"] = found["session"]
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=True)

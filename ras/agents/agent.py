@@ -21,6 +21,9 @@ from ras.errors import ErrorCode, TransportError
 from ras.net.channel import Channel, greet
 from ras.net.tasks import fatal_refusal, race, reconnecting
 from ras.net.tls import connect_tls
+from ras.ops.listener import start_metrics
+from ras.ops.metrics import AGENT_REPORTS, watch_certificate
+from ras.ops.sources import agent_state
 from ras.pki import client_context
 from ras.protocol import (
     AgentRegister,
@@ -109,18 +112,22 @@ class Agent:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Stay registered until cancelled."""
         cfg = self.config
-        task_status.started()
 
         def down() -> None:
             self.registered = trio.Event()
 
-        await reconnecting(
-            self._session,
-            log=log,
-            max_backoff_s=cfg.retry_max_s,
-            on_down=down,
-            what=f"agent host={cfg.name} broker={cfg.broker_host}:{cfg.broker_port}",
-        )
+        watch_certificate("agent", "farm", cfg.cert_file)
+        async with trio.open_nursery() as nursery:
+            await start_metrics(nursery, cfg.metrics, partial(agent_state, self))
+            task_status.started()
+            await reconnecting(
+                self._session,
+                log=log,
+                max_backoff_s=cfg.retry_max_s,
+                on_down=down,
+                what=f"agent host={cfg.name} broker={cfg.broker_host}:{cfg.broker_port}",
+            )
+            nursery.cancel_scope.cancel()
 
     async def _session(self) -> None:
         cfg = self.config
@@ -153,9 +160,11 @@ class Agent:
             )
 
     async def _report(self, chan: Channel, interval_s: float) -> None:
+        reports = AGENT_REPORTS.labels(self.config.name)
         while True:
             await trio.sleep(interval_s)
             await chan.send(self.measure())
+            reports.inc()
 
     async def _answer(self, chan: Channel) -> None:
         """Answer the broker's pings and session actions; a closed link ends the session."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ras.config import Invalid, check_host, check_port, check_positive
+from ras.ops.config import LogFormat, MetricsConfig
 from ras.protocol import HostKind
 
 __all__ = ["AgentConfig"]
@@ -36,6 +37,9 @@ class AgentConfig:
     logoff_command: tuple[str, ...] = ("pkill", "-HUP", "-s", "{pid}")
     disconnect_command: tuple[str, ...] = ()
     action_timeout_s: float = 10.0
+    # Operations (docs/operations.md): the opt-in /metrics listener, and the log line format.
+    metrics: MetricsConfig | None = None
+    log_format: LogFormat = LogFormat.TEXT
 
     def __post_init__(self) -> None:
         if not self.name:

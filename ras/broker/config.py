@@ -16,6 +16,7 @@ from ras.broker.model import (
 )
 from ras.broker.radius import RadiusConfig
 from ras.config import Invalid, check_host, check_port, check_positive
+from ras.ops.config import LogFormat, MetricsConfig
 from ras.protocol import ResourceKind
 
 __all__ = ["BrokerConfig", "FactorRuleConfig", "ResourceConfig"]
@@ -154,6 +155,9 @@ class BrokerConfig:
     # of an exported .rdp file works, and whether a bare "Cookie: mstshash=USER" is routed.
     routing_token_ttl_s: float = 28800.0
     mstshash_routing: bool = False
+    # Operations (docs/operations.md): the opt-in /metrics listener, and the log line format.
+    metrics: MetricsConfig | None = None
+    log_format: LogFormat = LogFormat.TEXT
 
     def __post_init__(self) -> None:
         if not 0 < self.routing_token_ttl_s <= 604800:

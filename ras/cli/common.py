@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -13,10 +15,13 @@ import trio
 
 from ras.config import load
 from ras.errors import AuthError, ConfigError, PKIError, RasError, TransportError
-from ras.logs import LineFormatter
+from ras.logs import JsonFormatter, LineFormatter
+from ras.ops.config import LogFormat, MetricsConfig, parse_listen
 
 __all__ = [
     "EXIT",
+    "add_metrics_flag",
+    "daemon_options",
     "exit_code_for",
     "fail",
     "load_config",
@@ -47,10 +52,11 @@ class EXIT:
   4  the gateway or broker could not be reached"""
 
 
-def setup_logging(level: str) -> None:
-    """Log to stderr, one line per event, every field escaped (:class:`ras.logs.LineFormatter`)."""
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Log to stderr, one line per event, every field escaped (:class:`ras.logs.LineFormatter`,
+    or with ``fmt="json"`` one JSON object per line, :class:`ras.logs.JsonFormatter`)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LineFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else LineFormatter())
     root = logging.getLogger("ras")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -81,6 +87,34 @@ def fail(exc: RasError) -> int:
 
 def load_config(cls: type[T], path: Path) -> T:
     return load(cls, path)
+
+
+def add_metrics_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default host 127.0.0.1; "
+        "overrides [metrics] port and listen_host of the config; another host needs the "
+        "config's TLS and allow keys: docs/operations.md)",
+    )
+
+
+def daemon_options(args: argparse.Namespace, config: T) -> T:
+    """A daemon's config with ``--metrics`` applied, and its ``log_format`` in force unless
+    ``--log-format`` said otherwise. ConfigError names the flag."""
+    listen = getattr(args, "metrics", None)
+    if listen:
+        try:
+            host, port = parse_listen(listen)
+            base = getattr(config, "metrics", None) or MetricsConfig()
+            metrics = dataclasses.replace(base, listen_host=host, port=port)
+        except ValueError as exc:  # Invalid too
+            raise ConfigError(f"--metrics {listen}: {exc}") from None
+        config = dataclasses.replace(config, metrics=metrics)  # type: ignore[type-var]
+    configured = getattr(config, "log_format", LogFormat.TEXT)
+    if getattr(args, "log_format", None) is None and configured is LogFormat.JSON:
+        setup_logging(args.log_level, "json")
+    return config
 
 
 def exit_code_for(exc: BaseException) -> int:

@@ -16,7 +16,16 @@ from ras.broker.passwords import hash_password
 from ras.broker.server import GC_THRESHOLDS, Broker
 from ras.broker.store import SQLiteStore, UserRecord
 from ras.broker.totp import new_secret, otpauth_uri
-from ras.cli.common import EXIT, exit_code_for, fail, load_config, report_error, run_daemon
+from ras.cli.common import (
+    EXIT,
+    add_metrics_flag,
+    daemon_options,
+    exit_code_for,
+    fail,
+    load_config,
+    report_error,
+    run_daemon,
+)
 from ras.errors import ConfigError, PKIError, RasError
 from ras.gateway.config import GatewayConfig, GatewayMode
 from ras.gateway.server import Gateway
@@ -66,7 +75,7 @@ def check_identity(cert_file: Path | None, name: str, *, config_path: Path) -> N
 
 def _run_broker(args: argparse.Namespace) -> int:
     try:
-        cfg = load_config(BrokerConfig, args.config)
+        cfg = daemon_options(args, load_config(BrokerConfig, args.config))
         store = SQLiteStore(cfg.database)
         broker = Broker(cfg, store)
     except RasError as exc:
@@ -116,7 +125,7 @@ def _broker_users(args: argparse.Namespace) -> int:
 
 def _run_gateway(args: argparse.Namespace) -> int:
     try:
-        config = load_config(GatewayConfig, args.config)
+        config = daemon_options(args, load_config(GatewayConfig, args.config))
         if args.workers is not None:
             config = dataclasses.replace(config, workers=args.workers)
         if config.mode is GatewayMode.NORMAL:
@@ -137,7 +146,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     if args.simulate is not None:
         return _simulate_agents(args)
     try:
-        config = load_config(AgentConfig, args.config)
+        config = daemon_options(args, load_config(AgentConfig, args.config))
         check_identity(config.cert_file, config.name, config_path=args.config)
         agent = Agent(config)
     except RasError as exc:
@@ -193,6 +202,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         default=Path("/etc/ras/broker.toml"),
         help="broker config file (default: /etc/ras/broker.toml)",
     )
+    add_metrics_flag(broker)
     broker.set_defaults(func=_run_broker)
     actions = broker.add_subparsers(dest="action", metavar="ACTION")
     add = actions.add_parser("user-add", help="add or update a built-in user (scrypt hash)")
@@ -237,6 +247,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         help="worker processes sharing the ports through SO_REUSEPORT, one trio loop each; "
         "about one per core (default: the config's workers, 1)",
     )
+    add_metrics_flag(gateway)
     gateway.set_defaults(func=_run_gateway)
 
     agent = sub.add_parser(
@@ -284,4 +295,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         type=float,
         help="spread the agents' connections over this many seconds (default: N/250)",
     )
+    add_metrics_flag(agent)
     agent.set_defaults(func=_run_agent)

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ras.cli.common import EXIT, fail, load_config, run_daemon
+from ras.cli.common import EXIT, add_metrics_flag, daemon_options, fail, load_config, run_daemon
 from ras.errors import RasError
 from ras.halb.config import HalbConfig
 from ras.halb.daemon import Halb
@@ -19,7 +19,8 @@ __all__ = ["add_parser"]
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        halb = Halb(load_config(HalbConfig, args.config), config_path=args.config)
+        config = daemon_options(args, load_config(HalbConfig, args.config))
+        halb = Halb(config, config_path=args.config)
     except RasError as exc:
         return fail(exc)
     return run_daemon(halb.serve)
@@ -90,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         default=Path("/etc/ras/halb.toml"),
         help="HALB config file (default: /etc/ras/halb.toml)",
     )
+    add_metrics_flag(halb)
     halb.set_defaults(func=_run)
     actions = halb.add_subparsers(dest="action", metavar="ACTION")
     for name, text in (

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="how much to log on stderr (default: info)",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text (time logger LEVEL message) or one JSON object each "
+        "(default: the daemon config's log_format, text)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     daemons.add_parsers(sub)
     add_client(sub)
@@ -58,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if passthrough and not getattr(args, "takes_passthrough", False):
         parser.error("arguments after -- are only for `ras client launch`")
     args.passthrough = passthrough
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format or "text")
     set_prog(f"ras {args.command}")
     code: int = args.func(args)
     return code

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ras.config import Invalid, check_host, check_port, check_positive
+from ras.ops.config import LogFormat, MetricsConfig
 
 __all__ = ["GatewayConfig", "GatewayMode", "NextHop"]
 
@@ -102,6 +103,9 @@ class GatewayConfig:
     rdp_lb_mstshash: bool = False
     # Worker processes sharing the ports (SO_REUSEPORT), each with its own trio loop.
     workers: int = 1
+    # Operations (docs/operations.md): the opt-in /metrics listener, and the log line format.
+    metrics: MetricsConfig | None = None
+    log_format: LogFormat = LogFormat.TEXT
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 256:

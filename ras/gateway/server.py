@@ -52,6 +52,10 @@ from ras.net.listen import serve_tcp
 from ras.net.reasons import transport_errors
 from ras.net.sniff import Kind, PrefixedStream, sniff
 from ras.net.tls import Connect, connect_tcp
+from ras.net.workers import worker_index
+from ras.ops.listener import start_metrics
+from ras.ops.metrics import GATEWAY_PREAUTH_REFUSALS, limit_reason, watch_certificate
+from ras.ops.sources import gateway_state
 from ras.pki import client_context
 from ras.portal import Portal, PortalSite, serve_portal
 
@@ -84,6 +88,8 @@ class Gateway:
             burst=cfg.max_new_per_ip_burst,
         )
         self.tunnels = Tunnels()
+        watch_certificate("gateway", "public", cfg.public_cert_file)
+        watch_certificate("gateway", "farm", cfg.cert_file)
         self._trusted = TrustedProxies(cfg.trusted_proxies)
         self._forwarder: Forwarder | None = None
         self._broker: BrokerClient | None = None
@@ -116,6 +122,11 @@ class Gateway:
     def registered(self) -> trio.Event:
         """Set while the link to the broker is registered."""
         return self._not_registered if self._link is None else self._link.registered
+
+    @property
+    def forwarder(self) -> Forwarder | None:
+        """The next hops of a forwarding gateway (None: a normal one)."""
+        return self._forwarder
 
     @property
     def redeemer(self) -> RedeemPool:
@@ -164,6 +175,11 @@ class Gateway:
                         handler_nursery=handlers,
                     )
                     bound[port.value] = (await nursery.start(listen))[0]
+                metrics = await start_metrics(
+                    nursery, cfg.metrics, partial(gateway_state, self), port_offset=worker_index()
+                )
+                if metrics is not None:
+                    bound["metrics"] = metrics
                 if self._link is not None:
                     nursery.start_soon(self._link.run)
                     log.info(
@@ -279,6 +295,7 @@ class Gateway:
     def _admit(self, conn: Conn) -> bool:
         got = self.limits.admit(conn.client[0])
         if isinstance(got, Refusal):
+            GATEWAY_PREAUTH_REFUSALS.labels(limit_reason(got)).inc()
             log.warning("refused client=%s:%d reason=limit: %s", *conn.client, got)
             return False
         conn.slot = got

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ras.net.relay import RelayStats, relay, socket_of
+from ras.ops import metrics
 
 __all__ = ["Tunnel", "TunnelInfo", "Tunnels", "Via", "audit", "format_path"]
 
@@ -150,8 +151,18 @@ class Tunnels:
         streams."""
         quiet = info.health_check or info.via is Via.FORWARD  # one line per forward is enough
         log.log(logging.DEBUG if quiet else logging.INFO, "tunnel open %s", info.describe())
-        with self.track(info, a, b) as tunnel:
-            stats = await relay(a, b)
+        counted = not info.health_check  # a proxy's check passed on is not a user's tunnel
+        if counted:
+            metrics.tunnel_opened(info.via)
+        stats = RelayStats()
+        started = trio.current_time()
+        try:
+            with self.track(info, a, b) as tunnel:
+                stats = await relay(a, b)
+        finally:  # counted once, at the end, from the relay's totals: nothing per read
+            if counted:
+                seconds = trio.current_time() - started
+                metrics.tunnel_closed(info.via, stats.a_to_b, stats.b_to_a, seconds)
         audit(tunnel, stats)
         return stats
 

@@ -38,6 +38,7 @@ from ras.net.listen import peer_address
 from ras.net.reasons import transport_errors
 from ras.net.relay import relay
 from ras.net.tls import connect_tcp
+from ras.ops.metrics import HALB_BACKEND_CONNECTIONS, HALB_NO_BACKEND
 from ras.pki import server_context
 from ras.protocol.proxy import encode_v2
 
@@ -231,6 +232,7 @@ class Balancer:
             tried.append(backend.name)
             backend.active += 1
             backend.total += 1
+            HALB_BACKEND_CONNECTIONS.labels(backend.name).inc()
             try:
                 upstream = await self._connect(backend, service, peer, vip)
                 if upstream is None:
@@ -246,6 +248,7 @@ class Balancer:
                 return
             finally:
                 backend.active -= 1
+        HALB_NO_BACKEND.inc()
         log.warning(
             "no gateway for client=%s:%d port=%d tried=%s",
             *peer,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ras.config import Invalid, check_host, check_port, check_positive
+from ras.ops.config import LogFormat, MetricsConfig
 from ras.protocol.vrrp import OWNER_PRIORITY
 
 __all__ = ["GatewayRef", "HalbConfig", "ServiceConfig"]
@@ -90,6 +91,9 @@ class HalbConfig:
     key_file: Path | None = None
     ca_file: Path | None = None
     broker_poll_interval_s: float = 5.0
+    # Operations (docs/operations.md): the opt-in /metrics listener, and the log line format.
+    metrics: MetricsConfig | None = None
+    log_format: LogFormat = LogFormat.TEXT
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -9,6 +9,7 @@ to a node that can serve them."""
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from ras.halb.vip import missing_capabilities
 from ras.net.channel import greet
 from ras.net.tasks import reconnecting
 from ras.net.tls import connect_tls
+from ras.ops.listener import start_metrics
+from ras.ops.metrics import watch_certificate
+from ras.ops.sources import halb_state
 from ras.pki import client_context
 from ras.protocol import GatewayList, ListGateways, Role
 from ras.protocol.vrrp import OWNER_PRIORITY
@@ -41,6 +45,7 @@ class Halb:
         self.config_path = config_path
         self.election = Election(config)
         self.balancer = Balancer(config)
+        watch_certificate("halb", "farm", config.cert_file)
         self.gateways: tuple[GatewayRef, ...] = config.gateways  # from the config file
         self.from_broker: tuple[GatewayRef, ...] = ()
 
@@ -54,6 +59,7 @@ class Halb:
         async with trio.open_nursery() as nursery:
             services = await nursery.start(self.balancer.serve)
             admin = await nursery.start(serve_admin, self, cfg.admin_host, cfg.admin_port)
+            metrics = await start_metrics(nursery, cfg.metrics, partial(halb_state, self))
             # Take part in the election only once we know which gateways serve, and with the
             # priority that says so: a node that won the VIP before its first health checks
             # would refuse the first clients.
@@ -76,7 +82,7 @@ class Halb:
                 ",".join(f"{h}:{p}" for h, p in services),
                 *admin,
             )
-            task_status.started({"services": services, "admin": admin})
+            task_status.started({"services": services, "admin": admin, "metrics": metrics})
 
     # -- gateway tracking ------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import trio
 from ras.errors import RasError, RemoteProtocolError
 from ras.halb.config import HalbConfig
 from ras.halb.vip import ArpAnnouncer, add_vip, interface_primary, remove_vip
+from ras.ops.metrics import HALB_VRRP_TRANSITIONS
 from ras.protocol.vrrp import (
     VRRP_GROUP,
     VRRP_PROTOCOL,
@@ -241,6 +242,7 @@ class Election:
                     await self._release()
                 case StateChanged(old=old, new=new, reason=reason):
                     self.state = new
+                    HALB_VRRP_TRANSITIONS.labels(str(cfg.vrid), new.value).inc()
                     log.warning(
                         "vrrp state name=%s %s->%s reason=%s", cfg.name, old.name, new.name, reason
                     )

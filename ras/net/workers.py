@@ -23,12 +23,19 @@ from collections.abc import Callable
 
 from ras.net.listen import set_reuse_port_default
 
-__all__ = ["RELAY_GC", "run_workers", "tune_gc"]
+__all__ = ["RELAY_GC", "run_workers", "tune_gc", "worker_index"]
 
 log = logging.getLogger("ras.workers")
 
 
 RELAY_GC = (50_000, 50, 100)
+_index = 0  # this process's worker number (0: the only one, or the first)
+
+
+def worker_index() -> int:
+    """This worker's number, 0 to n-1 (0 without workers): what a per-process port, such as
+    the ``/metrics`` one, is offset by, since SO_REUSEPORT would spread scrapes at random."""
+    return _index
 
 
 def tune_gc(thresholds: tuple[int, int, int] = RELAY_GC) -> None:
@@ -53,6 +60,8 @@ def run_workers(n: int, run_one: Callable[[], int]) -> int:
     for index in range(n):
         pid = os.fork()
         if pid == 0:  # the worker
+            global _index
+            _index = index
             code = 1
             try:
                 code = run_one()

@@ -1,0 +1,175 @@
+"""Prometheus metrics: the /metrics listener (loopback, allow-list, TLS), what the daemons
+count, and what the config refuses. A real in-process farm on loopback, scraped over HTTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import urllib.error
+import urllib.request
+from functools import partial
+
+import pytest
+import trio
+from farmkit import PASSWORD, USER, Listener, farm
+from prometheus_client.parser import text_string_to_metric_families
+
+from ras.client.session import ClientSession
+from ras.config import from_mapping
+from ras.errors import ConfigError
+from ras.gateway.config import GatewayConfig
+from ras.logs import JsonFormatter
+from ras.ops.config import MetricsConfig
+from ras.ops.listener import serve_metrics
+from ras.pki import FarmPKI
+from ras.protocol import Mode
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(
+    address: tuple[str, int], path: str = "/metrics", *, context: ssl.SSLContext | None = None
+) -> tuple[int, str]:
+    scheme = "https" if context else "http"
+    url = f"{scheme}://{address[0]}:{address[1]}{path}"
+
+    def get() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=10, context=context) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    return await trio.to_thread.run_sync(get)
+
+
+async def test_metrics_answers_get_only_on_its_path(nursery):
+    address = await nursery.start(partial(serve_metrics, MetricsConfig(), port=0))
+    status, text = await scrape(address)
+    assert status == 200
+    assert 'ras_build_info{version="' in text
+    assert value(parse(text), "ras_gateway_tunnels_total", mode="ticket") >= 0
+    assert (await scrape(address, "/"))[0] == 404
+    request = urllib.request.Request(f"http://{address[0]}:{address[1]}/metrics", method="POST")
+
+    def post() -> int:
+        try:
+            urllib.request.urlopen(request, timeout=10)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        return 200
+
+    assert await trio.to_thread.run_sync(post) == 405
+
+
+async def test_an_address_not_allowed_gets_nothing(nursery):
+    config = MetricsConfig(allow=("192.0.2.0/24",))  # loopback listener, but not us
+    address = await nursery.start(partial(serve_metrics, config, port=0))
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # closed, no answer
+        await scrape(address)
+
+
+async def test_off_loopback_it_is_tls_and_the_allow_list(tmp_path, nursery):
+    pki = FarmPKI(tmp_path / "pki")
+    pki.init_ca()
+    cert, key = pki.ensure("metrics", ("localhost", "127.0.0.1"))
+    config = MetricsConfig(cert_file=cert, key_file=key, allow=("127.0.0.0/8",))
+    address = await nursery.start(partial(serve_metrics, config, port=0))
+    context = ssl.create_default_context(cafile=str(pki.ca_path))
+    status, text = await scrape(address, context=context)
+    assert status == 200
+    assert "ras_build_info" in text
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP, TLS port
+        await scrape(address)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"port": 9464, "listen_host": "0.0.0.0", "allow": ["10.0.0.0/8"]}, "metrics.cert_file"),
+        (
+            {"port": 9464, "listen_host": "0.0.0.0", "cert_file": "c.pem", "key_file": "k.pem"},
+            "metrics.allow",
+        ),
+        ({"port": 9464, "allow": ["10.0.0.300"]}, "metrics.allow[0]"),
+        ({"port": 9464, "prot": 1}, "metrics.prot"),
+    ],
+)
+def test_a_bad_metrics_table_names_the_file_and_key(table, key):
+    data = {"name": "gw1", "metrics": table}
+    with pytest.raises(ConfigError) as info:
+        from_mapping(GatewayConfig, data, source="/etc/ras/gateway.toml")
+    assert "/etc/ras/gateway.toml" in str(info.value)
+    assert f"'{key}'" in str(info.value)
+
+
+async def test_tunnels_and_their_bytes_are_counted_when_they_end(tmp_path, nursery):
+    host = Listener()
+    await nursery.start(host.serve)
+    address = await nursery.start(partial(serve_metrics, MetricsConfig(), port=0))
+    before = parse((await scrape(address))[1])
+    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)]) as f:
+        async with await ClientSession.connect(f.client_config(mode=Mode.GATEWAY)) as session:
+            await session.authenticate(USER, PASSWORD)
+            launched = await session.launch("desktop")
+            tunnel = await session.open_tunnel(launched.ticket)
+        payload = b"x" * 100_000
+        async with tunnel:
+            await tunnel.send_all(payload)
+            got = bytearray()
+            while len(got) < len(payload):
+                got += await tunnel.receive_some()
+            during = parse((await scrape(address))[1])
+            await tunnel.send_eof()
+            while await tunnel.receive_some():
+                pass
+        await f.gateways["gateway"].tunnels.wait_empty()  # its side ends just after ours
+        after = parse((await scrape(address))[1])
+
+    def delta(name: str, samples: Samples, **labels: str) -> float:
+        return value(samples, name, **labels) - value(before, name, **labels)
+
+    assert delta("ras_gateway_tunnels_total", during, mode="ticket") == 1
+    assert delta("ras_gateway_tunnels_open", during, mode="ticket") == 1
+    assert delta("ras_gateway_tunnel_bytes_total", during, mode="ticket", direction="up") == 0
+    assert delta("ras_gateway_tunnels_open", after, mode="ticket") == 0
+    for direction in ("up", "down"):
+        bytes_total = delta(
+            "ras_gateway_tunnel_bytes_total", after, mode="ticket", direction=direction
+        )
+        assert bytes_total == 100_000
+    assert delta("ras_gateway_tunnel_seconds_count", after, mode="ticket") == 1
+    # the state read at scrape time: the agent reports, the gateway's link is up
+    assert value(during, "ras_gateway_broker_link_up", gateway="gateway") == 1
+    assert value(during, "ras_agent_broker_connected", host="host1") == 1
+    # nothing of the user or the client address in any label
+    text = (await scrape(address))[1]
+    assert USER not in text
+
+
+def test_json_lines_carry_the_session_and_escape_what_a_peer_sent():
+    record = logging.LogRecord(
+        "ras.gateway", logging.INFO, __file__, 1,
+        "tunnel open user=%s session=%s client=%s", ("a\nb", "s-0123abcd", "127.0.0.1:5"), None,
+    )  # fmt: skip
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    obj = json.loads(line)
+    assert obj["level"] == "INFO"
+    assert obj["logger"] == "ras.gateway"
+    assert obj["session"] == "s-0123abcd"
+    assert obj["fields"]["user"] == "a\\nb"
+    assert obj["message"].startswith("tunnel open user=a\\nb ")
