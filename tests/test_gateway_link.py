@@ -197,3 +197,17 @@ async def test_a_gateway_with_two_workers_stays_online_and_both_get_the_pushes(t
         assert f.broker.gateways["twin"].online
         stop_one.cancel()
         await _until(lambda: not f.broker.gateways["twin"].online, "offline with no link")
+
+
+async def test_the_link_pings_as_often_as_the_broker_asks(tmp_path):
+    """A broker that drops daemons silent for 3 s and asks for word every 0.5 s keeps a
+    gateway whose own ping interval (link_ping_interval_s, 5 s) is longer: the gateway pings
+    at the broker's pace, so its link stays up (it was dropped and re-registered every few
+    seconds: an INFO line flood in the lab's broker and gateway logs)."""
+    async with farm(tmp_path, report_interval_s=0.5, host_timeout_s=3.0) as f:
+        gw = f.gateways["gateway"]
+        await _until(gw.registered.is_set, "registered")
+        registered = gw.registered
+        await trio.sleep(7)  # past a 5 s ping and the broker's 3 s timeout
+        assert gw.registered is registered  # never down (a new event each time it goes down)
+        assert f.broker.gateways["gateway"].links == 1

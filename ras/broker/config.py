@@ -158,6 +158,14 @@ class BrokerConfig:
     # Operations (docs/operations.md): the opt-in /metrics listener, and the log line format.
     metrics: MetricsConfig | None = None
     log_format: LogFormat = LogFormat.TEXT
+    # Reports (ras admin report): logins and launches kept history_days, in history_file
+    # (default: beside database, <its name>-history.sqlite3).
+    history_file: Path | None = None
+    history_days: float = 90.0
+
+    @property
+    def history_path(self) -> Path:
+        return self.history_file or self.database.with_name(f"{self.database.stem}-history.sqlite3")
 
     def __post_init__(self) -> None:
         if not 0 < self.routing_token_ttl_s <= 604800:
@@ -170,6 +178,7 @@ class BrokerConfig:
         for i, admin in enumerate(self.admin_cert_names):
             if not admin or admin.casefold() in (self.name.casefold(), "ca"):
                 raise Invalid(f"admin_cert_names[{i}]", f"{admin!r} cannot name an admin")
+        check_positive("history_days", self.history_days)
         check_host("listen_host", self.listen_host)
         check_port("gateway_port", self.gateway_port)
         check_port("agent_port", self.agent_port)

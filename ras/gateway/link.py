@@ -150,13 +150,20 @@ class BrokerLink:
             self.challenges.clear()  # the broker sends the current ones again
             self.registered.set()
             heard = [trio.current_time()]
-            await race(partial(self._pings, chan, heard), partial(self._incoming, chan, heard))
+            # The broker drops a link silent for its host_timeout_s, and says how often it
+            # wants to hear from its daemons (report_interval_s): ping at least that often.
+            # Pinging only every link_ping_interval_s, a broker with a short timeout (the
+            # lab's 5 s) dropped and re-registered every gateway every few seconds.
+            every = min(cfg.link_ping_interval_s, reply.report_interval_s)
+            await race(
+                partial(self._pings, chan, heard, every), partial(self._incoming, chan, heard)
+            )
 
-    async def _pings(self, chan: Channel, heard: list[float]) -> None:
+    async def _pings(self, chan: Channel, heard: list[float], every: float) -> None:
         cfg = self.config
         nonce = 0
         while True:
-            await trio.sleep(cfg.link_ping_interval_s)
+            await trio.sleep(every)
             if trio.current_time() - heard[0] > cfg.broker_timeout_s:
                 raise TransportError(f"the broker was silent for {cfg.broker_timeout_s:g}s")
             nonce += 1
