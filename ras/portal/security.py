@@ -73,7 +73,7 @@ def security_headers(
     headers = [
         ("content-security-policy", csp(settings)),
         ("x-content-type-options", "nosniff"),
-        ("referrer-policy", "no-referrer"),
+        ("referrer-policy", "same-origin"),  # "no-referrer" would make Origin "null"
         ("cross-origin-opener-policy", "same-origin"),
         ("cache-control", "public, max-age=300" if static else "no-store"),
     ]
