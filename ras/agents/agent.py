@@ -2,21 +2,33 @@
 
 It reconnects with a capped backoff when the broker goes away, so a broker restart costs a
 host only the seconds until the next attempt. With ``sessions_from = "utmp"`` it also lists
-who the sessions are, and carries out the broker's ``session_action`` requests (log off,
-disconnect) by running the configured command for that session.
+who the sessions are, with ``"xrdp"`` xrdp's sessions, active or disconnected, and carries out
+the broker's ``session_action`` requests (log off, disconnect) by running the configured
+command for that session (xrdp: built in unless configured).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
+from collections.abc import Sequence
 from functools import partial
 
 import trio
 
 from ras import __version__
-from ras.agents.config import AgentConfig
-from ras.agents.load import CpuSampler, UtmpSession, memory_percent, rdp_sessions, utmp_sessions
+from ras.agents import xrdp
+from ras.agents.config import DEFAULT_LOGOFF, AgentConfig
+from ras.agents.load import (
+    CpuSampler,
+    UtmpSession,
+    listening,
+    memory_percent,
+    rdp_sessions,
+    utmp_sessions,
+)
 from ras.errors import ErrorCode, TransportError
 from ras.net.channel import Channel, greet
 from ras.net.tasks import fatal_refusal, race, reconnecting
@@ -56,31 +68,73 @@ class Agent:
 
     def measure(self) -> LoadReport:
         cpu, memory = round(self._cpu.sample(), 1), round(memory_percent(), 1)
-        if self.config.sessions_from == "utmp":
+        cfg = self.config
+        ready = not cfg.ready_check or listening(cfg.rdp_port)
+        if cfg.sessions_from == "utmp":
             detail = tuple(
                 SessionInfo(str(s.pid), s.user or "?", SessionState.ACTIVE)
-                for s in utmp_sessions(self.config.utmp_file)[:1000]
+                for s in utmp_sessions(cfg.utmp_file)[:1000]
             )
-            return LoadReport(cpu, memory, len(detail), 0, detail)
-        return LoadReport(cpu, memory, rdp_sessions(self.config.rdp_port), 0)
+            return LoadReport(cpu, memory, len(detail), 0, detail, ready)
+        if cfg.sessions_from == "xrdp":
+            detail = tuple(
+                SessionInfo(str(s.display), s.user, s.state) for s in xrdp.xrdp_sessions()[:1000]
+            )
+            gone = sum(1 for s in detail if s.state is SessionState.DISCONNECTED)
+            return LoadReport(cpu, memory, len(detail), gone, detail, ready)
+        return LoadReport(cpu, memory, rdp_sessions(cfg.rdp_port), 0, (), ready)
 
     async def act(self, request: SessionAction) -> Message:
         """Carry out a ``session_action``: the answer to send the broker."""
         cfg = self.config
-        command = (
-            cfg.logoff_command
-            if request.action is SessionActionKind.LOGOFF
-            else cfg.disconnect_command
-        )
+        logoff = request.action is SessionActionKind.LOGOFF
+        command = cfg.logoff_command if logoff else cfg.disconnect_command
+        if cfg.sessions_from == "xrdp":
+            return await self._act_xrdp(request, command)
         if cfg.sessions_from != "utmp" or not command:
             return Error(ErrorCode.FORBIDDEN, f"this agent does not {request.action} sessions")
         session = self._utmp_session(request.session_id)
         if session is None:
             return Error(ErrorCode.NOT_FOUND, f"no session {request.session_id} on this host")
         argv = [
-            w.format(id=request.session_id, pid=session.pid, user=session.user, line=session.line)
+            w.format(
+                id=request.session_id, pid=session.pid, user=session.user, line=session.line,
+                display="",
+            )
             for w in command
-        ]
+        ]  # fmt: skip
+        return await self._run(request, argv, session.user)
+
+    async def _act_xrdp(self, request: SessionAction, command: Sequence[str]) -> Message:
+        """Log off or disconnect an xrdp session (its id is its display number)."""
+        session = next(
+            (s for s in xrdp.xrdp_sessions() if str(s.display) == request.session_id), None
+        )
+        if session is None:
+            return Error(ErrorCode.NOT_FOUND, f"no session {request.session_id} on this host")
+        logoff = request.action is SessionActionKind.LOGOFF
+        if command and not (logoff and tuple(command) == DEFAULT_LOGOFF):
+            argv = [
+                w.format(
+                    id=request.session_id, pid=session.pid, user=session.user,
+                    line=f":{session.display}", display=session.display,
+                )
+                for w in command
+            ]  # fmt: skip
+            return await self._run(request, argv, session.user)
+        try:  # built in: end the X server (sesman ends the session), or xrdp-dis's datagram
+            if logoff:
+                os.kill(session.pid, signal.SIGTERM)
+            else:
+                xrdp.disconnect(session.display, self.config.xrdp_sockdir)
+        except OSError as exc:
+            log.warning("session %s failed id=%s: %s", request.action, request.session_id, exc)
+            return Error(ErrorCode.INTERNAL, f"{request.action} failed: {exc.strerror}")
+        log.info("session %s id=%s user=%s", request.action, request.session_id, session.user)
+        return SessionActionOk(request.session_id)
+
+    async def _run(self, request: SessionAction, argv: list[str], user: str) -> Message:
+        cfg = self.config
         try:
             with trio.fail_after(cfg.action_timeout_s):
                 done = await trio.run_process(
@@ -101,7 +155,7 @@ class Agent:
                 ErrorCode.INTERNAL,
                 f"{request.action} failed: exit {done.returncode} {err[0]}"[:1000],
             )
-        log.info("session %s id=%s user=%s", request.action, request.session_id, session.user)
+        log.info("session %s id=%s user=%s", request.action, request.session_id, user)
         return SessionActionOk(request.session_id)
 
     def _utmp_session(self, session_id: str) -> UtmpSession | None:
@@ -140,7 +194,9 @@ class Agent:
         async with chan:
             with refused(), trio.fail_after(cfg.connect_timeout_s):
                 reply = await chan.request(
-                    AgentRegister(cfg.name, cfg.kind, cfg.rdp_host, cfg.rdp_port, cfg.max_sessions)
+                    AgentRegister(
+                        cfg.name, cfg.kind, cfg.rdp_host, cfg.rdp_port, cfg.max_sessions, cfg.apps
+                    )
                 )
             if not isinstance(reply, Registered):
                 raise TransportError(f"broker answered agent_register with {reply.TYPE}")

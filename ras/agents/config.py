@@ -7,9 +7,11 @@ from pathlib import Path
 
 from ras.config import Invalid, check_host, check_port, check_positive
 from ras.ops.config import LogFormat, MetricsConfig
-from ras.protocol import HostKind
+from ras.protocol import AppStart, HostKind
 
-__all__ = ["AgentConfig"]
+__all__ = ["DEFAULT_LOGOFF", "AgentConfig"]
+
+DEFAULT_LOGOFF = ("pkill", "-HUP", "-s", "{pid}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,18 +30,28 @@ class AgentConfig:
     broker_port: int = 20003
     connect_timeout_s: float = 10.0
     retry_max_s: float = 10.0
-    # Where sessions are counted: "tcp" (connections to rdp_port) or "utmp" (user sessions in
-    # utmp_file, with their users, so the broker knows who is where and can log them off).
+    # Where sessions are counted: "tcp" (connections to rdp_port), "utmp" (user sessions in
+    # utmp_file, with their users, so the broker knows who is where and can log them off) or
+    # "xrdp" (xrdp's sessions, by display, active or disconnected: ras/agents/xrdp.py).
     sessions_from: str = "tcp"
     utmp_file: Path = Path("/var/run/utmp")
-    # What the agent runs when the broker asks it to log off / disconnect a session (utmp
-    # sessions only). Each word may use {id}, {pid}, {user} and {line}; empty: not supported.
-    logoff_command: tuple[str, ...] = ("pkill", "-HUP", "-s", "{pid}")
+    xrdp_sockdir: Path = Path("/run/xrdp/sockdir")  # sesman's socket directory
+    # What the agent runs when the broker asks it to log off / disconnect a session (utmp and
+    # xrdp sessions). Each word may use {id}, {pid}, {user}, {line} and {display}; empty: not
+    # supported with utmp. With xrdp, the defaults are built in: log off ends the session's X
+    # server ({pid}), disconnect asks xrdp to drop the RDP connection (xrdp-dis's way).
+    logoff_command: tuple[str, ...] = DEFAULT_LOGOFF
     disconnect_command: tuple[str, ...] = ()
     action_timeout_s: float = 10.0
     # Operations (docs/operations.md): the opt-in /metrics listener, and the log line format.
     metrics: MetricsConfig | None = None
     log_format: LogFormat = LogFormat.TEXT
+    # How the host starts published applications: "shell" (xrdp's alternate shell) or
+    # "remoteapp" (a Windows host's RemoteApp).
+    apps: AppStart = AppStart.SHELL
+    # Report the host not ready while nothing listens on rdp_port here (a VDI guest booting
+    # or being reset takes no session meanwhile).
+    ready_check: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -53,11 +65,11 @@ class AgentConfig:
         check_positive("connect_timeout_s", self.connect_timeout_s)
         check_positive("retry_max_s", self.retry_max_s)
         check_positive("action_timeout_s", self.action_timeout_s)
-        if self.sessions_from not in ("tcp", "utmp"):
-            raise Invalid("sessions_from", f"{self.sessions_from!r} is not tcp or utmp")
+        if self.sessions_from not in ("tcp", "utmp", "xrdp"):
+            raise Invalid("sessions_from", f"{self.sessions_from!r} is not tcp, utmp or xrdp")
         for key in ("logoff_command", "disconnect_command"):
             for i, word in enumerate(getattr(self, key)):
                 try:
-                    word.format(id="", pid="", user="", line="")
+                    word.format(id="", pid="", user="", line="", display="")
                 except (KeyError, IndexError, ValueError) as exc:
                     raise Invalid(f"{key}[{i}]", f"{word!r}: bad placeholder {exc}") from None

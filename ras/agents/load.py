@@ -3,7 +3,7 @@
 Sessions are either the established TCP connections to the host's RDP port (each RDP client
 holds one), or the user sessions of utmp (what ``who`` lists: xrdp's sesman and other login
 services write them), which also say whose they are. Neither tells a disconnected session on
-Linux, so disconnected sessions are reported as 0.
+Linux (they report 0); xrdp's own sessions do (``ras.agents.xrdp``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuSampler", "UtmpSession", "memory_percent", "rdp_sessions", "utmp_sessions"]
+__all__ = [
+    "CpuSampler",
+    "UtmpSession",
+    "listening",
+    "memory_percent",
+    "rdp_sessions",
+    "utmp_sessions",
+]
 
 
 @dataclass(slots=True)
@@ -64,6 +71,20 @@ def rdp_sessions(port: int, proc: Path = Path("/proc")) -> int:
             if len(parts) > 3 and parts[3] == "01" and int(parts[1].rsplit(":", 1)[1], 16) == port:
                 count += 1
     return count
+
+
+def listening(port: int, proc: Path = Path("/proc")) -> bool:
+    """Whether a TCP socket listens on ``port`` here (any address, IPv4 or IPv6)."""
+    for name in ("net/tcp", "net/tcp6"):
+        try:
+            lines = (proc / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 3 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
 
 
 # struct utmp on Linux (glibc, x86-64 and aarch64; <bits/utmp.h>): 384 bytes.

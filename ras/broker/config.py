@@ -50,6 +50,7 @@ class ResourceConfig:
     pools: tuple[str, ...] = ()
     clients: tuple[str, ...] = ()
     gateways: tuple[str, ...] = ()
+    single_sign_on: bool = True
 
     def __post_init__(self) -> None:
         if not self.id or not self.id.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -71,6 +72,7 @@ class ResourceConfig:
             hosts=self.hosts,
             pools=self.pools,
             filter=_filter(self.users, self.groups, self.clients, self.gateways),
+            single_sign_on=self.single_sign_on,
         )
 
 

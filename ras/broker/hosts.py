@@ -5,7 +5,8 @@ A report that cannot be true (not finite, negative, CPU or memory over 100 %, mo
 than ``max_sessions`` allows by far, more disconnected sessions than sessions, a session list
 that disagrees with the counts) is refused: the host is marked *lying* and takes no new
 session until a sane report arrives. A host that has not reported within ``timeout_s`` is
-*silent*, one whose agent disconnected is *offline*; neither takes anything.
+*silent*, one whose agent disconnected is *offline*, one whose agent says it is not ready (a
+VDI guest booting or being reset) is *not ready*; none of them takes anything.
 
 Choosing a host for a launch (:meth:`HostRegistry.choose`), among the resource's candidates:
 
@@ -37,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from ras.broker.model import Balancing, HostRecord
-from ras.protocol import HostKind, LoadReport
+from ras.protocol import AppStart, HostKind, LoadReport
 
 __all__ = ["Candidate", "Choice", "Host", "HostRegistry"]
 
@@ -70,6 +71,8 @@ class Host:
     memory_load: float = field(default=0.0, repr=False)
     cpu_load: float = field(default=0.0, repr=False)
     seats: int = field(default=1, repr=False)  # capacity, as of the last refresh
+    apps: AppStart = AppStart.SHELL  # how the host starts published applications
+    ready: bool = True  # the agent's word: False while a VDI guest boots or is being reset
 
     def refresh(self) -> None:
         """Recompute ``closed`` and the load parts after a report or a change of settings."""
@@ -77,7 +80,10 @@ class Host:
         self.memory_load = wm * self.memory_percent / 100
         self.cpu_load = wc * self.cpu_percent / 100
         self.seats = self.capacity
-        self.closed = not self.online or bool(self.insane) or self.drained or not self.enabled
+        self.closed = (
+            not self.online or bool(self.insane) or self.drained or not self.enabled
+            or not self.ready
+        )  # fmt: skip
 
     @property
     def capacity(self) -> int:
@@ -111,6 +117,8 @@ class Host:
             return f"silent: no load report for {now - self.last_report:.0f} s"
         if self.insane:
             return f"lying: its last report was refused ({self.insane})"
+        if not self.ready:
+            return "not ready: its agent reports it cannot take a session yet"
         if not self.enabled:
             return "disabled by an administrator"
         return ""
@@ -183,11 +191,19 @@ class HostRegistry:
         self.kinds: dict[str, HostKind] = {}  # host name -> kind, for session affinity
 
     def register(
-        self, name: str, kind: HostKind, rdp_host: str, rdp_port: int, max_sessions: int, now: float
+        self,
+        name: str,
+        kind: HostKind,
+        rdp_host: str,
+        rdp_port: int,
+        max_sessions: int,
+        now: float,
+        *,
+        apps: AppStart = AppStart.SHELL,
     ) -> Host:
         host = Host(
             name, kind, rdp_host, rdp_port, max_sessions, last_report=now, weights=self.weights,
-            settings=self.settings.get(name.casefold()),
+            settings=self.settings.get(name.casefold()), apps=apps,
         )  # fmt: skip
         host.refresh()
         self.hosts[name] = host
@@ -216,6 +232,7 @@ class HostRegistry:
         host.memory_percent = load.memory_percent
         host.sessions = load.sessions
         host.disconnected = load.disconnected
+        host.ready = load.ready
         host.pending = 0
         host.refresh()
         return ""

@@ -264,9 +264,11 @@ class ResourceRecord(_Record):
     """A published resource. An application runs ``command`` with ``arguments`` in
     ``working_dir`` (without a command, the host decides what its id names); a document is the
     file ``target`` opened with the application whose id is ``application`` (or the host's
-    default for its type); a folder is the folder ``target``.
+    default for its type); a folder is the folder ``target`` (opened with ``command``, or the
+    host's file manager).
     It runs on ``hosts`` and the members of ``pools`` (both empty: every host), for the users
-    ``filter`` allows."""
+    ``filter`` allows. ``single_sign_on``: the client logs in to the host with the user's farm
+    credentials (turn it off where the host uses other accounts)."""
 
     KIND: ClassVar[str] = "resource"
     id: str
@@ -282,6 +284,7 @@ class ResourceRecord(_Record):
     filter: Filter = Filter()
     enabled: bool = True
     description: str = ""
+    single_sign_on: bool = True
 
     def __post_init__(self) -> None:
         check_name("id", self.id)

@@ -42,11 +42,11 @@ from ras.broker.model import (
     HostKind,
     HostRecord,
     PoolRecord,
-    ResourceKind,
     ResourceRecord,
     SessionState,
     TicketScope,
 )
+from ras.broker.programs import program_fields
 from ras.broker.radius import Accept, Challenge, RadiusClient, RadiusUnavailable
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
@@ -591,27 +591,6 @@ class Broker:
             dry_run=dry_run,
         )
 
-    def _program(self, resource: ResourceRecord) -> dict[str, str]:
-        """What launch_ok tells the client to start (nothing for a desktop)."""
-        if resource.kind is ResourceKind.APPLICATION:
-            return {
-                "command": resource.command,
-                "arguments": resource.arguments,
-                "working_dir": resource.working_dir,
-            }
-        if resource.kind is ResourceKind.DOCUMENT:
-            wanted = resource.application.casefold()
-            app = next((r for r in self._config().resources if r.id.casefold() == wanted), None)
-            return {
-                "command": app.command if app is not None else resource.command,
-                "arguments": app.arguments if app is not None else resource.arguments,
-                "working_dir": resource.working_dir,
-                "target": resource.target,
-            }
-        if resource.kind is ResourceKind.FOLDER:
-            return {"target": resource.target, "working_dir": resource.working_dir}
-        return {}
-
     def _launch(
         self, msg: Launch, user: _User, client: str, gateway: str
     ) -> Message | tuple[ErrorCode, str]:
@@ -653,7 +632,7 @@ class Broker:
         )  # fmt: skip
         return LaunchOk(
             msg.mode, host.rdp_host, host.rdp_port, ticket, int(self.config.ticket_ttl_s),
-            **self._program(resource),
+            **program_fields(resource, self._config().resources, host.apps),
         )  # fmt: skip
 
     async def explain(
@@ -808,8 +787,9 @@ class Broker:
             await chan.fail(ErrorCode.FORBIDDEN, f"certificate is for {name!r}, not {reg.name!r}")
             return
         host = self.hosts.register(
-            reg.name, reg.kind, reg.rdp_host, reg.rdp_port, reg.max_sessions, time.monotonic()
-        )
+            reg.name, reg.kind, reg.rdp_host, reg.rdp_port, reg.max_sessions, time.monotonic(),
+            apps=reg.apps,
+        )  # fmt: skip
         log.info(
             "agent registered host=%s kind=%s rdp=%s:%d max_sessions=%d",
             reg.name,

@@ -16,6 +16,8 @@ from ras.cli.daemons import read_secret
 from ras.client.config import ClientConfig, split_hostport
 from ras.client.forwarder import serve_forwarder
 from ras.client.profiles import Profiles, check_name, default_path, load_profiles, save_profiles
+from ras.client.programs import Program
+from ras.client.rdpclient import rdp_command
 from ras.client.rdpfile import render_rdp_file
 from ras.client.session import ClientSession
 from ras.config import from_mapping
@@ -106,12 +108,19 @@ async def _ask(challenge: AuthChallenge) -> str:
     return await trio.to_thread.run_sync(prompt)
 
 
-async def _login(cfg: ClientConfig, args: argparse.Namespace) -> ClientSession:
+def _password(cfg: ClientConfig, args: argparse.Namespace) -> str:
     if not cfg.username:
         raise ConfigError("no user name: set username in the profile or use --user")
-    password = read_secret(
+    return read_secret(
         args.password_file, f"password for {cfg.username}: ", os.environ.get("RAS_PASSWORD")
     )
+
+
+async def _login(
+    cfg: ClientConfig, args: argparse.Namespace, password: str | None = None
+) -> ClientSession:
+    if password is None:
+        password = _password(cfg, args)
     session = await ClientSession.connect(cfg)
     try:
         user = await session.authenticate(cfg.username, password, _ask)
@@ -149,20 +158,37 @@ def _launch(args: argparse.Namespace) -> int:
             rdp = shutil.which(args.rdp_command)
             if rdp is None:
                 raise ConfigError(f"{args.rdp_command} not found: install it, or use --listen")
-        async with await _login(cfg, args) as session, trio.open_nursery() as nursery:
-            await _check_published(session, resource)  # before anything listens or starts
+        password = _password(cfg, args)  # asked once: the farm's and, with SSO, the host's
+        async with await _login(cfg, args, password) as session, trio.open_nursery() as nursery:
+            name = await _check_published(session, resource)  # before anything listens or starts
+            first = None
+            if rdp is not None:  # what the launch starts and whether SSO applies, up front
+                first = await session.launch(resource)
             nursery.start_soon(session.keepalive)
             host, port = await nursery.start(
                 lambda task_status: serve_forwarder(
-                    session, resource, host=listen[0], port=listen[1], task_status=task_status
+                    session,
+                    resource,
+                    host=listen[0],
+                    port=listen[1],
+                    first=first,
+                    task_status=task_status,
                 )
             )
             shown = f"[{host}]" if ":" in host else host
             print(f"resource {resource}: point an RDP client at {shown}:{port}", file=sys.stderr)
-            if rdp is None:
+            if rdp is None or first is None:
                 return  # --listen: serve until interrupted
-            command = [rdp, f"/v:{shown}:{port}", *args.passthrough]
-            proc = await trio.run_process(command, check=False)
+            sso = None
+            if first.single_sign_on and not args.no_sso:
+                sso = (session.user.user if session.user else cfg.username, password)
+            command = rdp_command(
+                rdp, f"{shown}:{port}", Program.from_launch(first, name), args.passthrough,
+                sso=sso,
+            )  # fmt: skip
+            if command.single_sign_on:
+                print("single sign-on: the RDP host gets your farm credentials", file=sys.stderr)
+            proc = await trio.run_process(command.argv, stdin=command.stdin or b"", check=False)
             result["code"] = proc.returncode
             nursery.cancel_scope.cancel()
 
@@ -170,14 +196,17 @@ def _launch(args: argparse.Namespace) -> int:
     return code if code != EXIT.OK else result["code"]
 
 
-async def _check_published(session: ClientSession, resource: str) -> None:
+async def _check_published(session: ClientSession, resource: str) -> str:
     """A resource that is not published to this user is a bad argument (exit 2), told now:
-    not when an RDP client connects and fails like a wrong RDP password would."""
+    not when an RDP client connects and fails like a wrong RDP password would. Returns the
+    resource's name."""
     published = await session.list_resources()
-    if resource not in {r.id for r in published}:
+    found = next((r for r in published if r.id == resource), None)
+    if found is None:
         user = session.user.user if session.user is not None else "you"
         ids = ", ".join(r.id for r in published) or "none"
         raise ConfigError(f"no resource {resource!r} is published to {user} (yours: {ids})")
+    return found.name
 
 
 def _rdp_file(args: argparse.Namespace) -> int:
@@ -374,7 +403,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "it (/v:127.0.0.1:PORT is added); everything after -- goes to the RDP client as is. "
         "Each RDP connection to the forwarder (the RDP client's own reconnects too) gets a "
         "fresh launch and ticket. Exits with the RDP client's exit code. With --listen, only "
-        "the forwarder runs.",
+        "the forwarder runs. A published application, document or folder starts alone, as "
+        "the host understands it (xfreerdp /shell: for xrdp hosts, /app: RemoteApp for "
+        "Windows hosts). Single sign-on: where the resource allows it, xfreerdp logs in to "
+        "the host with your farm user name and password (given on its standard input, never "
+        "on a command line), so you type your password once.",
     )
     launch.add_argument("resource", nargs="?", help="resource id (default: the profile's)")
     launch.add_argument(
@@ -385,6 +418,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     launch.add_argument(
         "--rdp-command", default="xfreerdp", help="RDP client to start (default: xfreerdp)"
+    )
+    launch.add_argument(
+        "--no-sso",
+        action="store_true",
+        help="do not log in to the RDP host with your farm credentials (single sign-on is on "
+        "where the resource allows it and no /u: or /p: is given to the RDP client)",
     )
     launch.set_defaults(func=_launch, takes_passthrough=True)
     rdp_file = actions.add_parser(

@@ -13,6 +13,7 @@ from ras.errors import RasError
 from ras.net.listen import serve_tcp
 from ras.net.relay import relay
 from ras.net.tls import connect_tcp
+from ras.protocol import LaunchOk
 
 __all__ = ["serve_forwarder"]
 
@@ -25,13 +26,17 @@ async def serve_forwarder(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    first: LaunchOk | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on ``host:port`` until cancelled; ``started`` gets the bound address."""
+    """Listen on ``host:port`` until cancelled; ``started`` gets the bound address. ``first``:
+    a launch already made (the caller's, to learn what it starts), used by the first
+    connection while its ticket is fresh; every other connection launches anew."""
+    unused = [first] if first is not None else []
 
     async def forward(local: trio.abc.Stream, peer: tuple[str, int]) -> None:
         try:
-            launched = await session.launch(resource)
+            launched = unused.pop() if unused else await session.launch(resource)
             if launched.mode.tunnelled:
                 remote = await session.open_tunnel(launched.ticket)
             else:

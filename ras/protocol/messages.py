@@ -30,6 +30,7 @@ __all__ = [
     "AcmeChallenge",
     "AcmeWithdraw",
     "AgentRegister",
+    "AppStart",
     "AuthChallenge",
     "AuthOk",
     "AuthResponse",
@@ -168,6 +169,15 @@ class SessionState(enum.StrEnum):
 
     ACTIVE = "active"
     DISCONNECTED = "disconnected"
+
+
+class AppStart(enum.StrEnum):
+    """How a host starts a published application in an RDP session: ``shell``, the alternate
+    shell of the RDP Info PDU (xrdp; xfreerdp ``/shell:``), or ``remoteapp``, RemoteApp
+    (Windows RD Session Hosts; xfreerdp ``/app:``, the .rdp file's ``remoteapplication*``)."""
+
+    SHELL = "shell"
+    REMOTEAPP = "remoteapp"
 
 
 class SessionActionKind(enum.StrEnum):
@@ -370,11 +380,17 @@ class LaunchOk(Message):
     arguments: str = ""
     working_dir: str = ""
     target: str = ""
+    # Optional: how the chosen host starts what is above ("" for a desktop), and whether the
+    # client should log in to the host with the farm credentials it logged in with (NLA).
+    start: str = ""
+    single_sign_on: bool = False
 
     def __post_init__(self) -> None:
         _check_host(self, "host")
         _check_range(self, "port", 1, 65535)
         _check_str(self, "ticket", empty=True, limit=2048)
+        if self.start and self.start not in tuple(AppStart):
+            raise _fail(type(self), "start", f"{self.start!r} is not shell or remoteapp")
         _check_range(self, "expires_in_s", 0, 86400)
         for name in ("command", "arguments", "working_dir", "target"):
             _check_str(self, name, empty=True, limit=1024)
@@ -412,6 +428,7 @@ class AgentRegister(Message):
     rdp_host: str
     rdp_port: int
     max_sessions: int
+    apps: AppStart = AppStart.SHELL  # optional: how the host starts applications
 
     def __post_init__(self) -> None:
         _check_name(self, "name")
@@ -430,6 +447,7 @@ class LoadReport(Message):
     sessions: int
     disconnected: int
     sessions_detail: tuple[SessionInfo, ...] = ()  # optional: who the sessions are
+    ready: bool = True  # optional: False while the host cannot take a session (a VDI guest)
 
     def __post_init__(self) -> None:
         _check_range(self, "cpu_percent", 0.0, 100.0)
