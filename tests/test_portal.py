@@ -339,3 +339,44 @@ def test_settings_are_strict():
         assert err.value.field == field
     s = PortalSettings(name="gw1", cors_origins=("https://a.example",))
     assert PortalSettings.from_json(s.to_json()) == s
+
+
+async def test_another_gateway_takes_the_session_over(tmp_path, nursery, autojump_clock):
+    """Behind a HALB each request may land on another gateway: the session follows."""
+    async with memory_farm(tmp_path, nursery) as f:
+        first = Browser(_portal(f))
+        second_gw = f.gateway("gateway2", rdp_lb_enabled=True).portal
+        assert second_gw is not None
+        await first.log_in()
+        await first.request("GET", "/resources")
+        token = first.field("csrf")
+        other = Browser(second_gw)
+        other.cookies = dict(first.cookies)
+        listing = await other.request("GET", "/resources")
+        assert listing.status == 200
+        assert 'data-id="desktop"' in other.page
+        assert other.field("csrf") == token  # the same token on every gateway
+        form = {"csrf": token, "resource": "desktop", "method": "native"}
+        assert (await other.request("POST", "/launch", form)).status == 200
+        assert (await other.request("POST", "/logout", {"csrf": token})).status == 303
+        assert not other.cookies
+        # a copy of the cookies, replayed at the gateway that logged them out: refused
+        replay = Browser(second_gw)
+        replay.cookies = dict(first.cookies)
+        assert (await replay.request("GET", "/resources")).status == 303
+        # a forged resume cookie takes over nothing
+        forged = Browser(second_gw)
+        forged.cookies = {"ras_portal": "x" * 43, "ras_portal_resume": "not a token"}
+        got = await forged.request("GET", "/resources")
+        assert got.header("location") == "/login?expired=1"
+
+
+async def test_a_lost_broker_connection_is_resumed(tmp_path, nursery, autojump_clock):
+    async with memory_farm(tmp_path, nursery) as f:
+        browser = Browser(_portal(f))
+        await browser.log_in()
+        (session,) = browser.portal.sessions._sessions.values()
+        assert session.chan is not None
+        await session.chan.aclose()  # as when the broker restarts
+        assert (await browser.request("GET", "/resources")).status == 200
+        assert 'data-id="desktop"' in browser.page

@@ -40,6 +40,7 @@ from ras.portal.security import (
     new_token,
     origin_allowed,
     security_headers,
+    session_csrf,
 )
 from ras.portal.sessions import PendingLogin, Sessions, WebSession
 from ras.portal.settings import PortalSettings
@@ -193,22 +194,40 @@ class Portal:
         body = _STATIC.joinpath(name).read_bytes()
         return Response(200, body, f"{kind}; charset=utf-8")
 
-    def _session(self, request: Request) -> WebSession | None:
+    async def _session(self, request: Request) -> WebSession | None:
+        """The browser's live session: this gateway's, or one it logged in to at another
+        gateway of the farm (behind a HALB or a DNS round robin), taken over here with the
+        broker's resume token from the resume cookie."""
         s = self.settings
-        sid = request.cookies().get(s.cookie_name)
-        return self.sessions.get(sid, idle_s=s.session_idle_s, max_s=s.session_max_s)
+        cookies = request.cookies()
+        sid = cookies.get(s.cookie_name)
+        session = self.sessions.get(sid, idle_s=s.session_idle_s, max_s=s.session_max_s)
+        token = cookies.get(self._resume_cookie())
+        if session is not None or not sid or not token or self.sessions.known(sid):
+            return session
+        now = trio.current_time()
+        adopted = WebSession("", request.client[0], None, token, now, now, id=sid)
+        try:
+            chan, user = await self._resume(adopted)
+        except SessionLost:
+            return None
+        adopted.user, adopted.chan = user, chan
+        adopted.csrf = session_csrf(sid, token)
+        if not self.sessions.add(adopted):
+            self.sessions.close_later(chan)
+            return None
+        log.info("portal session taken over user=%s client=%s", user, adopted.client)
+        return adopted
 
     def _expired(self, request: Request) -> Response:
         """No live session: to the login page (saying so if the browser had one)."""
         name = self.settings.cookie_name
         if name not in request.cookies():
             return redirect("/login")
-        response = redirect("/login?expired=1")
-        response.headers.append(("set-cookie", cookie(self.settings, name, "", max_age_s=0)))
-        return response
+        return self._forget(redirect("/login?expired=1"))
 
     async def _home(self, request: Request) -> Response:
-        if self._session(request) is None:
+        if await self._session(request) is None:
             return self._expired(request)
         return redirect("/resources")
 
@@ -216,6 +235,15 @@ class Portal:
 
     def _login_cookie(self) -> str:
         return f"{self.settings.cookie_name}_login"
+
+    def _resume_cookie(self) -> str:
+        return f"{self.settings.cookie_name}_resume"
+
+    def _forget(self, response: Response) -> Response:
+        """The browser's session cookies deleted."""
+        for name in (self.settings.cookie_name, self._resume_cookie()):
+            response.headers.append(("set-cookie", cookie(self.settings, name, "", max_age_s=0)))
+        return response
 
     def _login_page(
         self, request: Request, status: int, notice: str = "", username: str = ""
@@ -237,7 +265,7 @@ class Portal:
         return response
 
     async def _login_form(self, request: Request) -> Response:
-        if self._session(request) is not None:
+        if await self._session(request) is not None:
             return redirect("/resources")
         notice = ""
         if request.query.get("expired"):
@@ -303,6 +331,8 @@ class Portal:
         match reply:
             case AuthOk():
                 session = WebSession(reply.user, client, chan, reply.resume_token, now, now)
+                if reply.resume_token:  # the same on every gateway that takes the session over
+                    session.csrf = session_csrf(session.id, reply.resume_token)
                 if not self.sessions.add(session):
                     self.sessions.close_later(chan)
                     return self._login_page(request, 503, "Too many sessions; try again later.")
@@ -313,6 +343,16 @@ class Portal:
                     ("set-cookie", cookie(s, s.cookie_name, session.id, max_age_s=s.session_max_s)),
                     ("set-cookie", cookie(s, self._login_cookie(), "", max_age_s=0)),
                 ]
+                if reply.resume_token:
+                    response.headers.append(
+                        (
+                            "set-cookie",
+                            cookie(
+                                s, self._resume_cookie(), reply.resume_token,
+                                max_age_s=s.session_max_s,
+                            ),
+                        )
+                    )  # fmt: skip
                 return response
             case AuthChallenge():
                 pending = PendingLogin(chan, client, username, reply.prompt, reply.echo, now)
@@ -348,7 +388,7 @@ class Portal:
     # -- logged in --------------------------------------------------------------------------
 
     async def _resources(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         if session is None:
             return self._expired(request)
         try:
@@ -368,7 +408,7 @@ class Portal:
         return Response(200, page)
 
     async def _launch(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         form = request.form()
         if session is None:
             return self._expired(request)
@@ -422,7 +462,7 @@ class Portal:
         )
 
     async def _logout(self, request: Request) -> Response:
-        session = self._session(request)
+        session = await self._session(request)
         form = request.form()
         if session is None:
             return self._expired(request)
@@ -430,17 +470,14 @@ class Portal:
             return self._csrf_refused(request)
         self.sessions.end(session)
         log.info("portal logout user=%s client=%s", session.user, session.client)
-        response = redirect("/login?out=1")
-        name = self.settings.cookie_name
-        response.headers.append(("set-cookie", cookie(self.settings, name, "", max_age_s=0)))
-        return response
+        return self._forget(redirect("/login?out=1"))
 
     async def _ask(self, session: WebSession, msg: Message) -> Message:
         """``msg`` on the session's broker connection (resumed on a new one if it broke)."""
         async with session.lock:
             for attempt in range(2):
                 if session.chan is None:
-                    session.chan = await self._resume(session)
+                    session.chan, _ = await self._resume(session)
                 try:
                     with trio.fail_after(self.site.broker_timeout_s):
                         await session.chan.send(msg)
@@ -453,7 +490,10 @@ class Portal:
                         raise BrokerDown from None
         raise AssertionError("unreachable")
 
-    async def _resume(self, session: WebSession) -> Channel:
+    async def _resume(self, session: WebSession) -> tuple[Channel, str]:
+        """A new broker connection logged in with the session's resume token: the connection
+        and the user; ``SessionLost`` (the session ended) if there is no token or the broker
+        refuses it."""
         if not session.resume_token:
             self.sessions.end(session)
             raise SessionLost
@@ -469,7 +509,7 @@ class Portal:
             self.sessions.end(session)
             log.info("portal session not resumed user=%s client=%s", session.user, client[0])
             raise SessionLost
-        return chan
+        return chan, reply.user
 
 
 _REFUSALS = {

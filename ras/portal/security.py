@@ -3,20 +3,23 @@
 - Headers: a strict Content-Security-Policy (scripts, styles and images from the portal
   itself only, no inline script or style, forms post only here), ``frame-ancestors`` and
   ``X-Frame-Options`` unless the settings allow embedding, HSTS when configured, no sniffing,
-  no referrer, and ``Cache-Control: no-store`` on everything but static files.
+  the referrer only to the portal itself, and ``Cache-Control: no-store`` on everything but static files.
 - CORS: only an ``Origin`` on the settings' allow-list gets ``Access-Control-*`` headers (and
   the preflight its max-age); any other origin gets none, so the browser keeps the answer
   from the calling page.
 - CSRF: every form carries a token. Before login it is the double-submit token of the login
   cookie (a random value in an HttpOnly cookie that the form must repeat); after, the
-  session's own token. A POST whose ``Origin`` is present and neither this portal's nor an
-  allowed one is refused as well.
+  session's own token, derived from the session's cookies (:func:`session_csrf`) so that any
+  gateway of the farm that takes the session over checks the same one. A POST whose
+  ``Origin`` is present and neither this portal's nor an allowed one is refused as well.
 - Cookies: ``Secure; HttpOnly; SameSite=Strict`` (``SameSite=None`` when embedding is allowed,
   or an embedding page could never log in).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import secrets
 import urllib.parse
@@ -31,12 +34,23 @@ __all__ = [
     "new_token",
     "origin_allowed",
     "security_headers",
+    "session_csrf",
 ]
 
 
 def new_token() -> str:
     """A random, unguessable value (session ids, CSRF tokens, pending logins)."""
     return secrets.token_urlsafe(32)
+
+
+def session_csrf(session_id: str, resume_token: str) -> str:
+    """The CSRF token of a session, derived from its two cookies: every gateway that takes the
+    session over computes the same one, and a page of another site, which cannot read the
+    (HttpOnly) cookies, cannot."""
+    digest = hashlib.sha256(
+        b"ras portal csrf\x00%s\x00%s" % (session_id.encode(), resume_token.encode())
+    )
+    return base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
 
 
 def check_token(expected: str, given: str | None) -> bool:

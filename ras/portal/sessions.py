@@ -8,7 +8,9 @@ web session's life (:class:`WebSession`, found by a random id in the session coo
 resource list and launches are asked on the connection the user logged in on, one request
 at a time (its lock), exactly as the control protocol's clients do. If the broker connection
 breaks (a broker restart), the session logs in again on a new one with the resume token the
-broker gave at login; if that is refused, the session is over.
+broker gave at login; if that is refused, the session is over. The browser holds that token
+too (an HttpOnly cookie beside the session's), so that another gateway of the farm (behind a
+HALB, the browser's next connection may land anywhere) takes the session over the same way.
 
 A session ends at logout, when idle for ``session_idle_s``, ``session_max_s`` after login, or
 when its broker connection is lost for good; a pending login ``PENDING_S`` after its last
@@ -74,6 +76,7 @@ class Sessions:
     def __init__(self) -> None:
         self._sessions: dict[str, WebSession] = {}
         self._pending: dict[str, PendingLogin] = {}
+        self._ended: dict[str, None] = {}  # ids ended here, oldest first
         self._closing: list[Channel] = []
         self._wake = trio.Event()
 
@@ -126,8 +129,16 @@ class Sessions:
         session.seen = now
         return session
 
+    def known(self, session_id: str) -> bool:
+        """Was this session id ended here (logged out or expired)? Such a cookie is never taken
+        over again by this gateway."""
+        return session_id in self._ended
+
     def end(self, session: WebSession) -> None:
         """Forget ``session``; its broker connection is closed by the sweeper."""
+        self._ended[session.id] = None
+        while len(self._ended) > MAX_SESSIONS:  # the oldest first
+            del self._ended[next(iter(self._ended))]
         if self._sessions.pop(session.id, None) is not None and session.chan is not None:
             self.close_later(session.chan)
             session.chan = None
