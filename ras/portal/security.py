@@ -2,8 +2,9 @@
 
 - Headers: a strict Content-Security-Policy (scripts, styles and images from the portal
   itself only, no inline script or style, forms post only here), ``frame-ancestors`` and
-  ``X-Frame-Options`` unless the settings allow embedding, HSTS when configured, no sniffing,
-  the referrer only to the portal itself, and ``Cache-Control: no-store`` on everything but static files.
+  ``X-Frame-Options`` unless the settings allow embedding, HSTS when configured, no
+  sniffing, the referrer only to the portal itself, and ``Cache-Control: no-store`` on
+  everything but static files.
 - CORS: only an ``Origin`` on the settings' allow-list gets ``Access-Control-*`` headers (and
   the preflight its max-age); any other origin gets none, so the browser keeps the answer
   from the calling page.
