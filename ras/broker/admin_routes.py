@@ -20,6 +20,7 @@ import trio
 
 from ras import __version__
 from ras.broker.admin import ApiError, ApiRequest, Handler, Route, bad_field
+from ras.broker.admin_certs import cert_routes
 from ras.broker.hosts import Host
 from ras.broker.model import (
     FactorRule,
@@ -441,7 +442,14 @@ class _Api:
                 "online": sum(1 for g in self.broker.gateways.values() if g.online),
             },
             "resources": len(self.broker.resources()),
+            "certificate": self._certificate_status(),
+            "warnings": self.broker.certificates.warnings(),
         }
+
+    def _certificate_status(self) -> dict[str, Any]:
+        shown = self.broker.certificates.show()
+        keys = ("source", "subject", "not_after", "expires_in_s", "warning", "renewal")
+        return {k: shown[k] for k in keys if k in shown}
 
 
 def _live_host(host: Host, now: float, timeout_s: float) -> dict[str, Any]:
@@ -499,4 +507,5 @@ def routes(server: AdminServer) -> list[Route]:
         Route("GET", ("gateways",), api.gateways_list),
         Route("GET", ("explain",), api.explain),
         *portal_routes(api.broker),
+        *cert_routes(server),
     ]

@@ -160,6 +160,15 @@ class BrokerConfig:
     # Operations (docs/operations.md): the opt-in /metrics listener, and the log line format.
     metrics: MetricsConfig | None = None
     log_format: LogFormat = LogFormat.TEXT
+    # ACME for the farm's public certificate (docs/certificates.md): the CA's directory (Let's
+    # Encrypt's by default; ``ras admin cert letsencrypt --directory`` sets another), a CA file
+    # to trust for its HTTPS (a private or test CA; unset: the system's), the pauses between
+    # failed attempts (doubling from min to max) and the longest an order may take.
+    acme_directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    acme_ca_file: Path | None = None
+    acme_retry_min_s: float = 300.0
+    acme_retry_max_s: float = 21600.0
+    acme_order_timeout_s: float = 300.0
     # Reports (ras admin report): logins and launches kept history_days, in history_file
     # (default: beside database, <its name>-history.sqlite3).
     history_file: Path | None = None
@@ -170,6 +179,12 @@ class BrokerConfig:
         return self.history_file or self.database.with_name(f"{self.database.stem}-history.sqlite3")
 
     def __post_init__(self) -> None:
+        if not self.acme_directory.startswith(("https://", "http://")):
+            raise Invalid("acme_directory", "must be an https:// URL")
+        for key in ("acme_retry_min_s", "acme_retry_max_s", "acme_order_timeout_s"):
+            check_positive(key, getattr(self, key))
+        if self.acme_retry_max_s < self.acme_retry_min_s:
+            raise Invalid("acme_retry_max_s", "must be at least acme_retry_min_s")
         if not 0 < self.routing_token_ttl_s <= 604800:
             raise Invalid("routing_token_ttl_s", "must be more than 0 and at most 604800 (a week)")
         check_host("admin_listen_host", self.admin_listen_host)

@@ -1,11 +1,12 @@
-"""What the broker pushes to its gateways over their long-lived links: ACME HTTP-01 tokens,
-the gateways' public certificate and each gateway's User Portal settings.
+"""What the broker pushes to its gateways and HALBs over their long-lived links: ACME HTTP-01
+tokens, the farm's public certificate and (gateways only) each gateway's User Portal settings.
 
-The broker keeps the current state here (the tokens being answered, the latest certificate),
-pushes every change to each online gateway's link, and pushes the whole state to a gateway
-right after it registers, so one that connects late (or reconnects) is up to date. A push to a
-broken link is dropped: the link's own loop notices the break and the gateway gets the state
-again when it reconnects.
+The broker keeps the current state here (the tokens being answered, the latest certificate
+and the names it is assigned to), pushes every change to each online gateway's and HALB's
+link, and pushes the whole state to one right after it connects, so one that connects late
+(or reconnects) is up to date. Tokens go to every link; the certificate only to the names it
+is assigned to (none named: every one). A push to a broken link is dropped: the link's own
+loop notices the break and the peer gets the state again when it reconnects.
 """
 
 from __future__ import annotations
@@ -32,28 +33,35 @@ MAX_TOKENS = 100  # ACME orders have a few challenges each; this bounds a runawa
 
 
 class GatewayLinks:
-    """The online gateways' links and the state pushed to them."""
+    """The online gateways' and HALBs' links and the state pushed to them."""
 
     def __init__(
         self, portal: Callable[[str], Awaitable[PortalSettingsUpdate]] | None = None
     ) -> None:
         # a gateway with worker processes (``workers = N``) has one link per worker
         self._links: dict[str, list[Channel]] = {}
+        self._halbs: set[str] = set()  # names of _links that are HALB nodes
         self._portal = portal  # the portal settings of a gateway (ras.broker.portal)
         self.challenges: dict[str, AcmeChallenge] = {}
         self.certificate: PublicCertificate | None = None
+        self.assigned: frozenset[str] = frozenset()  # case-folded names; empty: every one
 
     @property
     def online(self) -> tuple[str, ...]:
         return tuple(self._links)
 
-    async def attach(self, gateway: str, chan: Channel) -> None:
-        """A gateway registered on ``chan``: send it the current state, then keep it."""
+    def _gets_certificate(self, name: str) -> bool:
+        return not self.assigned or name.casefold() in self.assigned
+
+    async def attach(self, gateway: str, chan: Channel, *, halb: bool = False) -> None:
+        """A gateway (or HALB) connected on ``chan``: send it the current state, keep it."""
         self._links.setdefault(gateway, []).append(chan)
+        if halb:
+            self._halbs.add(gateway)
         state: list[Message] = list(self.challenges.values())
-        if self.certificate is not None:
+        if self.certificate is not None and self._gets_certificate(gateway):
             state.append(self.certificate)
-        if self._portal is not None:
+        if self._portal is not None and not halb:
             state.append(await self._portal(gateway))
         for msg in state:
             await self._push_one(gateway, chan, msg)
@@ -64,14 +72,16 @@ class GatewayLinks:
             chans.remove(chan)
         if not chans:
             self._links.pop(gateway, None)
+            self._halbs.discard(gateway)
 
     async def publish_acme(self, token: str, key_authorization: str) -> None:
-        """Have every gateway answer the HTTP-01 challenge of ``token``."""
+        """Have every gateway and HALB answer the HTTP-01 challenge of ``token`` (returns once
+        each link took it)."""
         msg = AcmeChallenge(token, key_authorization)
         if token not in self.challenges and len(self.challenges) >= MAX_TOKENS:
             raise ValueError(f"more than {MAX_TOKENS} ACME challenges at once")
         self.challenges[token] = msg
-        log.info("acme challenge published token=%s gateways=%d", token, len(self._links))
+        log.info("acme challenge published token=%s to=%s", token, ",".join(self._links) or "-")
         await self._push(msg)
 
     async def withdraw_acme(self, token: str) -> None:
@@ -79,11 +89,20 @@ class GatewayLinks:
             log.info("acme challenge withdrawn token=%s", token)
             await self._push(AcmeWithdraw(token))
 
-    async def distribute_certificate(self, cert_pem: str, key_pem: str) -> None:
-        """Give every gateway (now and later) a new public certificate and key."""
+    def set_certificate(self, cert_pem: str, key_pem: str, assigned: tuple[str, ...] = ()) -> None:
+        """The certificate for links from now on (pushed to none now)."""
         self.certificate = PublicCertificate(cert_pem, key_pem)
-        log.info("public certificate distributed gateways=%d", len(self._links))
-        await self._push(self.certificate)
+        self.assigned = frozenset(a.casefold() for a in assigned)
+
+    async def distribute_certificate(
+        self, cert_pem: str, key_pem: str, assigned: tuple[str, ...] = ()
+    ) -> None:
+        """Give every gateway and HALB (now and later) a new public certificate and key; with
+        ``assigned``, only those so named."""
+        self.set_certificate(cert_pem, key_pem, assigned)
+        to = [g for g in self._links if self._gets_certificate(g)]
+        log.info("public certificate distributed to=%s", ",".join(to) or "-")
+        await self._push(PublicCertificate(cert_pem, key_pem), to)
 
     async def push_portal(self) -> None:
         """Give every online gateway the portal settings that apply to it now."""
@@ -91,14 +110,19 @@ class GatewayLinks:
             return
         async with trio.open_nursery() as nursery:
             for gateway, chans in list(self._links.items()):
+                if gateway in self._halbs:
+                    continue
                 update = await self._portal(gateway)
                 for chan in chans:
                     nursery.start_soon(self._push_one, gateway, chan, update)
 
-    async def _push(self, msg: Message) -> None:
+    async def _push(self, msg: Message, to: list[str] | None = None) -> None:
         async with trio.open_nursery() as nursery:
-            for gateway, chan in [(g, c) for g, cs in self._links.items() for c in cs]:
-                nursery.start_soon(self._push_one, gateway, chan, msg)
+            for gateway, chans in list(self._links.items()):
+                if to is not None and gateway not in to:
+                    continue
+                for chan in list(chans):
+                    nursery.start_soon(self._push_one, gateway, chan, msg)
 
     async def _push_one(self, gateway: str, chan: Channel, msg: Message) -> None:
         try:

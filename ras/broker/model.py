@@ -29,6 +29,8 @@ from ras.protocol import HostKind, ResourceKind
 __all__ = [
     "MODELS",
     "Balancing",
+    "CertSource",
+    "CertificateRecord",
     "Factor",
     "FactorRule",
     "Filter",
@@ -353,11 +355,61 @@ class SessionRecord(_Record):
         return self.id
 
 
+class CertSource(enum.StrEnum):
+    """Where the farm's public certificate came from."""
+
+    NONE = "none"  # none yet: each gateway presents its own public_cert_file
+    SELF_SIGNED = "self_signed"
+    IMPORTED = "imported"  # a PEM bundle or a PFX
+    CSR = "csr"  # signed elsewhere from a request whose key the broker made and kept
+    LETSENCRYPT = "letsencrypt"  # ACME (Let's Encrypt or another ACME CA)
+
+
+_PEM_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord(_Record):
+    """The farm's public certificate (gateways' TLS ports, HALB offload), one record: chain
+    (leaf first) and key, where it came from, where it is pushed, the ACME settings and
+    account, and a pending CSR's key. The keys are PEM in the broker's store (SQLite, mode
+    0600): protect the state directory and its backups as the private keys they hold."""
+
+    KIND: ClassVar[str] = "certificate"
+    name: str = "farm"
+    source: CertSource = CertSource.NONE
+    cert_pem: str = ""
+    key_pem: str = field(default="", repr=False)
+    # gateway and HALB names it is pushed to; empty: every one of them
+    assigned: tuple[str, ...] = ()
+    acme_names: tuple[str, ...] = ()
+    acme_email: str = ""
+    acme_directory: str = ""
+    acme_account_key_pem: str = field(default="", repr=False)
+    acme_account_url: str = ""
+    csr_pem: str = ""
+    csr_key_pem: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        check_name("name", self.name)
+        for key in (
+            "cert_pem", "key_pem", "acme_account_key_pem", "csr_pem", "csr_key_pem",
+        ):  # fmt: skip
+            value = getattr(self, key)
+            if len(value) > _PEM_LIMIT or _CONTROL.search(value.replace("\n", "")):
+                raise Invalid(key, f"is not PEM text of at most {_PEM_LIMIT} characters")
+        _check_items("assigned", self.assigned, check_name)
+        _check_items("acme_names", self.acme_names, _check_group_name)
+        for key in ("acme_email", "acme_directory", "acme_account_url"):
+            check_text(key, getattr(self, key), limit=1024)
+
+
 MODELS: dict[str, type[Any]] = {
     cls.KIND: cls
     for cls in (
         GroupRecord, HostRecord, PoolRecord, ResourceRecord, FactorRule,
         PortalSettings,  # the User Portal's settings, per gateway or farm default (ras.portal)
+        CertificateRecord,
     )
 }  # fmt: skip
 

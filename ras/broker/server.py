@@ -31,6 +31,7 @@ import trio
 
 from ras import __version__
 from ras.broker import policy, portal, routing
+from ras.broker.certs import FarmCertificates
 from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory, DirectoryUnavailable, open_directory
 from ras.broker.gatewaylink import GatewayLinks
@@ -200,6 +201,7 @@ class Broker:
         self.resume = ResumeTokens(store.secret("resume-key"))
         # ACME tokens, the public certificate and the portal settings, pushed to gateways
         self.links = GatewayLinks(partial(portal.update_for, store))
+        self.certificates = FarmCertificates(config, store, self.links)  # ras/broker/certs.py
         self._ssl = server_context(config.cert_file, config.key_file, client_ca_file=config.ca_file)
 
     async def serve(
@@ -215,6 +217,7 @@ class Broker:
                 partial(listen, self._handle_agent, port=cfg.agent_port, what="agents")
             )
             addrs = {"gateways": gw[0], "agents": ag[0]}
+            nursery.start_soon(self.certificates.run)  # ACME orders and renewals
             if cfg.admin_enabled:  # the HTTPS admin API (ras.broker.admin)
                 from ras.broker.admin import serve_admin
 
@@ -282,8 +285,16 @@ class Broker:
                 return
 
     async def _halb(self, chan: Channel, name: str) -> None:
-        """A HALB node asking which gateways are online, as often as it likes."""
+        """A HALB node asking which gateways are online, as often as it likes; it gets the
+        ACME tokens and the public certificate pushed as the gateways do."""
         log.info("halb connected name=%s", name)
+        await self.links.attach(name, chan, halb=True)
+        try:
+            await self._halb_requests(chan)
+        finally:
+            self.links.detach(name, chan)
+
+    async def _halb_requests(self, chan: Channel) -> None:
         while True:
             msg = await chan.receive()
             match msg:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import h11
 import trio
 
-from ras.gateway.acme import CHALLENGE_PREFIX, Challenges
+from ras.net.acme import Challenges, answer, is_challenge
 from ras.net.http import MAX_REQUEST_HEAD, read_request, respond
 
 __all__ = ["plain_http", "redirect_to_https"]
@@ -23,15 +23,10 @@ async def plain_http(
     if got is None:
         return
     request = got[0]
-    target = request.target.decode("ascii", "replace")
-    if target.startswith(CHALLENGE_PREFIX) and request.method in (b"GET", b"HEAD"):
-        answer = challenges.answer(target.split("?", 1)[0])
-        if answer is None:
-            await respond(stream, conn, 404, b"Not found\n")
-        else:
-            body = answer.encode() if request.method == b"GET" else b""
-            await respond(stream, conn, 200, body, content_type="application/octet-stream")
+    if is_challenge(request):
+        await answer(stream, conn, request, challenges)
         return
+    target = request.target.decode("ascii", "replace")
     await _redirect(stream, conn, target, public_host, public_port)
 
 

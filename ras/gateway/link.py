@@ -19,11 +19,11 @@ import trio
 
 from ras import __version__
 from ras.errors import ErrorCode, PeerError, TransportError
-from ras.gateway.acme import Challenges
 from ras.gateway.brokerpool import RedeemPool
-from ras.gateway.certificate import PublicTLS
 from ras.gateway.config import GatewayConfig
+from ras.net.acme import Challenges
 from ras.net.channel import Channel, greet
+from ras.net.publictls import PublicTLS
 from ras.net.tasks import fatal_refusal, race, reconnecting
 from ras.net.tls import Connect, connect_tcp, connect_tls
 from ras.pki import client_context

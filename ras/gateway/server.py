@@ -35,9 +35,7 @@ from functools import partial
 import trio
 
 from ras.errors import ConfigError
-from ras.gateway.acme import Challenges
 from ras.gateway.brokerpool import RedeemPool
-from ras.gateway.certificate import PublicTLS
 from ras.gateway.config import GatewayConfig
 from ras.gateway.forward import Forwarder
 from ras.gateway.front import Conn, Port, TrustedProxies, read_front
@@ -47,8 +45,10 @@ from ras.gateway.link import BrokerClient, BrokerLink
 from ras.gateway.rdplb import RdpBalancer
 from ras.gateway.session import ClientSessions
 from ras.gateway.tunnels import Tunnels
+from ras.net.acme import Challenges
 from ras.net.fastio import server_tls
 from ras.net.listen import serve_tcp
+from ras.net.publictls import PublicTLS
 from ras.net.reasons import transport_errors
 from ras.net.sniff import Kind, PrefixedStream, sniff
 from ras.net.tls import Connect, connect_tcp
@@ -330,5 +330,5 @@ class Gateway:
         return self.certificate.reload()
 
     async def install_certificate(self, cert_pem: str, key_pem: str) -> bool:
-        """Take a certificate the broker distributed (``ras.gateway.certificate``)."""
+        """Take a certificate the broker distributed (``ras.net.publictls``)."""
         return await self.certificate.install(cert_pem, key_pem)

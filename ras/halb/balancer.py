@@ -3,10 +3,16 @@
 Each service listens on the VIPs (with IP_FREEBIND, so a backup can listen before it holds the
 address) and forwards every connection to the healthy, undrained gateway with the fewest
 active connections, after a PROXY v2 header that tells the gateway the client's address. TLS
-passes through untouched. A gateway is healthy after ``rise`` successful checks in a row and
-unhealthy after ``fall`` failures; a check is a real control-protocol exchange (preface,
-hello, ping, pong), so it proves the gateway serves, not only that its port accepts.
-Draining a gateway stops new connections to it; its open tunnels run on.
+passes through untouched, or is terminated here (offload) with the service's certificate, which
+the broker's distributed farm certificate replaces (``install_certificate``). On a service
+with ``acme = true`` the first bytes of each connection are read: a GET or HEAD under
+``/.well-known/acme-challenge/`` is answered here from the tokens the broker pushed
+(``challenges``), anything else passes on with those bytes in front.
+
+A gateway is healthy after ``rise`` successful checks in a row and unhealthy after ``fall``
+failures; a check is a real control-protocol exchange (preface, hello, ping, pong), so it
+proves the gateway serves, not only that its port accepts. Draining a gateway stops new
+connections to it; its open tunnels run on.
 
 A connection whose gateway cannot be reached (connect refused or timed out, or the PROXY
 header cannot be written) is tried on the next healthy gateway in least-connections order,
@@ -22,7 +28,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,14 +37,16 @@ import trio
 from ras import __version__
 from ras.errors import RasError, TransportError
 from ras.halb.config import GatewayRef, HalbConfig, ServiceConfig
+from ras.net.acme import CHALLENGE_PREFIX, Challenges, serve_challenge
 from ras.net.channel import aclose_quietly
 from ras.net.health import probe
 from ras.net.listen import peer_address
-from ras.net.reasons import transport_errors
+from ras.net.publictls import PublicTLS
+from ras.net.reasons import BROKEN, transport_errors
 from ras.net.relay import relay
+from ras.net.sniff import PrefixedStream
 from ras.net.tls import connect_tcp
 from ras.ops.metrics import HALB_BACKEND_CONNECTIONS, HALB_NO_BACKEND
-from ras.pki import server_context
 from ras.protocol.proxy import encode_v2
 
 __all__ = ["Backend", "Balancer"]
@@ -47,6 +54,7 @@ __all__ = ["Backend", "Balancer"]
 log = logging.getLogger("ras.halb")
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 SOFTWARE = f"ras-halb/{__version__}"
+_ACME_HEADS = (b"GET " + CHALLENGE_PREFIX.encode(), b"HEAD " + CHALLENGE_PREFIX.encode())
 
 
 @dataclass(slots=True)
@@ -83,15 +91,22 @@ class Balancer:
     health_changed: trio.Event = field(default_factory=trio.Event)
     _turn: int = 0
 
-    _offload: dict[int, ssl.SSLContext] = field(default_factory=dict)
+    challenges: Challenges = field(default_factory=Challenges)  # ACME tokens from the broker
+    _offload: dict[int, PublicTLS] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.set_gateways(self.config.gateways)
         for service in self.config.services:
             if service.tls_cert_file is not None and service.tls_key_file is not None:
-                self._offload[service.listen_port] = server_context(
+                self._offload[service.listen_port] = PublicTLS(
                     service.tls_cert_file, service.tls_key_file
                 )
+
+    async def install_certificate(self, cert_pem: str, key_pem: str) -> None:
+        """The farm certificate the broker distributed: written over every offload service's
+        files (so a restart keeps it) and presented to new TLS connections from now on."""
+        for public in self._offload.values():
+            await public.install(cert_pem, key_pem)
 
     def set_gateways(self, gateways: tuple[GatewayRef, ...]) -> None:
         """Take a new gateway list (config reload): keep the state of those that stay."""
@@ -213,9 +228,24 @@ class Balancer:
         self, client: trio.abc.Stream, service: ServiceConfig, vip: ipaddress.IPv4Address
     ) -> None:
         peer = peer_address(client)
+        if service.acme:
+            head = await self._first_bytes(client)
+            if head is None:
+                await aclose_quietly(client)
+                return
+            client = PrefixedStream(client, head)
+            if head.startswith(_ACME_HEADS):
+                try:
+                    with trio.fail_after(self.config.tls_handshake_timeout_s):
+                        await serve_challenge(client, self.challenges)
+                except (trio.TooSlowError, *BROKEN):
+                    pass
+                finally:
+                    await aclose_quietly(client)
+                return
         offload = self._offload.get(service.listen_port)
-        if offload is not None:
-            tls = trio.SSLStream(client, offload, server_side=True)
+        if offload is not None and offload.context is not None:
+            tls = trio.SSLStream(client, offload.context, server_side=True)
             try:
                 with (
                     trio.fail_after(self.config.tls_handshake_timeout_s),
@@ -256,6 +286,21 @@ class Balancer:
             ",".join(tried) or "-",
         )
         await aclose_quietly(client)
+
+    async def _first_bytes(self, client: trio.abc.Stream) -> bytes | None:
+        """Enough of the first bytes to tell an ACME challenge request (None: the client
+        closed or broke). A client silent for ``tls_handshake_timeout_s`` passes on as is."""
+        head = b""
+        with trio.move_on_after(self.config.tls_handshake_timeout_s):
+            while any(h.startswith(head) and len(head) < len(h) for h in _ACME_HEADS):
+                try:
+                    data = await client.receive_some(max(len(h) for h in _ACME_HEADS) - len(head))
+                except BROKEN:
+                    return None
+                if not data:
+                    return None
+                head += data
+        return head
 
     async def _connect(
         self,

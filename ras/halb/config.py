@@ -22,14 +22,21 @@ class ServiceConfig:
     proxy_protocol: bool = True  # send a PROXY v2 header so the gateway sees the client
     # TLS offload: with a certificate, the HALB terminates TLS and forwards plaintext (to the
     # gateway's plain port); without, TLS passes through to the gateway untouched.
+    # With a broker (``broker_host``), the farm certificate the broker distributes is written
+    # over these files and presented from then on (docs/certificates.md).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # Answer ACME HTTP-01 requests (GET /.well-known/acme-challenge/...) here with the tokens
+    # the broker pushes, instead of passing them to a gateway; everything else passes on.
+    acme: bool = False
 
     def __post_init__(self) -> None:
         check_port("listen_port", self.listen_port, zero_ok=False)
         check_port("backend_port", self.backend_port, zero_ok=False)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise Invalid("tls_key_file", "TLS offload needs both tls_cert_file and tls_key_file")
+        if self.acme and self.tls_cert_file is not None:
+            raise Invalid("acme", "ACME HTTP-01 is answered on a plain port, not a TLS offload one")
 
     @property
     def offload(self) -> bool:

@@ -17,20 +17,30 @@ import trio
 
 from ras import __version__
 from ras.config import load
-from ras.errors import ConfigError, RasError, TransportError
+from ras.errors import ConfigError, PeerError, RasError, TransportError
 from ras.halb.admin import serve_admin
 from ras.halb.balancer import Balancer
 from ras.halb.config import GatewayRef, HalbConfig
 from ras.halb.election import Election
 from ras.halb.vip import missing_capabilities
-from ras.net.channel import greet
-from ras.net.tasks import reconnecting
+from ras.net.channel import Channel, greet
+from ras.net.tasks import race, reconnecting
 from ras.net.tls import connect_tls
 from ras.ops.listener import start_metrics
 from ras.ops.metrics import watch_certificate
 from ras.ops.sources import halb_state
 from ras.pki import client_context
-from ras.protocol import GatewayList, ListGateways, Role
+from ras.protocol import (
+    AcmeChallenge,
+    AcmeWithdraw,
+    Error,
+    GatewayList,
+    ListGateways,
+    Ping,
+    Pong,
+    PublicCertificate,
+    Role,
+)
 from ras.protocol.vrrp import OWNER_PRIORITY
 
 __all__ = ["Halb"]
@@ -111,23 +121,52 @@ class Halb:
         )
 
     async def _poll_broker(self) -> None:
-        """Ask the broker for its online gateways every ``broker_poll_interval_s``. When the
-        broker is away, the last list stays: balancing goes on with what was known."""
+        """Ask the broker for its online gateways every ``broker_poll_interval_s``, and take
+        what it pushes meanwhile (ACME tokens, the farm certificate). When the broker is away,
+        the last list, tokens and certificate stay: balancing goes on with what was known."""
         cfg = self.config
         assert cfg.ca_file is not None
         ctx = client_context(cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file)
         with trio.fail_after(cfg.connect_timeout_s):
             stream = await connect_tls(cfg.broker_host, cfg.broker_port, ctx)
             chan = await greet(stream, Role.HALB, SOFTWARE)
+        self.balancer.challenges.clear()  # the broker sends the current ones again
+        answered = [trio.Event()]
         async with chan:
-            while True:
-                with trio.fail_after(cfg.connect_timeout_s):
-                    reply = await chan.request(ListGateways())
-                if not isinstance(reply, GatewayList):
-                    raise TransportError(f"broker answered list_gateways with {reply.TYPE}")
-                self.from_broker = tuple(GatewayRef(g.name, g.host) for g in reply.gateways)
-                self._apply_gateways()
-                await trio.sleep(cfg.broker_poll_interval_s)
+            await race(
+                partial(self._ask_broker, chan, answered),
+                partial(self._from_broker, chan, answered),
+            )
+
+    async def _ask_broker(self, chan: Channel, answered: list[trio.Event]) -> None:
+        cfg = self.config
+        while True:
+            answered[0] = trio.Event()
+            await chan.send(ListGateways())
+            with trio.fail_after(cfg.connect_timeout_s):
+                await answered[0].wait()
+            await trio.sleep(cfg.broker_poll_interval_s)
+
+    async def _from_broker(self, chan: Channel, answered: list[trio.Event]) -> None:
+        while True:
+            msg = await chan.receive()
+            match msg:
+                case GatewayList():
+                    self.from_broker = tuple(GatewayRef(g.name, g.host) for g in msg.gateways)
+                    self._apply_gateways()
+                    answered[0].set()
+                case AcmeChallenge():
+                    self.balancer.challenges.add(msg)
+                case AcmeWithdraw():
+                    self.balancer.challenges.withdraw(msg.token)
+                case PublicCertificate():
+                    await self.balancer.install_certificate(msg.cert_pem, msg.key_pem)
+                case Ping() | Pong():
+                    await chan.answer_ping(msg)
+                case Error():
+                    raise PeerError(msg)
+                case _:
+                    raise TransportError(f"the broker sent {msg.TYPE} to a HALB")
 
     def _apply_gateways(self) -> None:
         """The configured gateways, then the broker's (a name in both: the config wins)."""

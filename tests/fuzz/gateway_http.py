@@ -13,8 +13,8 @@ import h11
 
 from fuzz import chunks, run_sync
 from fuzz.admin_http import HEAD_FAULT, _Stream
-from ras.gateway.acme import CHALLENGE_PREFIX, Challenges
 from ras.gateway.http import plain_http
+from ras.net.acme import CHALLENGE_PREFIX, Challenges
 from ras.protocol.messages import AcmeChallenge
 
 TOKEN = "evaGxfADs6pSRb2LAv9IZf17Dt3juxGJ-PCt92wr-oA"
