@@ -62,8 +62,12 @@ def _pki(exc: PKIError | ValueError) -> ApiError:
 
 
 class _CertApi:
-    def __init__(self, certs: FarmCertificates) -> None:
-        self.certs = certs
+    def __init__(self, server: AdminServer) -> None:
+        self.server = server
+
+    @property
+    def certs(self) -> FarmCertificates:
+        return self.server.broker.certificates
 
     async def show(self, request: ApiRequest) -> tuple[int, Any]:
         return 200, self.certs.show()
@@ -151,7 +155,7 @@ class _CertApi:
 
 
 def cert_routes(server: AdminServer) -> list[Route]:
-    api = _CertApi(server.broker.certificates)
+    api = _CertApi(server)
     return [
         Route("GET", ("certificate",), api.show),
         Route("POST", ("certificate", "self-signed"), api.self_signed),
