@@ -37,6 +37,7 @@ from ras.broker.gatewaylink import GatewayLinks
 from ras.broker.model import CertificateRecord, CertSource
 from ras.broker.store import Store
 from ras.errors import PKIError
+from ras.ops.metrics import CERT_EXPIRY
 from ras.pki import KeyPair
 
 __all__ = ["FarmCertificates", "Renewal", "renewal_due"]
@@ -102,6 +103,7 @@ class FarmCertificates:
         self._asked = False
         if self.record.cert_pem:
             links.set_certificate(self.record.cert_pem, self.record.key_pem, self.record.assigned)
+            CERT_EXPIRY.labels("broker", "public").set(certstore.lifetime(self.record.cert_pem)[1])
 
     # -- changes from the admin API -----------------------------------------------------------
 
@@ -113,10 +115,12 @@ class FarmCertificates:
             (record.cert_pem, record.key_pem, record.assigned)
             != (old.cert_pem, old.key_pem, old.assigned)
         ):
+            not_after = certstore.lifetime(record.cert_pem)[1]
+            CERT_EXPIRY.labels("broker", "public").set(not_after)
             log.info(
                 "farm certificate installed source=%s expires=%s assigned=%s",
                 record.source,
-                _iso(certstore.lifetime(record.cert_pem)[1]),
+                _iso(not_after),
                 ",".join(record.assigned) or "all",
             )
             await self.links.distribute_certificate(

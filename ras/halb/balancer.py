@@ -46,7 +46,7 @@ from ras.net.reasons import BROKEN, transport_errors
 from ras.net.relay import relay
 from ras.net.sniff import PrefixedStream
 from ras.net.tls import connect_tcp
-from ras.ops.metrics import HALB_BACKEND_CONNECTIONS, HALB_NO_BACKEND
+from ras.ops.metrics import HALB_BACKEND_CONNECTIONS, HALB_NO_BACKEND, watch_certificate
 from ras.protocol.proxy import encode_v2
 
 __all__ = ["Backend", "Balancer"]
@@ -101,6 +101,7 @@ class Balancer:
                 self._offload[service.listen_port] = PublicTLS(
                     service.tls_cert_file, service.tls_key_file
                 )
+                watch_certificate("halb", "public", service.tls_cert_file)
 
     async def install_certificate(self, cert_pem: str, key_pem: str) -> None:
         """The farm certificate the broker distributed: written over every offload service's
