@@ -106,7 +106,8 @@ async def _decode_body(request: ApiRequest) -> tuple[int, Any]:
 def _server() -> AdminServer:
     server = object.__new__(AdminServer)
     server.broker = SimpleNamespace(
-        config=SimpleNamespace(admin_cert_names=(), admin_groups=("ras-admins",))
+        config=SimpleNamespace(admin_cert_names=(), admin_groups=("ras-admins",)),
+        store=None,  # route tables that bind the store when built (ras.broker.portal)
     )
     server.tokens = _AnyToken()
     server._throttle = _NoThrottle()
