@@ -218,8 +218,8 @@ async def memory_farm(
     broker = Broker(cfg, store)
     net = MemoryNet(nursery)
     tls = server_context(cfg.cert_file, cfg.key_file, client_ca_file=cfg.ca_file)
-    net.listen((BROKER, 20002), broker._handle_gateway, tls=tls)  # the seam: no listener
-    net.listen((BROKER, 20003), broker._handle_agent, tls=tls)
+    net.listen((BROKER, 20002), broker.handle_gateway, tls=tls)  # the seam: no listener
+    net.listen((BROKER, 20003), broker.handle_agent, tls=tls)
     try:
         yield MemoryFarm(pki, broker, store, net)
     finally:

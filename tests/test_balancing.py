@@ -252,11 +252,11 @@ async def test_reconnection_goes_back_to_the_disconnected_session(tmp_path, nurs
                                                     detail=mine))  # fmt: skip
         await until(lambda: f.broker.sessions.get("busy:77") is not None)
         assert await launches(f, "desktop", 2) == ["busy", "busy"]
-        why = await f.broker.explain(USER, "desktop", "192.0.2.7", "gw-test")
+        why = await f.broker.launches.explain(USER, "desktop", "192.0.2.7", "gw-test")
         assert why["pick"] == "busy"
         assert why["method"] == "affinity"
         assert why["why"] == "affinity: disconnected session busy:77"
-        assert (await f.broker.explain("nobody", "desktop"))["why"] == (
+        assert (await f.broker.launches.explain("nobody", "desktop"))["why"] == (
             "no such user in the directory"
         )
 
@@ -266,12 +266,12 @@ async def test_lying_and_drained_hosts_get_nothing_and_explain_says_why(tmp_path
         await add_scripted(f, nursery, "honest", load(cpu=70, mem=70, sessions=6))
         liar = await add_scripted(f, nursery, "liar", load())
         await add_scripted(f, nursery, "drained", load())
-        await f.broker.drain_host("drained", True)
+        await f.broker.catalog.drain_host("drained", True)
         # More disconnected sessions than sessions: the broker does not believe it.
         liar.report = load(sessions=1, disc=4)
         await until(lambda: bool(f.broker.hosts.hosts["liar"].insane))
         assert await launches(f, "desktop", 3) == ["honest"] * 3
-        why = await f.broker.explain(USER, "desktop")
+        why = await f.broker.launches.explain(USER, "desktop")
         reasons = {c["host"]: c["reason"] for c in why["candidates"]}  # type: ignore[union-attr]
         assert reasons == {
             "drained": "drained: takes no new sessions",

@@ -476,7 +476,7 @@ async def test_what_an_administrator_configures_survives_a_broker_restart(tmp_pa
     async with farm(tmp_path) as f:
         for record in configured:
             f.store.put_object(record)
-        await f.broker.drain_host("h2", True)  # a host no agent has registered yet
+        await f.broker.catalog.drain_host("h2", True)  # a host no agent has registered yet
         config = f.broker.config
     store = SQLiteStore(config.database)
     try:
@@ -484,8 +484,8 @@ async def test_what_an_administrator_configures_survives_a_broker_restart(tmp_pa
         for record in configured:
             assert store.get_object(type(record), record.key.upper()) == record
         assert store.get_object(HostRecord, "h2") == HostRecord("h2", drained=True)
-        assert [r.id for r in broker.resources()] == ["desktop", "calc"]
-        assert broker.resource_origins() == {"desktop": "config", "calc": "store"}
+        assert [r.id for r in broker.catalog.resources()] == ["desktop", "calc"]
+        assert broker.catalog.resource_origins() == {"desktop": "config", "calc": "store"}
         assert broker.hosts.pool_members("RR") == ["h1"]
         assert broker.hosts.settings["h2"].drained
         assert store.delete_object(PoolRecord, "RR") is True

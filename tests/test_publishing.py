@@ -192,10 +192,10 @@ async def test_the_broker_publishes_config_and_store_resources_through_the_filte
             refused = await chan.receive_reply()
             assert getattr(refused, "code", None) is ErrorCode.NOT_FOUND
         # broker.toml's resources come first and are marked as such.
-        origins = f.broker.resource_origins()
+        origins = f.broker.catalog.resource_origins()
         assert origins["desktop"] == "config"
         assert origins["calc"] == "store"
-        assert [r.name for r in f.broker.resources() if r.id == "desktop"] == ["Desktop"]
+        assert [r.name for r in f.broker.catalog.resources() if r.id == "desktop"] == ["Desktop"]
     await trio.lowlevel.checkpoint()
 
 

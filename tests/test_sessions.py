@@ -162,18 +162,18 @@ async def test_log_off_and_disconnect_go_to_the_agent(tmp_path, nursery):
         )  # fmt: skip
         assert mine.since == launching.since
         # Log off: the agent runs its command, the session is gone from the host and the list.
-        assert await f.broker.session_action("rdsh1:4242", "logoff") == {
+        assert await f.broker.agents.session_action("rdsh1:4242", "logoff") == {
             "host": "rdsh1", "user": USER,
         }  # fmt: skip
         assert [s.user for s in utmp_sessions(utmp)] == ["bob"]
         assert f.broker.sessions.get("rdsh1:4242") is None
         # This agent has no disconnect command: the broker says the agent refused.
         with pytest.raises(PeerError) as refused:
-            await f.broker.session_action("rdsh1:4243", "disconnect")
+            await f.broker.agents.session_action("rdsh1:4243", "disconnect")
         assert refused.value.code is ErrorCode.FORBIDDEN
         assert "does not disconnect" in str(refused.value)
         with pytest.raises(LookupError):
-            await f.broker.session_action("rdsh1:9999", "logoff")
+            await f.broker.agents.session_action("rdsh1:9999", "logoff")
         f.agents["rdsh1"] = agent
 
 
@@ -187,4 +187,4 @@ async def test_a_session_action_to_an_absent_agent_is_a_clear_error(tmp_path, nu
             agents.cancel_scope.cancel()
         await until(lambda: not f.broker.hosts.hosts["rdsh1"].online)
         with pytest.raises(RasError, match="the agent of host rdsh1 is not connected"):
-            await f.broker.session_action("rdsh1:7", "logoff")
+            await f.broker.agents.session_action("rdsh1:7", "logoff")

@@ -24,194 +24,44 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
-import re
 import secrets
 import ssl
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 import trio
 
+from ras.broker.admin_api import ApiError, ApiRequest, Handler, Route, bad_field, decode_json
+from ras.broker.admin_routes import routes
 from ras.broker.directory import DirectoryUnavailable
 from ras.broker.model import GroupRecord
+from ras.broker.parts import BrokerParts
 from ras.broker.policy import groups_of
 from ras.broker.throttle import Throttle, wait_text
 from ras.net.http import MAX_REQUEST_HEAD, respond
 from ras.net.listen import serve_tcp
 from ras.pki import peer_name, server_context
 
-if TYPE_CHECKING:
-    from ras.broker.server import Broker
-
-__all__ = [
+__all__ = [  # the admin_api names are here too, for who imported them from this module
     "MAX_BODY",
+    "AdminServer",
     "ApiError",
     "ApiRequest",
+    "Handler",
     "Route",
     "TokenStore",
+    "bad_field",
+    "decode_json",
     "serve_admin",
 ]
 
 log = logging.getLogger("ras.broker.admin")
 
 MAX_BODY = 64 * 1024
-
-
-class ApiError(Exception):
-    """An answer other than success: HTTP ``status``, a short ``code``, a message for a human
-    and, for a bad request body, the ``field`` at fault."""
-
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-
-    def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"error": self.code, "message": self.message}
-        if self.field is not None:
-            out["field"] = self.field
-        return out
-
-
-def bad_field(name: str, why: str) -> ApiError:
-    return ApiError(400, "bad_field", f"{name}: {why}", field=name)
-
-
-# -- request bodies -------------------------------------------------------------------------------
-#
-# Strict, like the control protocol's decoder (ras.protocol.messages): UTF-8 only, no duplicate
-# keys, no NaN or Infinity, bounded nesting and number lengths, and no lone surrogates (they
-# are not Unicode: a name holding one could be neither stored nor logged). Every refusal is a
-# 400, never a 500.
-
-MAX_DEPTH = 32  # the deepest body the API takes is a resource with its filter: 3 levels
-MAX_DIGITS = 64
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _bad_json(why: str) -> ApiError:
-    return ApiError(400, "bad_json", f"the body is not acceptable JSON: {why}")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _bad_json(f"the key {key!a} appears twice in one object")
-        obj[key] = value
-    return obj
-
-
-def _number(text: str) -> int | float:
-    if sum(c.isdigit() for c in text) > MAX_DIGITS:
-        raise _bad_json(f"a number with more than {MAX_DIGITS} digits")
-    value = float(text) if any(c in text for c in ".eE") else int(text)
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _bad_json(f"the number {text} is out of range")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise _bad_json(f"{name} is not a number JSON allows")
-
-
-def _where(path: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
-def _check_tree(value: Any) -> None:
-    """Depth and strings, walked without recursion (the tree may be as deep as the parser
-    allowed)."""
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ())]
-    while stack:
-        item, path = stack.pop()
-        if len(path) > MAX_DEPTH:
-            raise _bad_json(f"nested deeper than {MAX_DEPTH} levels")
-        if isinstance(item, str):
-            if _SURROGATE.search(item):
-                raise bad_field(_where(path) or "body", "holds a lone surrogate (not Unicode)")
-        elif isinstance(item, dict):
-            for key, child in item.items():
-                if _SURROGATE.search(key):
-                    raise _bad_json(f"a key holds a lone surrogate: {key!a}")
-                stack.append((child, (*path, key)))
-        elif isinstance(item, list):
-            stack.extend((child, (*path, i)) for i, child in enumerate(item))
-
-
-def decode_json(body: bytes) -> dict[str, Any]:
-    """A request body as a JSON object, or ApiError 400: ``bad_json`` for what is not strict
-    JSON, ``bad_field`` (naming it) for a string that is not Unicode."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _bad_json(f"not UTF-8 (at byte {exc.start})") from None
-    try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_int=_number,
-            parse_float=_number,
-            parse_constant=_no_constant,
-        )
-    except json.JSONDecodeError as exc:
-        raise _bad_json(f"{exc.msg} (line {exc.lineno} column {exc.colno})") from None
-    except RecursionError:
-        raise _bad_json(f"nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as exc:  # what the parser's own number conversion refused
-        raise _bad_json(str(exc)) from None
-    _check_tree(value)
-    if not isinstance(value, dict):
-        raise ApiError(400, "bad_json", "the body must be a JSON object")
-    return value
-
-
-@dataclass(frozen=True, slots=True)
-class ApiRequest:
-    """One parsed request; ``admin`` is who asked (a user name or ``cert:<name>``)."""
-
-    method: str
-    parts: tuple[str, ...]  # the path's segments after /api, URL-decoded
-    query: dict[str, str]
-    body: bytes
-    client: str
-    headers: dict[str, str] = field(default_factory=dict)
-    admin: str = ""
-
-    def json(self) -> dict[str, Any]:
-        """The body as a JSON object; 400 if it is not one (see :func:`decode_json`)."""
-        if not self.body:
-            return {}
-        return decode_json(self.body)
-
-
-Handler = Callable[[ApiRequest], Awaitable[tuple[int, Any]]]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """``pattern`` holds literal segments and ``{}`` for one variable segment; the handler
-    gets the request and reads the variables from ``request.parts``."""
-
-    method: str
-    pattern: tuple[str, ...]
-    handler: Handler
-
-    def matches(self, parts: tuple[str, ...]) -> bool:
-        return len(parts) == len(self.pattern) and all(
-            p == "{}" or p == s for p, s in zip(self.pattern, parts, strict=True)
-        )
 
 
 @dataclass(slots=True)
@@ -244,9 +94,7 @@ class TokenStore:
 class AdminServer:
     """The admin API of one broker."""
 
-    def __init__(self, broker: Broker) -> None:
-        from ras.broker.admin_routes import routes
-
+    def __init__(self, broker: BrokerParts) -> None:
         self.broker = broker
         cfg = broker.config
         self.tokens = TokenStore(cfg.admin_token_ttl_s)
@@ -264,7 +112,7 @@ class AdminServer:
         self._ssl.verify_mode = ssl.CERT_OPTIONAL
         self._routes = [Route("POST", ("session", "logon"), self._logon)]
         self._routes.append(Route("POST", ("session", "logoff"), self._logoff))
-        self._routes.extend(routes(self))
+        self._routes.extend(routes(broker, self.unlock))
 
     async def serve(
         self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
@@ -481,7 +329,7 @@ async def _read_request(stream: trio.abc.Stream, conn: h11.Connection) -> _Raw |
 
 
 async def serve_admin(
-    broker: Broker, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    broker: BrokerParts, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Serve the admin API of ``broker`` on ``admin_listen_host:admin_port`` until cancelled."""
     await AdminServer(broker).serve(task_status=task_status)

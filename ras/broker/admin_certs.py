@@ -14,14 +14,14 @@ import binascii
 import re
 from typing import TYPE_CHECKING, Any
 
-from ras.broker.admin import ApiError, ApiRequest, Route, bad_field
+from ras.broker.admin_api import ApiError, ApiRequest, Route, bad_field
 from ras.broker.model import check_name
 from ras.config import Invalid
 from ras.errors import PKIError
 
 if TYPE_CHECKING:
-    from ras.broker.admin import AdminServer
     from ras.broker.certs import FarmCertificates
+    from ras.broker.parts import BrokerParts
 
 __all__ = ["cert_routes"]
 
@@ -62,12 +62,12 @@ def _pki(exc: PKIError | ValueError) -> ApiError:
 
 
 class _CertApi:
-    def __init__(self, server: AdminServer) -> None:
-        self.server = server
+    def __init__(self, broker: BrokerParts) -> None:
+        self.broker = broker
 
     @property
     def certs(self) -> FarmCertificates:
-        return self.server.broker.certificates
+        return self.broker.certificates
 
     async def show(self, request: ApiRequest) -> tuple[int, Any]:
         return 200, self.certs.show()
@@ -154,8 +154,8 @@ class _CertApi:
         return 200, self.certs.show()
 
 
-def cert_routes(server: AdminServer) -> list[Route]:
-    api = _CertApi(server)
+def cert_routes(broker: BrokerParts) -> list[Route]:
+    api = _CertApi(broker)
     return [
         Route("GET", ("certificate",), api.show),
         Route("POST", ("certificate", "self-signed"), api.self_signed),

@@ -14,12 +14,12 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from ras import __version__
-from ras.broker.admin import ApiError, ApiRequest, Handler, Route, bad_field
+from ras.broker.admin_api import ApiError, ApiRequest, Handler, Route, bad_field
 from ras.broker.admin_certs import cert_routes
 from ras.broker.hosts import Host
 from ras.broker.model import (
@@ -30,15 +30,12 @@ from ras.broker.model import (
     ResourceRecord,
     check_name,
 )
+from ras.broker.parts import BrokerParts
 from ras.broker.passwords import hash_password
 from ras.broker.portal import portal_routes
 from ras.broker.store import UserRecord
 from ras.broker.totp import new_secret, otpauth_uri
 from ras.config import Invalid
-
-if TYPE_CHECKING:
-    from ras.broker.admin import AdminServer
-    from ras.broker.server import Broker
 
 __all__ = ["routes"]
 
@@ -117,9 +114,9 @@ def _user_fields(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
 class _Api:
     """The handlers, bound to one broker."""
 
-    def __init__(self, server: AdminServer) -> None:
-        self.server = server
-        self.broker: Broker = server.broker
+    def __init__(self, broker: BrokerParts, unlock_admin: Callable[[str], bool]) -> None:
+        self.broker = broker
+        self._unlock_admin = unlock_admin
 
     @property
     def store(self) -> Any:
@@ -196,7 +193,7 @@ class _Api:
         the store or only in the directory."""
         name = request.parts[1]
         farm = self.broker.throttle.unlock(name)
-        admin = self.server.unlock(name)
+        admin = self._unlock_admin(name)
         log.info("admin unlock user=%s by=%s was_locked=%s", name, request.admin, farm or admin)
         return 200, {"user": name, "unlocked": farm or admin}
 
@@ -286,14 +283,14 @@ class _Api:
         return resource.to_json() | {"source": origins.get(resource.id.casefold(), "store")}
 
     async def resources_list(self, request: ApiRequest) -> tuple[int, Any]:
-        origins = self.broker.resource_origins()
-        return 200, [self._resource_json(r, origins) for r in self.broker.resources()]
+        origins = self.broker.catalog.resource_origins()
+        return 200, [self._resource_json(r, origins) for r in self.broker.catalog.resources()]
 
     async def resources_get(self, request: ApiRequest) -> tuple[int, Any]:
         key = request.parts[1].casefold()
-        for resource in self.broker.resources():
+        for resource in self.broker.catalog.resources():
             if resource.id.casefold() == key:
-                return 200, self._resource_json(resource, self.broker.resource_origins())
+                return 200, self._resource_json(resource, self.broker.catalog.resource_origins())
         raise _not_found("resource", request.parts[1])
 
     # -- hosts --------------------------------------------------------------------------------
@@ -344,7 +341,7 @@ class _Api:
     def _drain(self, drained: bool) -> Handler:
         async def handler(request: ApiRequest) -> tuple[int, Any]:
             await self._host_record(request.parts[1])  # 404 for a host nobody knows
-            record = await self.broker.drain_host(request.parts[1], drained)
+            record = await self.broker.catalog.drain_host(request.parts[1], drained)
             return 200, (await self._hosts())[record.name.casefold()]
 
         return handler
@@ -379,7 +376,7 @@ class _Api:
             if not any(s.id == session_id for s in self._sessions()):
                 raise _not_found("session", session_id)
             try:
-                result = await self.broker.session_action(session_id, action)
+                result = await self.broker.agents.session_action(session_id, action)
             except LookupError:
                 raise _not_found("session", session_id) from None
             except Exception as exc:
@@ -412,7 +409,7 @@ class _Api:
         for key in ("user", "resource"):
             if not query.get(key):
                 raise bad_field(key, "required (?user=...&resource=...)")
-        result = await self.broker.explain(
+        result = await self.broker.launches.explain(
             query["user"],
             query["resource"],
             query.get("client") or "127.0.0.1",
@@ -441,7 +438,7 @@ class _Api:
                 "known": len(self.broker.gateways),
                 "online": sum(1 for g in self.broker.gateways.values() if g.online),
             },
-            "resources": len(self.broker.resources()),
+            "resources": len(self.broker.catalog.resources()),
             "certificate": self._certificate_status(),
             "warnings": self.broker.certificates.warnings(),
         }
@@ -469,8 +466,9 @@ def _live_host(host: Host, now: float, timeout_s: float) -> dict[str, Any]:
     }
 
 
-def routes(server: AdminServer) -> list[Route]:
-    api = _Api(server)
+def routes(broker: BrokerParts, unlock_admin: Callable[[str], bool]) -> list[Route]:
+    """The API's routes on ``broker``; ``unlock_admin`` lifts a lock from failed admin logons."""
+    api = _Api(broker, unlock_admin)
     generic = api.crud("groups", GroupRecord, "group")
     generic = [r for r in generic if r.pattern != ("groups", "{}") or r.method != "GET"]
     resources = [
@@ -507,5 +505,5 @@ def routes(server: AdminServer) -> list[Route]:
         Route("GET", ("gateways",), api.gateways_list),
         Route("GET", ("explain",), api.explain),
         *portal_routes(api.broker),
-        *cert_routes(server),
+        *cert_routes(broker),
     ]

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ras.broker.admin import ApiError, ApiRequest, Route, bad_field
+from ras.broker.admin_api import ApiError, ApiRequest, Route, bad_field
 from ras.config import Invalid
 from ras.portal.settings import DEFAULT, PortalSettings
 from ras.protocol import PortalSettingsUpdate
 
 if TYPE_CHECKING:
-    from ras.broker.server import Broker
+    from ras.broker.parts import BrokerParts
     from ras.broker.store import Store
 
 __all__ = ["portal_routes", "settings_for", "update_for"]
@@ -81,7 +81,7 @@ def _test_detection(url: str) -> dict[str, Any]:
     return {"url": url, "ok": status == 200, "status": status, "address": address}
 
 
-def portal_routes(broker: Broker) -> list[Route]:
+def portal_routes(broker: BrokerParts) -> list[Route]:
     store = broker.store
 
     def run(fn: Any, *args: Any) -> Any:

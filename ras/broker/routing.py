@@ -34,12 +34,15 @@ import logging
 import os
 import struct
 import time
-import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
+from ras.broker.catalog import Catalog, User
+from ras.broker.config import BrokerConfig
+from ras.broker.hosts import Host
+from ras.broker.model import ResourceRecord
+from ras.broker.store import Store
 from ras.errors import ErrorCode, TicketError, TransportError
 from ras.net.channel import Channel
 from ras.protocol import (
@@ -51,18 +54,13 @@ from ras.protocol import (
     RouteOk,
 )  # fmt: skip
 
-if TYPE_CHECKING:
-    from ras.broker.hosts import Host
-    from ras.broker.model import ResourceRecord
-    from ras.broker.server import Broker, _User
-
 __all__ = [
     "AFFINITY_GRACE_S",
     "MAX_TOKEN_CHARS",
     "Affinity",
+    "Router",
     "RoutingClaims",
     "RoutingTokens",
-    "handle",
 ]
 
 log = logging.getLogger("ras.broker")
@@ -211,130 +209,167 @@ class Affinity:
         return len(self._entries)
 
 
-@dataclass(slots=True)
-class _Router:
-    tokens: RoutingTokens
-    affinity: Affinity
+class Router:
+    """The broker's side of RDP load balancing: routing tokens, routes and their affinity."""
 
+    def __init__(self, config: BrokerConfig, store: Store, catalog: Catalog) -> None:
+        self.config = config
+        self.store = store
+        self.catalog = catalog
+        self.hosts = catalog.hosts
+        self.tokens = RoutingTokens(store.secret("routing-key"))
+        self.affinity = Affinity()
 
-_routers: weakref.WeakKeyDictionary[Broker, _Router] = weakref.WeakKeyDictionary()
-
-
-def _router(broker: Broker) -> _Router:
-    router = _routers.get(broker)
-    if router is None:
-        router = _Router(RoutingTokens(broker.store.secret("routing-key")), Affinity())
-        _routers[broker] = router
-    return router
-
-
-async def handle(
-    broker: Broker,
-    chan: Channel,
-    msg: Route | RdpToken,
-    user: _User | None,
-    client: str,
-    gateway: str,
-) -> bool:
-    """Serve ``rdp_token`` or ``route`` on a gateway's per-client connection. True when the
-    connection is over (a route holds it until the gateway closes it)."""
-    if isinstance(msg, RdpToken):
-        with trio.fail_after(broker.config.request_timeout_s):
-            await chan.answer(_issue(broker, msg, user, client, gateway))
+    async def handle(
+        self, chan: Channel, msg: Route | RdpToken, user: User | None, client: str, gateway: str
+    ) -> bool:
+        """Serve ``rdp_token`` or ``route`` on a gateway's per-client connection. True when
+        the connection is over (a route holds it until the gateway closes it)."""
+        if isinstance(msg, RdpToken):
+            with trio.fail_after(self.config.request_timeout_s):
+                await chan.answer(self._issue(msg, user, client, gateway))
+            return False
+        with trio.fail_after(self.config.request_timeout_s):
+            result = await self._route(msg, client, gateway)
+            await chan.answer(result)
+        if not isinstance(result, tuple):
+            await self._hold(chan, result, client, gateway)
+            return True
         return False
-    with trio.fail_after(broker.config.request_timeout_s):
-        result = await _route(broker, msg, client, gateway)
-        await chan.answer(result)
-    if not isinstance(result, tuple):
-        await _hold(broker, chan, result, client, gateway)
-        return True
-    return False
 
-
-def _issue(
-    broker: Broker, msg: RdpToken, user: _User | None, client: str, gateway: str
-) -> Message | tuple[ErrorCode, str]:
-    if user is None:
-        return ErrorCode.AUTH_REQUIRED, "authenticate first"
-    if not any(r.id == msg.resource for r in broker._visible(user, client, gateway)):
-        return ErrorCode.NOT_FOUND, f"no resource {msg.resource!r} is published to you"
-    ttl = broker.config.routing_token_ttl_s
-    try:
-        token, claims = _router(broker).tokens.issue(
-            user=user.name, resource=msg.resource, gateway=gateway, now=time.time(), ttl_s=ttl
-        )
-    except TicketError as exc:
-        log.warning("routing token refused user=%s reason=%s", user.name, exc)
-        return ErrorCode.FORBIDDEN, str(exc)
-    log.info(
-        "routing token issued user=%s resource=%s token_id=%s client=%s gateway=%s expires_in=%d",
-        user.name,
-        msg.resource,
-        claims.id,
-        client,
-        gateway,
-        int(ttl),
-    )
-    return RdpTokenOk(token, int(ttl))
-
-
-async def _route(
-    broker: Broker, msg: Route, client: str, gateway: str
-) -> RouteOk | tuple[ErrorCode, str]:
-    from ras.broker.server import _User  # the broker's user record; server imports this module
-
-    where = f"client={client} gateway={gateway}"
-    if msg.token:
+    def _issue(
+        self, msg: RdpToken, user: User | None, client: str, gateway: str
+    ) -> Message | tuple[ErrorCode, str]:
+        if user is None:
+            return ErrorCode.AUTH_REQUIRED, "authenticate first"
+        if not any(r.id == msg.resource for r in self.catalog.visible(user, client, gateway)):
+            return ErrorCode.NOT_FOUND, f"no resource {msg.resource!r} is published to you"
+        ttl = self.config.routing_token_ttl_s
         try:
-            claims = _router(broker).tokens.verify(msg.token, now=time.time())
-            broker._check_redeeming_gateway(claims.gateway, claims.resource, gateway)
+            token, claims = self.tokens.issue(
+                user=user.name, resource=msg.resource, gateway=gateway, now=time.time(), ttl_s=ttl
+            )
         except TicketError as exc:
-            log.warning("route refused via=token %s reason=%s", where, exc)
-            return ErrorCode.TICKET_INVALID, "routing token is not valid"
-        name, via, resource_id = claims.user, f"token token_id={claims.id}", claims.resource
-    else:
-        if not broker.config.mstshash_routing:
-            log.warning("route refused via=mstshash %s reason=not enabled in this farm", where)
-            return ErrorCode.FORBIDDEN, "mstshash routing is not enabled in this farm"
-        name, via, resource_id = msg.user, "mstshash", None
-    record = await trio.to_thread.run_sync(broker.store.get_user, name)
-    if record is None or not record.enabled:
-        log.warning(
-            "route refused via=%s user=%s %s reason=unknown or disabled user", via, name, where
+            log.warning("routing token refused user=%s reason=%s", user.name, exc)
+            return ErrorCode.FORBIDDEN, str(exc)
+        log.info(
+            "routing token issued user=%s resource=%s token_id=%s client=%s gateway=%s "
+            "expires_in=%d",
+            user.name,
+            msg.resource,
+            claims.id,
+            client,
+            gateway,
+            int(ttl),
         )
+        return RdpTokenOk(token, int(ttl))
+
+    async def _route(
+        self, msg: Route, client: str, gateway: str
+    ) -> RouteOk | tuple[ErrorCode, str]:
+        where = f"client={client} gateway={gateway}"
         if msg.token:
-            return ErrorCode.TICKET_INVALID, "routing token is not valid"
-        return ErrorCode.FORBIDDEN, "no route for this user"
-    visible = broker._visible(_User(record.name, record.groups), client, gateway)
-    resource = _choose_resource(visible, resource_id)
-    if resource is None:
-        why = "no desktop is published to the user" if resource_id is None else "resource gone"
-        log.warning("route refused via=%s user=%s %s reason=%s", via, record.name, where, why)
-        if msg.token:
-            return ErrorCode.TICKET_INVALID, "routing token is not valid"
-        return ErrorCode.FORBIDDEN, "no route for this user"
-    host, sticky = _pick(broker, record.name, resource)
-    if host is None:
-        log.warning(
-            "route failed via=%s user=%s resource=%s %s reason=no host available",
-            via,
+            try:
+                claims = self.tokens.verify(msg.token, now=time.time())
+                self.catalog.check_redeeming_gateway(claims.gateway, claims.resource, gateway)
+            except TicketError as exc:
+                log.warning("route refused via=token %s reason=%s", where, exc)
+                return ErrorCode.TICKET_INVALID, "routing token is not valid"
+            name, via, resource_id = claims.user, f"token token_id={claims.id}", claims.resource
+        else:
+            if not self.config.mstshash_routing:
+                log.warning("route refused via=mstshash %s reason=not enabled in this farm", where)
+                return ErrorCode.FORBIDDEN, "mstshash routing is not enabled in this farm"
+            name, via, resource_id = msg.user, "mstshash", None
+        record = await trio.to_thread.run_sync(self.store.get_user, name)
+        if record is None or not record.enabled:
+            log.warning(
+                "route refused via=%s user=%s %s reason=unknown or disabled user", via, name, where
+            )
+            if msg.token:
+                return ErrorCode.TICKET_INVALID, "routing token is not valid"
+            return ErrorCode.FORBIDDEN, "no route for this user"
+        visible = self.catalog.visible(User(record.name, record.groups), client, gateway)
+        resource = _choose_resource(visible, resource_id)
+        if resource is None:
+            why = "no desktop is published to the user" if resource_id is None else "resource gone"
+            log.warning("route refused via=%s user=%s %s reason=%s", via, record.name, where, why)
+            if msg.token:
+                return ErrorCode.TICKET_INVALID, "routing token is not valid"
+            return ErrorCode.FORBIDDEN, "no route for this user"
+        host, sticky = self._pick(record.name, resource)
+        if host is None:
+            log.warning(
+                "route failed via=%s user=%s resource=%s %s reason=no host available",
+                via,
+                record.name,
+                resource.id,
+                where,
+            )
+            return ErrorCode.NO_HOST, "no host is available for this resource right now"
+        log.info(
+            "route user=%s resource=%s host=%s rdp=%s:%d via=%s affinity=%s %s",
             record.name,
             resource.id,
+            host.name,
+            host.rdp_host,
+            host.rdp_port,
+            via,
+            sticky,
             where,
         )
-        return ErrorCode.NO_HOST, "no host is available for this resource right now"
-    log.info(
-        "route user=%s resource=%s host=%s rdp=%s:%d via=%s affinity=%s %s",
-        record.name,
-        resource.id,
-        host.name,
-        host.rdp_host,
-        host.rdp_port,
-        via,
-        sticky,
-        where,
-    )
-    return RouteOk(host.rdp_host, host.rdp_port, record.name, resource.id)
+        return RouteOk(host.rdp_host, host.rdp_port, record.name, resource.id)
+
+    def _pick(self, user: str, resource: ResourceRecord) -> tuple[Host | None, bool]:
+        """The host of the user's routed connections if it still serves, else the broker's
+        choice for a launch (pools, balancing method, the user's disconnected sessions)."""
+        now = time.monotonic()
+        name = self.affinity.host_for(user, resource.id, now)
+        if name is not None:
+            host = self.hosts.hosts.get(name)
+            alive = (
+                host is not None
+                and host.online
+                and now - host.last_report <= self.hosts.timeout_s
+                # chosen for this resource before: still one of its hosts (pools: their members)
+                and (not resource.hosts or name in resource.hosts or bool(resource.pools))
+            )
+            if alive:
+                return host, True
+            self.affinity.forget(user, resource.id)
+        return self.catalog.choose_host(resource, user).host, False
+
+    async def _hold(self, chan: Channel, granted: RouteOk, client: str, gateway: str) -> None:
+        """Keep the affinity while the gateway keeps this connection (its RDP connection) open."""
+        host = next(
+            (
+                h.name
+                for h in self.hosts.hosts.values()
+                if (h.rdp_host, h.rdp_port) == (granted.host, granted.port)
+            ),
+            f"{granted.host}:{granted.port}",
+        )
+        self.affinity.opened(granted.user, granted.resource, host)
+        started = time.monotonic()
+        try:
+            while True:
+                msg = await chan.receive()
+                if not await chan.answer_ping(msg):
+                    await chan.fail(ErrorCode.UNEXPECTED, "nothing more is expected after route_ok")
+                    return
+        except TransportError:
+            pass  # the gateway closed: the RDP connection ended
+        finally:
+            self.affinity.closed(granted.user, granted.resource, host, time.monotonic())
+            log.info(
+                "route ended user=%s resource=%s host=%s client=%s gateway=%s seconds=%.1f",
+                granted.user,
+                granted.resource,
+                host,
+                client,
+                gateway,
+                time.monotonic() - started,
+            )
 
 
 def _choose_resource(
@@ -343,58 +378,3 @@ def _choose_resource(
     if resource_id is not None:
         return next((r for r in visible if r.id == resource_id), None)
     return next((r for r in visible if r.kind is ResourceKind.DESKTOP), None)
-
-
-def _pick(broker: Broker, user: str, resource: ResourceRecord) -> tuple[Host | None, bool]:
-    """The host of the user's routed connections if it still serves, else the broker's
-    choice for a launch (pools, balancing method, the user's disconnected sessions)."""
-    affinity = _router(broker).affinity
-    now = time.monotonic()
-    name = affinity.host_for(user, resource.id, now)
-    if name is not None:
-        host = broker.hosts.hosts.get(name)
-        alive = (
-            host is not None
-            and host.online
-            and now - host.last_report <= broker.hosts.timeout_s
-            # chosen for this resource before: still one of its hosts (pools: their members)
-            and (not resource.hosts or name in resource.hosts or bool(resource.pools))
-        )
-        if alive:
-            return host, True
-        affinity.forget(user, resource.id)
-    return broker.choose_host(resource, user).host, False
-
-
-async def _hold(broker: Broker, chan: Channel, granted: RouteOk, client: str, gateway: str) -> None:
-    """Keep the affinity while the gateway keeps this connection (its RDP connection) open."""
-    affinity = _router(broker).affinity
-    host = next(
-        (
-            h.name
-            for h in broker.hosts.hosts.values()
-            if (h.rdp_host, h.rdp_port) == (granted.host, granted.port)
-        ),
-        f"{granted.host}:{granted.port}",
-    )
-    affinity.opened(granted.user, granted.resource, host)
-    started = time.monotonic()
-    try:
-        while True:
-            msg = await chan.receive()
-            if not await chan.answer_ping(msg):
-                await chan.fail(ErrorCode.UNEXPECTED, "nothing more is expected after route_ok")
-                return
-    except TransportError:
-        pass  # the gateway closed: the RDP connection ended
-    finally:
-        affinity.closed(granted.user, granted.resource, host, time.monotonic())
-        log.info(
-            "route ended user=%s resource=%s host=%s client=%s gateway=%s seconds=%.1f",
-            granted.user,
-            granted.resource,
-            host,
-            client,
-            gateway,
-            time.monotonic() - started,
-        )

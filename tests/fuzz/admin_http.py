@@ -114,7 +114,9 @@ def _server() -> AdminServer:
     server.authenticate = _nobody
     table = [Route("POST", ("session", "logon"), server._logon)]
     table.append(Route("POST", ("session", "logoff"), _decode_body))
-    table += [Route(r.method, r.pattern, _decode_body) for r in routes(server)]
+    table += [
+        Route(r.method, r.pattern, _decode_body) for r in routes(server.broker, server.unlock)
+    ]
     server._routes = table
     return server
 

@@ -1,0 +1,162 @@
+"""What the broker publishes and where it may go: the catalogue and placement.
+
+The published resources, hosts, pools, groups and factor rules come from ``broker.toml`` and
+from the store (the admin API); the store's are re-read whenever it changed
+(``Store.generation``). :class:`Catalog` answers what a login may see, which host a launch
+goes to, what the client is told to start, and whether a gateway may redeem a ticket issued
+through another. What the broker decides and why is in ``docs/broker.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from ras.broker import policy
+from ras.broker.config import BrokerConfig
+from ras.broker.hosts import Choice, HostRegistry
+from ras.broker.model import (
+    FactorRule,
+    GroupRecord,
+    HostKind,
+    HostRecord,
+    PoolRecord,
+    ResourceRecord,
+    TicketScope,
+)
+from ras.broker.sessions import SessionTable
+from ras.broker.store import Store
+from ras.errors import TicketError
+
+__all__ = ["Catalog", "Configured", "User"]
+
+log = logging.getLogger("ras.broker")
+
+
+@dataclass(slots=True)
+class User:
+    """A logged-in user: the directory's name and the groups the farm counts."""
+
+    name: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Configured:
+    """What the administrator configured, from broker.toml and the store, at one moment."""
+
+    resources: tuple[ResourceRecord, ...]  # broker.toml's first, then the store's
+    origins: dict[str, str]  # resource id (case-folded) -> "config" or "store"
+    groups: tuple[GroupRecord, ...]
+    hosts: tuple[HostRecord, ...]
+    pools: tuple[PoolRecord, ...]
+    rules: tuple[FactorRule, ...]
+    pool_members: dict[str, list[str]] = field(default_factory=dict)
+
+
+class Catalog:
+    """broker.toml's and the store's publishing, and the choice of a host for a launch."""
+
+    def __init__(
+        self, config: BrokerConfig, store: Store, hosts: HostRegistry, sessions: SessionTable
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.hosts = hosts
+        self.sessions = sessions
+        self._config_resources = tuple(r.record() for r in config.resources)
+        self.config_rules = tuple(r.rule() for r in config.factor_rules)
+        self._generation = -1
+        self._configured = self._load()
+
+    def _load(self) -> Configured:
+        generation = self.store.generation
+        stored = tuple(self.store.list_objects(ResourceRecord))
+        config_ids = {r.id.casefold() for r in self._config_resources}
+        origins = {r.id.casefold(): "config" for r in self._config_resources}
+        extra = tuple(r for r in stored if r.id.casefold() not in config_ids)
+        origins.update({r.id.casefold(): "store" for r in extra})
+        hosts = tuple(self.store.list_objects(HostRecord))
+        self.hosts.configure(hosts)
+        members: dict[str, list[str]] = {}
+        for host in hosts:
+            for pool in host.pools:
+                members.setdefault(pool.casefold(), []).append(host.name)
+        self._generation = generation
+        return Configured(
+            resources=self._config_resources + extra,
+            origins=origins,
+            groups=tuple(self.store.list_objects(GroupRecord)),
+            hosts=hosts,
+            pools=tuple(self.store.list_objects(PoolRecord)),
+            rules=tuple(self.store.list_objects(FactorRule)),
+            pool_members=members,
+        )
+
+    def configured(self) -> Configured:
+        """The configuration now (re-read from the store when it changed since last time)."""
+        if self.store.generation != self._generation:
+            self._configured = self._load()
+        return self._configured
+
+    def resources(self) -> list[ResourceRecord]:
+        """Every published resource: broker.toml's (read-only), then the store's."""
+        return list(self.configured().resources)
+
+    def resource_origins(self) -> dict[str, str]:
+        """Where each resource comes from: case-folded id -> "config" or "store"."""
+        return dict(self.configured().origins)
+
+    def visible(
+        self, user: User, client: str | None = None, gateway: str | None = None
+    ) -> list[ResourceRecord]:
+        """What this login may see. An unknown ``client`` or ``gateway`` (None) fails every
+        filter that names client networks or gateways."""
+        return policy.visible(
+            self.configured().resources, user.name, user.groups, client or "", gateway or ""
+        )
+
+    def choose_host(self, resource: ResourceRecord, user: str, *, dry_run: bool = False) -> Choice:
+        """The host for ``user``'s launch of ``resource`` (counted as used unless dry_run)."""
+        cfg = self.configured()
+        place = policy.placement(resource, cfg.pools, cfg.pool_members, self.config.balancing)
+        return self.hosts.choose(
+            time.monotonic(),
+            place.hosts,
+            method=place.method,
+            turn_key=place.turn_key,
+            affinity=self.sessions.affinity(user, self.hosts.kinds),
+            dry_run=dry_run,
+        )
+
+    def check_redeeming_gateway(self, issued_via: str, resource: str, gateway: str) -> None:
+        """A ticket or routing token issued through ``issued_via`` redeemed through ``gateway``
+        (``TicketError`` if not allowed): with ``ticket_scope = "farm"`` any gateway of the farm
+        may, so long as the resource is still published through it."""
+        if issued_via == gateway:
+            return
+        if self.config.ticket_scope is TicketScope.GATEWAY:
+            raise TicketError(f"it was issued through gateway {issued_via!r}")
+        record = next((r for r in self.configured().resources if r.id == resource), None)
+        if record is None or not record.enabled:
+            raise TicketError(f"resource {resource!r} is no longer published")
+        if not record.filter.allows_gateway(gateway):
+            raise TicketError(f"resource {resource!r} is not published through this gateway")
+
+    async def drain_host(self, name: str, drained: bool) -> HostRecord:
+        """Drain (no new sessions; users still reconnect to theirs) or undrain a host."""
+        record = await trio.to_thread.run_sync(self.store.get_object, HostRecord, name)
+        live = next(
+            (h for h in self.hosts.hosts.values() if h.name.casefold() == name.casefold()), None
+        )
+        if record is None:
+            kind = live.kind if live is not None else HostKind.RDSH
+            record = HostRecord(live.name if live is not None else name, kind)
+        record = dataclasses.replace(record, drained=drained)
+        await trio.to_thread.run_sync(self.store.put_object, record)
+        log.info("host %s name=%s", "drained" if drained else "undrained", record.name)
+        return record

@@ -1,0 +1,197 @@
+"""Logins: the throttle, the directory, the second factor, resume tokens.
+
+A login goes: throttle (refused before the directory is asked), the directory (built-in or
+LDAP), the second factor the rules name (TOTP or RADIUS, in challenge rounds over the client's
+connection). A logged-in client gets a resume token, with which it may log in again after a
+lost connection without typing anything, from the same address, while the directory still
+knows the user.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import trio
+
+from ras.broker import policy
+from ras.broker.catalog import Catalog, User
+from ras.broker.config import BrokerConfig
+from ras.broker.directory import Directory, DirectoryUnavailable
+from ras.broker.model import Factor
+from ras.broker.radius import Accept, Challenge, RadiusClient, RadiusUnavailable
+from ras.broker.store import Store
+from ras.broker.throttle import Throttle, wait_text
+from ras.broker.tickets import ResumeTokens
+from ras.broker.totp import verify_totp
+from ras.errors import ErrorCode, RemoteProtocolError, TicketError
+from ras.net.channel import Channel
+from ras.protocol import AuthChallenge, Authenticate, AuthResponse, Resume
+
+__all__ = ["MAX_CHALLENGE_ROUNDS", "Login"]
+
+log = logging.getLogger("ras.broker")
+
+MAX_CHALLENGE_ROUNDS = 5
+_PROMPT_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
+
+
+class Login:
+    """Authenticates users (``authenticate``, ``resume``) and issues resume tokens."""
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        store: Store,
+        catalog: Catalog,
+        directory: Directory,
+        throttle: Throttle,
+        radius: RadiusClient | None,
+        resume: ResumeTokens,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.catalog = catalog
+        self.directory = directory
+        self.throttle = throttle
+        self.radius = radius
+        self.resume_tokens = resume
+
+    async def authenticate(
+        self, chan: Channel, msg: Authenticate, client: str, gateway: str
+    ) -> User | tuple[ErrorCode, str]:
+        """Throttle, password, then the second factor the rules name (challenge rounds)."""
+        where = f"client={client} gateway={gateway}"
+        lock = self.throttle.check(msg.username, client)
+        if lock is not None:  # refused before the directory is asked anything
+            log.warning(
+                "auth throttled user=%s %s locked=%s retry_in=%.0fs",
+                msg.username, where, lock.what, lock.retry_after_s,
+            )  # fmt: skip
+            return ErrorCode.THROTTLED, (
+                f"too many failed logins; try again in {wait_text(lock.retry_after_s)}"
+            )
+        try:
+            with trio.fail_after(self.config.request_timeout_s):
+                identity = await self.directory.authenticate(msg.username, msg.password)
+        except (DirectoryUnavailable, trio.TooSlowError) as exc:
+            why = str(exc) if isinstance(exc, DirectoryUnavailable) else "no answer in time"
+            log.error("auth unavailable user=%s %s reason=directory: %s", msg.username, where, why)
+            return ErrorCode.UNAVAILABLE, "the directory cannot be reached; try again later"
+        if identity is None:
+            return self._failed(msg.username, where, "unknown user or wrong password", client)
+        cfg = self.catalog.configured()
+        groups = policy.groups_of(identity.name, identity.groups, cfg.groups)
+        record = await trio.to_thread.run_sync(self.store.get_user, identity.name)
+        secret = record.totp_secret if record is not None and record.enabled else None
+        factor, rule = policy.factor_for(
+            (*self.catalog.config_rules, *cfg.rules), identity.name, groups, client, gateway,
+            has_totp=secret is not None,
+        )  # fmt: skip
+        if factor is Factor.TOTP:
+            if secret is None:
+                return self._failed(
+                    identity.name, where, f"needs TOTP ({rule}), none enrolled", client
+                )
+            why = await self._totp(chan, identity.name, secret)
+        elif factor is Factor.RADIUS:
+            try:
+                why = await self._radius_rounds(chan, identity.name, client)
+            except RadiusUnavailable as exc:
+                log.error(
+                    "auth unavailable user=%s %s reason=radius: %s", identity.name, where, exc
+                )
+                return ErrorCode.UNAVAILABLE, "the second-factor server cannot be reached"
+        else:
+            why = ""
+        if why:
+            return self._failed(identity.name, where, why, client)
+        self.throttle.succeeded(msg.username)
+        self.throttle.succeeded(identity.name)
+        factors = "password" if factor is Factor.NONE else f"password+{factor}"
+        log.info(
+            "auth ok user=%s %s factors=%s source=%s rule=%s",
+            identity.name, where, factors, identity.source, rule,
+        )  # fmt: skip
+        return User(identity.name, groups)
+
+    def resume_token(self, user: User, client: str) -> str:
+        """A token to log in again after a lost connection ("" when resume is off)."""
+        if self.config.resume_ttl_s <= 0:
+            return ""
+        token, _ = self.resume_tokens.issue(
+            user=user.name, client=client, now=time.time(), ttl_s=self.config.resume_ttl_s
+        )
+        return token
+
+    async def resume(self, msg: Resume, client: str, gateway: str) -> User | tuple[ErrorCode, str]:
+        """Log in again with a resume token: genuine, unexpired, from the same client address,
+        and the user still known to the directory and enabled (its groups read again)."""
+        where = f"client={client} gateway={gateway}"
+        try:
+            claims = self.resume_tokens.verify(msg.token, now=time.time())
+            if claims.client != client:
+                raise TicketError(f"it was issued to client {claims.client}")
+            with trio.fail_after(self.config.request_timeout_s):
+                identity = await self.directory.lookup(claims.user)
+            if identity is None:
+                raise TicketError(f"user {claims.user} is unknown or disabled now")
+        except TicketError as exc:
+            log.warning("resume refused %s reason=%s", where, exc)
+            return ErrorCode.AUTH_FAILED, "the session cannot be resumed; log in again"
+        except (DirectoryUnavailable, trio.TooSlowError) as exc:
+            why = str(exc) if isinstance(exc, DirectoryUnavailable) else "no answer in time"
+            log.error("resume unavailable user=%s %s reason=directory: %s", claims.user, where, why)
+            return ErrorCode.UNAVAILABLE, "the directory cannot be reached; try again later"
+        groups = policy.groups_of(identity.name, identity.groups, self.catalog.configured().groups)
+        log.info(
+            "auth ok user=%s %s factors=resume source=%s", identity.name, where, identity.source
+        )
+        return User(identity.name, groups)
+
+    def _failed(self, user: str, where: str, why: str, client: str) -> tuple[ErrorCode, str]:
+        lock = self.throttle.failed(user, client)
+        locked = f" now locked={lock.what} for={lock.retry_after_s:.0f}s" if lock else ""
+        log.warning("auth failed user=%s %s reason=%s%s", user, where, why, locked)
+        return ErrorCode.AUTH_FAILED, "wrong user name or password"
+
+    async def _answer(self, chan: Channel, prompt: str, echo: bool) -> str:
+        """One challenge round: show ``prompt``, return what the user typed."""
+        prompt = _PROMPT_CONTROL.sub(" ", prompt).strip()[:512] or "Answer:"
+        await chan.send(AuthChallenge(prompt, echo))
+        with trio.fail_after(self.config.challenge_timeout_s):
+            answer = await chan.receive_reply()
+        if not isinstance(answer, AuthResponse):
+            await chan.fail(ErrorCode.UNEXPECTED, "expected auth_response")
+            raise RemoteProtocolError("expected auth_response", ErrorCode.UNEXPECTED)
+        return answer.answer
+
+    async def _totp(self, chan: Channel, user: str, secret: bytes) -> str:
+        """Why the TOTP round failed ("" if it passed)."""
+        code = await self._answer(chan, "Verification code from your authenticator app:", True)
+        step = verify_totp(secret, code, time.time())
+        if step is None:
+            return "wrong one-time code"
+        if not await trio.to_thread.run_sync(self.store.use_totp_step, user, step):
+            return "one-time code already used"
+        return ""
+
+    async def _radius_rounds(self, chan: Channel, user: str, client: str) -> str:
+        """Why the RADIUS rounds failed ("" if the server accepted). The first answer (the
+        code the user types) is the RADIUS password; Access-Challenges are further rounds."""
+        if self.radius is None:  # a rule from the admin API on a broker with no [radius]
+            raise RadiusUnavailable("a factor rule needs RADIUS but broker.toml has no [radius]")
+        answer = await self._answer(chan, "Verification code:", False)
+        state: bytes | None = None
+        for _ in range(MAX_CHALLENGE_ROUNDS):
+            result = await self.radius.authenticate(
+                user, answer, state=state, calling_station=client
+            )
+            if isinstance(result, Accept):
+                return ""
+            if not isinstance(result, Challenge):
+                return "RADIUS server rejected the code"
+            answer = await self._answer(chan, result.prompt, result.echo)
+            state = result.state
+        return f"more than {MAX_CHALLENGE_ROUNDS} RADIUS challenge rounds"
