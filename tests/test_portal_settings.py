@@ -133,3 +133,25 @@ def test_a_gateway_keeps_its_settings_when_pushed_bad_ones(bad):
     assert portal.settings is before
     assert portal.apply('{"launch_method": "browser"}')
     assert portal.settings.launch_method is LaunchMethod.BROWSER
+
+
+async def test_the_plain_ports_redirect_names_the_alternate_address(tmp_path):
+    """Behind a network load balancer, the URLs the gateway hands out name the balancer."""
+    async with farm(tmp_path) as f:
+        gw = f.gateways["gateway"]
+        assert gw.portal is not None
+        await until(gw.registered.is_set)
+        await trio.to_thread.run_sync(
+            f.store.put_object,
+            PortalSettings(alternate_host="rds.example.com", alternate_port=8443),
+        )
+        await f.broker.links.push_portal()
+        await until(lambda: gw.portal.settings.alternate_port == 8443)
+        stream = await trio.open_tcp_stream(*f.gateway_addrs["gateway"]["plain"])
+        async with stream:
+            await stream.send_all(b"GET /resources HTTP/1.1\r\nHost: gw\r\n\r\n")
+            reply = b""
+            with trio.fail_after(10):
+                while data := await stream.receive_some():
+                    reply += data
+        assert b"location: https://rds.example.com:8443/resources\r\n" in reply.lower()

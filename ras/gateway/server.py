@@ -302,7 +302,6 @@ class Gateway:
         return True
 
     async def _dispatch(self, kind: Kind, stream: PrefixedStream, conn: Conn) -> None:
-        cfg = self.config
         assert self._sessions is not None  # a normal gateway
         assert self._rdp is not None
         match kind:
@@ -312,7 +311,9 @@ class Gateway:
                 await self._rdp.serve(stream, conn)
             case Kind.HTTP if not conn.tls:
                 with trio.fail_at(conn.deadline):
-                    await plain_http(stream, cfg.public_host, cfg.public_port, self.challenges)
+                    assert self.portal is not None  # browsers go to the portal's address
+                    host, port = self.portal.public_address()
+                    await plain_http(stream, host, port, self.challenges)
             case Kind.HTTP:  # the User Portal (ras.portal)
                 assert self.portal is not None
                 with trio.fail_at(conn.deadline):

@@ -109,6 +109,12 @@ class Portal:
         self.web_launch = web_launch
         self._open_session = open_session
 
+    def public_address(self) -> tuple[str, int]:
+        """Where browsers reach this portal: the gateway's public host and port, or the
+        alternate ones of a network load balancer in front (the plain port's redirects)."""
+        s = self.settings
+        return s.alternate_host or self.site.public_host, s.alternate_port or self.site.public_port
+
     def apply(self, text: str) -> bool:
         """Take the settings the broker pushed (the JSON of a ``PortalSettings``); bad ones are
         logged and the current ones kept."""
