@@ -10,8 +10,10 @@ certificate and opens its own TLS to gw, verifying gw's certificate.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import ssl
 
 import pytest
 import trio
@@ -275,3 +277,49 @@ async def test_xfreerdp_xrdp_login_through_the_chain(tmp_path, display):
             await session.aclose()
             nursery.cancel_scope.cancel()
     assert result.returncode == 12, f"{result.summary()}\n{server.log_tail()}"
+
+
+async def _https(f: Farm, request: bytes) -> bytes:
+    """One HTTPS request to fw1's TLS port, as a browser sends it (fw2's certificate)."""
+    ctx = ssl.create_default_context(cafile=str(f.pki.directory / "fw2-public.pem"))
+    tcp = await trio.open_tcp_stream(*f.gateway_addrs["fw1"]["tls"])
+    stream = trio.SSLStream(tcp, ctx, server_hostname="localhost", https_compatible=True)
+    reply = bytearray()
+    async with stream:
+        await stream.send_all(request)
+        # the close after the answer may come as a reset through the forwarders' relays
+        with trio.fail_after(20), contextlib.suppress(trio.BrokenResourceError):
+            while data := await stream.receive_some():
+                reply += data
+    return bytes(reply)
+
+
+async def test_the_user_portal_through_the_chain(tmp_path, nursery, caplog):
+    """A browser reaches the portal through both forwarders, and logs in as itself: the normal
+    gateway and the broker see its own address, not a forwarder's."""
+    caplog.set_level(logging.INFO)
+    async with farm(tmp_path, gateways=()) as f:
+        await _chain(f, nursery, dead_first=False)
+        page = await _https(f, b"GET /login HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert page.startswith(b"HTTP/1.1 200 ")
+        token = re.search(rb"ras_portal_login=([A-Za-z0-9_-]+);", page)
+        assert token is not None
+        form = b"csrf=%s&username=%s&password=%s" % (
+            token.group(1),
+            USER.encode(),
+            PASSWORD.replace(" ", "+").encode(),
+        )
+        logged_in = await _https(
+            f,
+            b"POST /login HTTP/1.1\r\nHost: localhost\r\ncookie: ras_portal_login=%s\r\n"
+            b"content-type: application/x-www-form-urlencoded\r\ncontent-length: %d\r\n\r\n%s"
+            % (token.group(1), len(form), form),
+        )
+        assert logged_in.startswith(b"HTTP/1.1 303 ")
+        assert b"location: /resources\r\n" in logged_in.lower()
+    logins = _lines(caplog, "ras.portal", "portal login ok ")
+    assert logins == [f"portal login ok user={USER} client=127.0.0.1"]
+    assert any(
+        m.startswith(f"auth ok user={USER} client=127.0.0.1 gateway=gw ")
+        for m in _lines(caplog, "ras.broker", "auth ok ")
+    )

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import logging
 import mimetypes
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -41,6 +42,7 @@ from ras.portal.security import (
     origin_allowed,
     security_headers,
     session_csrf,
+    well_formed,
 )
 from ras.portal.sessions import PendingLogin, Sessions, WebSession
 from ras.portal.settings import PortalSettings
@@ -69,6 +71,7 @@ OpenSession = Callable[[Peer], Awaitable[Channel]]
 WebLaunch = Callable[[WebSession, str, Request], Awaitable[Response]]
 FARM = "User Portal"
 _LOGIN_COOKIE_S = 3600
+_PRINTABLE = re.compile(r"[\x21-\x7e]{1,16384}")  # what a resume token may be
 _STATIC = resources.files("ras.portal").joinpath("static")
 _STATIC_FILES = frozenset(p.name for p in _STATIC.iterdir() if p.name.endswith((".css", ".js")))
 
@@ -209,8 +212,10 @@ class Portal:
         sid = cookies.get(s.cookie_name)
         session = self.sessions.get(sid, idle_s=s.session_idle_s, max_s=s.session_max_s)
         token = cookies.get(self._resume_cookie())
-        if session is not None or not sid or not token or self.sessions.known(sid):
+        if session is not None or sid is None or not well_formed(sid) or self.sessions.known(sid):
             return session
+        if not token or not _PRINTABLE.fullmatch(token):
+            return None
         now = trio.current_time()
         adopted = WebSession("", request.client[0], None, token, now, now, id=sid)
         try:
@@ -257,7 +262,7 @@ class Portal:
         """The login form with its double-submit CSRF token (the login cookie's value)."""
         token = request.cookies().get(self._login_cookie()) or ""
         response = Response(status)
-        if len(token) < 32:
+        if not well_formed(token):
             token = new_token()
             response.headers.append(
                 (
@@ -282,7 +287,7 @@ class Portal:
 
     def _login_csrf(self, request: Request, form: dict[str, str]) -> bool:
         expected = request.cookies().get(self._login_cookie()) or ""
-        return len(expected) >= 32 and check_token(expected, form.get("csrf"))
+        return well_formed(expected) and check_token(expected, form.get("csrf"))
 
     async def _login(self, request: Request) -> Response:
         form = request.form()
@@ -379,6 +384,8 @@ class Portal:
                 status, text = _REFUSALS.get(reply.code, (403, "You cannot log in here."))
                 if reply.code is ErrorCode.THROTTLED:
                     text = f"Locked: {reply.message}."
+                elif reply.code is ErrorCode.UNAVAILABLE:  # the directory, or RADIUS: which
+                    text = f"{reply.message[:1].upper()}{reply.message[1:]}."
                 return self._login_page(request, status, text, username)
             case _:
                 self.sessions.close_later(chan)
@@ -521,7 +528,7 @@ class Portal:
 _REFUSALS = {
     ErrorCode.AUTH_FAILED: (401, "Wrong user name or password."),
     ErrorCode.THROTTLED: (429, ""),
-    ErrorCode.UNAVAILABLE: (503, "The directory cannot be reached; try again later."),
+    ErrorCode.UNAVAILABLE: (503, ""),
 }
 
 

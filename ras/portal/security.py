@@ -22,11 +22,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import urllib.parse
 
 from ras.portal.settings import PortalSettings
 from ras.portal.web import Request, Response
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{32,128}")
 
 __all__ = [
     "check_token",
@@ -36,6 +39,7 @@ __all__ = [
     "origin_allowed",
     "security_headers",
     "session_csrf",
+    "well_formed",
 ]
 
 
@@ -54,8 +58,17 @@ def session_csrf(session_id: str, resume_token: str) -> str:
     return base64.urlsafe_b64encode(digest.digest()).decode().rstrip("=")
 
 
+def well_formed(token: str | None) -> bool:
+    """Could ``token`` be one of ours (what ``new_token`` and ``session_csrf`` make)?"""
+    return token is not None and _TOKEN.fullmatch(token) is not None
+
+
 def check_token(expected: str, given: str | None) -> bool:
-    return bool(expected) and given is not None and hmac.compare_digest(expected, given)
+    """``given`` is ``expected`` (compared in constant time; any text, even not ASCII, which
+    ``hmac.compare_digest`` refuses as ``str``: found by the portal_http fuzz target)."""
+    if not expected or given is None:
+        return False
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
 
 
 def _origin_of(url: str) -> str:

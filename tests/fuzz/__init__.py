@@ -37,6 +37,7 @@ TARGETS = (
     "admin_http",
     "admin_json",
     "gateway_http",
+    "portal_http",
 )
 CORPUS = Path(__file__).parent / "corpus"
 
