@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ras.broker.etcd import EtcdConfig
 from ras.broker.ldapconfig import LdapConfig
 from ras.broker.model import (
     Balancing,
@@ -144,6 +145,9 @@ class BrokerConfig:
     radius: RadiusConfig | None = None
     # The LDAP / Active Directory directory (docs/directories.md); none: the built-in store.
     ldap: LdapConfig | None = None
+    # Several brokers of one farm (docs/brokers.md): their shared state in an etcd cluster
+    # instead of ``database`` (which then holds nothing).
+    etcd: EtcdConfig | None = None
     # The admin API (docs/admin-api.md): HTTPS on admin_listen_host:admin_port. A logon must
     # be a member of one of admin_groups; a farm certificate whose name is in
     # admin_cert_names needs no logon. Tokens expire after admin_token_ttl_s.

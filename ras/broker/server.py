@@ -120,6 +120,7 @@ class Broker:
             )
             addrs = {"gateways": gw[0], "agents": ag[0]}
             nursery.start_soon(self.certificates.run)  # ACME orders and renewals
+            nursery.start_soon(self.store.follow)  # other brokers' changes (a shared store)
             if cfg.admin_enabled:  # the HTTPS admin API (ras.broker.admin)
                 addrs["admin"] = await nursery.start(partial(serve_admin, self))
             log.info("broker ready name=%s resources=%d", cfg.name, len(cfg.resources))

@@ -53,6 +53,10 @@ class Store(Protocol):
     def put_object(self, obj: Any) -> None: ...
     def delete_object(self, cls: type[Any], key: str) -> bool: ...
     def list_objects(self, cls: type[T]) -> list[T]: ...
+    async def follow(self) -> None:
+        """Keep ``generation`` up with changes other brokers make, until cancelled (a store
+        that no one else writes returns at once)."""
+
     def close(self) -> None: ...
 
 
@@ -229,6 +233,9 @@ class SQLiteStore:
                 "SELECT key, body FROM objects WHERE kind = ? ORDER BY key", (kind,)
             ).fetchall()
         return [_object(cls, kind, r) for r in rows]
+
+    async def follow(self) -> None:
+        return  # one broker's own file: its generation is always up to date
 
     def close(self) -> None:
         with self._lock:

@@ -14,7 +14,8 @@ from ras.agents.config import AgentConfig
 from ras.broker.config import BrokerConfig
 from ras.broker.passwords import hash_password
 from ras.broker.server import GC_THRESHOLDS, Broker
-from ras.broker.store import SQLiteStore, UserRecord
+from ras.broker.state import open_store
+from ras.broker.store import UserRecord
 from ras.broker.totp import new_secret, otpauth_uri
 from ras.cli.common import (
     EXIT,
@@ -76,7 +77,7 @@ def check_identity(cert_file: Path | None, name: str, *, config_path: Path) -> N
 def _run_broker(args: argparse.Namespace) -> int:
     try:
         cfg = daemon_options(args, load_config(BrokerConfig, args.config))
-        store = SQLiteStore(cfg.database)
+        store = open_store(cfg)
         broker = Broker(cfg, store)
     except RasError as exc:
         return fail(exc)
@@ -90,7 +91,7 @@ def _run_broker(args: argparse.Namespace) -> int:
 def _broker_users(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(BrokerConfig, args.config)
-        store = SQLiteStore(cfg.database)
+        store = open_store(cfg)
         try:
             if args.action == "user-add":
                 password = read_secret(args.password_file, f"password for {args.name}: ")
