@@ -130,16 +130,20 @@ def expiry(record: CertificateRecord) -> float | None:
 
 
 def expiry_warning(record: CertificateRecord, now: float) -> str:
-    """A line for the status when the certificate expires within ``EXPIRY_WARNING_DAYS`` or
-    has expired; empty otherwise."""
-    not_after = expiry(record)
-    if not_after is None:
+    """A line for the status when the certificate expires within ``EXPIRY_WARNING_DAYS`` (one
+    that ACME renews: once its renewal is due, the last third of its lifetime, if that comes
+    later) or has expired; empty otherwise."""
+    if not record.cert_pem:
         return ""
+    not_before, not_after = lifetime(record.cert_pem)
+    threshold = EXPIRY_WARNING_DAYS * 86400
+    if record.acme_names:
+        threshold = min(threshold, (not_after - not_before) / 3)
     left = not_after - now
     when = dt.datetime.fromtimestamp(not_after, dt.UTC).isoformat(timespec="seconds")
     if left <= 0:
         return f"the farm certificate expired at {when}"
-    if left <= EXPIRY_WARNING_DAYS * 86400:
+    if left <= threshold:
         return f"the farm certificate expires in {_span(left)} ({when})"
     return ""
 
