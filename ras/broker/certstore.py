@@ -136,7 +136,7 @@ def expiry_warning(record: CertificateRecord, now: float) -> str:
     if not record.cert_pem:
         return ""
     not_before, not_after = lifetime(record.cert_pem)
-    threshold = EXPIRY_WARNING_DAYS * 86400
+    threshold = EXPIRY_WARNING_DAYS * 86400.0
     if record.acme_names:
         threshold = min(threshold, (not_after - not_before) / 3)
     left = not_after - now
