@@ -20,7 +20,7 @@ from ras.broker.store import UserRecord
 from ras.broker.totp import totp
 from ras.client.rdpfile import parse_rdp_file
 from ras.config import Invalid
-from ras.portal import LaunchMethod, Portal, PortalSettings
+from ras.portal import LaunchMethod, Portal, PortalSettings, WebSession
 from ras.portal.web import Request, Response
 
 pytestmark = pytest.mark.usefixtures("inline_threads")
@@ -72,11 +72,22 @@ class Browser:
         )
 
 
-def _portal(f: MemoryFarm, **settings: object) -> Portal:
-    portal = f.gateway(rdp_lb_enabled=True, public_host="gw.example.com").portal
+async def web_page(session: WebSession, resource: str, request: Request) -> Response:
+    """Stands in for the web client's launch where a gateway has none (the buttons' tests)."""
+    return Response(200, f"web client for {resource}".encode())
+
+
+def with_web_client(portal: Portal) -> Portal:
+    if portal.web_launch is None:
+        portal.web_launch = web_page
+    return portal
+
+
+def _portal(f: MemoryFarm, *, rdp: bool = True, **settings: object) -> Portal:
+    portal = f.gateway(rdp_lb_enabled=rdp, public_host="gw.example.com").portal
     assert portal is not None
     portal.settings = PortalSettings(**settings)  # type: ignore[arg-type]
-    return portal
+    return with_web_client(portal)
 
 
 async def test_login_lists_resources_and_logout_ends_the_session(tmp_path, nursery, autojump_clock):
@@ -250,6 +261,28 @@ async def test_launch_methods_change_what_the_page_offers(
         for refused in {"browser", "native"} - set(offered):  # not offered: not served either
             form = {"csrf": token, "resource": "desktop", "method": refused}
             assert (await browser.request("POST", "/launch", form)).status == 403
+
+
+async def test_only_what_the_gateway_can_do_is_offered(tmp_path, nursery, autojump_clock):
+    async with memory_farm(tmp_path, nursery) as f:
+        # no RDP port on the gateway: no .rdp files (they would name nothing)
+        browser = Browser(_portal(f, rdp=False, launch_method=LaunchMethod.NATIVE_FALLBACK))
+        await browser.log_in()
+        await browser.request("GET", "/resources")
+        assert _methods(browser.page) == ["browser"]
+        assert 'id="launch-chooser"' not in browser.page
+        form = {"csrf": browser.field("csrf"), "resource": "desktop", "method": "native"}
+        assert (await browser.request("POST", "/launch", form)).status == 403
+        # ... unless a load balancer in front has one
+        browser.portal.settings = PortalSettings(alternate_rdp_port=3389)
+        await browser.request("GET", "/resources")
+        assert _methods(browser.page) == ["native", "browser"]
+        # neither: the list says so
+        browser.portal.web_launch = None
+        browser.portal.settings = PortalSettings(launch_method=LaunchMethod.BROWSER)
+        await browser.request("GET", "/resources")
+        assert _methods(browser.page) == []
+        assert "Launching is not available on this gateway." in browser.page
 
 
 async def test_sessions_expire_when_idle_and_at_their_maximum(tmp_path, nursery, autojump_clock):

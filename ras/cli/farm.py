@@ -138,7 +138,9 @@ RAS farm is up (state in {rel}/):
   admin    https://{at("broker_admin")} (the admin API, for `ras admin`; an admin
            certificate: {rel}/pki/admin.pem; admin user: admin, password in {rel}/admin.password)
   user     demo (the farm's), password in {rel}/demo.password
-{rdp_host}Log in to the desktop through the gateway, in another shell:
+{rdp_host}The User Portal, in a browser (user demo; the certificate is self-signed):
+  https://{at("gateway_tls")}/
+Log in to the desktop through the gateway, in another shell:
   {ras} client --config {rel}/client.toml {pw} launch desktop --listen 127.0.0.1:13389
   xfreerdp /v:127.0.0.1:13389 {rdp_login} /cert:ignore
 More:

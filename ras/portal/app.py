@@ -417,6 +417,7 @@ class Portal:
             csrf=session.csrf,
             resources=reply.resources,
             settings=self.settings,
+            available=self._available(),
         )
         return Response(200, page)
 
@@ -428,22 +429,22 @@ class Portal:
         if not check_token(session.csrf, form.get("csrf")):
             return self._csrf_refused(request)
         resource, method = form.get("resource", ""), form.get("method", "")
-        if method not in pages.offered_methods(self.settings):
+        if method not in pages.offered_methods(self.settings, self._available()):
             return self._message(403, "Refused", "That launch method is not offered here.")
         if method == "browser":
-            if self.web_launch is None:
-                return self._message(
-                    501, "Not available", "The web client is not available on this gateway."
-                )
+            assert self.web_launch is not None  # offered only then
             return await self.web_launch(session, resource, request)
         return await self._rdp_file(request, session, resource)
 
+    def _available(self) -> tuple[str, ...]:
+        """The launch methods this gateway can serve: native needs an RDP port for the .rdp
+        files (the gateway's, or the alternate one of a load balancer), the browser the web
+        client."""
+        native = self.site.rdp_enabled or bool(self.settings.alternate_rdp_port)
+        return (*(("browser",) if self.web_launch else ()), *(("native",) if native else ()))
+
     async def _rdp_file(self, request: Request, session: WebSession, resource: str) -> Response:
         s, site = self.settings, self.site
-        if not (site.rdp_enabled or s.alternate_rdp_port):
-            return self._message(
-                503, "Not available", "This gateway has no RDP port for native clients."
-            )
         try:
             msg = RdpToken(resource)
         except ValueError:

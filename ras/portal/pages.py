@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import html
 import string
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from importlib import resources
 
 from ras.portal.settings import LaunchMethod, PortalSettings
@@ -104,21 +104,30 @@ def challenge_page(
     return _page("Verification", body, farm=farm)
 
 
-def offered_methods(settings: PortalSettings) -> tuple[str, ...]:
-    """The launch methods the page offers, the primary first."""
+def offered_methods(
+    settings: PortalSettings, available: Collection[str] = ("browser", "native")
+) -> tuple[str, ...]:
+    """The launch methods the page offers, the primary first: what the settings say, of what
+    this gateway can do (``available``: "native" needs its RDP port, "browser" the web
+    client)."""
+    wanted: tuple[str, ...]
     if settings.allow_user_select:
         both = ("browser", "native")
-        return both if settings.launch_method is LaunchMethod.BROWSER else both[::-1]
-    return {
-        LaunchMethod.BROWSER: ("browser",),
-        LaunchMethod.NATIVE: ("native",),
-        LaunchMethod.NATIVE_FALLBACK: ("native", "browser"),
-    }[settings.launch_method]
+        wanted = both if settings.launch_method is LaunchMethod.BROWSER else both[::-1]
+    else:
+        wanted = {
+            LaunchMethod.BROWSER: ("browser",),
+            LaunchMethod.NATIVE: ("native",),
+            LaunchMethod.NATIVE_FALLBACK: ("native", "browser"),
+        }[settings.launch_method]
+    return tuple(m for m in wanted if m in available)
 
 
-def _actions(resource: Resource, settings: PortalSettings, csrf: str) -> Html:
+def _actions(
+    resource: Resource, settings: PortalSettings, csrf: str, offered: tuple[str, ...]
+) -> Html:
     forms = []
-    for i, method in enumerate(offered_methods(settings)):
+    for i, method in enumerate(offered):
         new_tab = method == "browser" and settings.open_in_new_tab
         target = ' target="_blank"' if new_tab else ""
         label = METHOD_LABELS[method]
@@ -135,10 +144,10 @@ def _actions(resource: Resource, settings: PortalSettings, csrf: str) -> Html:
     return Html("\n".join(forms))
 
 
-def _chooser(settings: PortalSettings) -> Html:
-    if not settings.allow_user_select:
+def _chooser(settings: PortalSettings, offered: tuple[str, ...]) -> Html:
+    if not settings.allow_user_select or len(offered) < 2:  # nothing to choose
         return Html("")
-    first = offered_methods(settings)[0]
+    first = offered[0]
     radios = "".join(
         f'<input type="radio" name="launch-method" id="launch-{m}" value="{m}"'
         f'{" checked" if m == first else ""}><label for="launch-{m}">'
@@ -158,8 +167,12 @@ def resources_page(
     csrf: str,
     resources: Iterable[Resource],
     settings: PortalSettings,
+    available: Collection[str] = ("browser", "native"),
     notice: str = "",
 ) -> bytes:
+    offered = offered_methods(settings, available)
+    if not offered:
+        notice = notice or "Launching is not available on this gateway."
     items = [
         _fill(
             "resource.html",
@@ -167,14 +180,16 @@ def resources_page(
             kind=r.kind.value,
             name=r.name,
             kind_label=KIND_LABELS.get(r.kind, r.kind.value),
-            actions=_actions(r, settings, csrf),
+            actions=_actions(r, settings, csrf, offered),
         )
         for r in resources
     ]
     listed = Html("".join(items)) or Html(
         '    <li class="empty">Nothing is published to you yet.</li>'
     )
-    body = _fill("resources.html", notice=_notice(notice), chooser=_chooser(settings), items=listed)
+    body = _fill(
+        "resources.html", notice=_notice(notice), chooser=_chooser(settings, offered), items=listed
+    )
     return _page("Resources", body, farm=farm, user=user, csrf=csrf)
 
 
