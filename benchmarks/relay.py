@@ -26,7 +26,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,10 +47,16 @@ PATHS = {
     "haproxy-tls": (23110, True),
     "ras-tls": (23140, True),
     "ras-tls-w2": (23160, True),
+    "ras-m": (23170, False),  # ras with metrics on: tunnels counted, /metrics scraped each second
+    "ras-tls-m": (23180, True),
 }
+METRICS_PORTS = {"ras-m": 23190, "ras-tls-m": 23191}
+#: metrics on -> off, for the on/off ratios of the same run
+METRICS_OFF = {"ras-m": "ras", "ras-tls-m": "ras-tls"}
 BASELINE = {"direct": None, "haproxy": None, "socat": "haproxy", "ras": "haproxy",
             "ras-w2": "haproxy",
-            "haproxy-tls": None, "ras-tls": "haproxy-tls", "ras-tls-w2": "haproxy-tls"}  # fmt: skip
+            "haproxy-tls": None, "ras-tls": "haproxy-tls", "ras-tls-w2": "haproxy-tls",
+            "ras-m": "haproxy", "ras-tls-m": "haproxy-tls"}  # fmt: skip
 
 
 def haproxy_config(pem: Path) -> str:
@@ -63,6 +71,14 @@ def haproxy_config(pem: Path) -> str:
             lines += [f"frontend f{name}", bind, f"  default_backend b{name}"]
             lines += [f"backend b{name}", f"  server s 127.0.0.1:{PEER + i}"]
     return "\n".join(lines) + "\n"
+
+
+def _scrape(stop: threading.Event) -> None:
+    """Scrape the metrics-on relays every second, as a Prometheus would."""
+    while not stop.wait(1.0):
+        for port in METRICS_PORTS.values():
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
 
 
 def with_children(pids: list[int]) -> list[int]:
@@ -179,9 +195,29 @@ class Bench:
                  "--workers=2", f"--stats={self.tmp}/ras-tls-w2.json"],
                 True,
             )  # fmt: skip
+            start(
+                "ras-m",
+                [PY, str(HERE / "relay_server.py"),
+                 *(f"--map={23170 + i}:{PEER + i}" for i in range(PORTS)),
+                 f"--metrics-port={METRICS_PORTS['ras-m']}", f"--stats={self.tmp}/ras-m.json"],
+                True,
+            )  # fmt: skip
+            start(
+                "ras-tls-m",
+                [PY, str(HERE / "relay_server.py"),
+                 *(f"--map={23180 + i}:{PEER + i}" for i in range(PORTS)),
+                 f"--cert={cert}", f"--key={key}", f"--metrics-port={METRICS_PORTS['ras-tls-m']}",
+                 f"--stats={self.tmp}/ras-tls-m.json"],
+                True,
+            )  # fmt: skip
+            scraping = threading.Event()
+            scraper = threading.Thread(target=_scrape, args=(scraping,), daemon=True)
+            scraper.start()
             time.sleep(1)
             yield
         finally:
+            with contextlib.suppress(NameError):
+                scraping.set()
             for procs in self.procs.values():
                 for proc in procs:
                     if proc.poll() is None:
@@ -398,6 +434,19 @@ def ratios(results: dict[str, dict[str, dict[str, object]]]) -> dict[str, dict[s
     return out
 
 
+def metrics_ratios(results: dict[str, dict[str, dict[str, object]]]) -> dict[str, dict[str, float]]:
+    """Each case's figure with metrics on over the same figure with them off."""
+    out: dict[str, dict[str, float]] = {}
+    for case, paths in results.items():
+        key = FIGURE[case]
+        for on, off in METRICS_OFF.items():
+            if on in paths and off in paths:
+                mine, theirs = paths[on].get(key), paths[off].get(key)
+                if isinstance(mine, int | float) and isinstance(theirs, int | float) and theirs:
+                    out.setdefault(case, {})[on] = round(mine / theirs, 3)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -451,7 +500,14 @@ def main() -> None:
                     bench.measured("cps", path, lambda path=path: bench.cps(path))
                 if "rdp" in cases:
                     bench.measured("rdp", path, lambda path=path: bench.rdp(path))
-                if "idle" in cases and path not in ("direct", "socat", "ras-w2", "ras-tls-w2"):
+                if "idle" in cases and path not in (
+                    "direct",
+                    "socat",
+                    "ras-w2",
+                    "ras-tls-w2",
+                    "ras-m",
+                    "ras-tls-m",
+                ):
                     bench.measured("idle", path, lambda path=path: bench.idle(path))
                 if "users" in cases and tls:
                     bench.measured("users", path, lambda path=path: bench.users(path))
@@ -459,6 +515,12 @@ def main() -> None:
     print("\nratios to haproxy (TLS paths to haproxy's TLS termination):")
     for case, by_path in summary.items():
         print(f"  {case:8} " + "  ".join(f"{k}={v}" for k, v in by_path.items()))
+    on_off = metrics_ratios(bench.results)
+    if on_off:
+        print("metrics on / off (ras-m / ras, ras-tls-m / ras-tls; same run; echo: latency):")
+        for case, by_path in on_off.items():
+            print(f"  {case:8} " + "  ".join(f"{k}={v}" for k, v in by_path.items()))
+        summary["metrics_on_off"] = on_off  # type: ignore[assignment]
     echo = bench.results.get("echo", {})
     if "direct" in echo:
         base = float(echo["direct"]["median_us"])  # type: ignore[arg-type]

@@ -6,6 +6,11 @@ connects to 127.0.0.1:TARGET with ``ras.net.tls.connect_tcp`` and calls ``ras.ne
 The garbage collector is tuned as in the daemons (``tune_gc``); every collection's pause is
 recorded, and SIGUSR1 writes ``{"gc_pauses_ms": [...], "full_collect_ms": ...}`` (the
 latter: a forced full collection, the worst case) to ``--stats``.
+
+With ``--metrics-port`` (the "metrics on" paths), each tunnel is counted as the gateway counts
+it (``ras.ops.metrics.tunnel_opened`` when it starts, ``tunnel_closed`` with the relay's byte
+totals when it ends) and ``/metrics`` is served on that port (the benchmark scrapes it every
+second): what a gateway with ``[metrics]`` adds to a tunnel, and nothing per read.
 """
 
 from __future__ import annotations
@@ -18,15 +23,19 @@ import resource
 import signal
 import ssl
 import time
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from ras.net.fastio import TLSStream, server_tls
 from ras.net.listen import accept_loop, open_listeners
-from ras.net.relay import relay
+from ras.net.relay import RelayStats, relay
 from ras.net.tls import connect_tcp
-from ras.net.workers import run_workers, tune_gc
+from ras.net.workers import run_workers, tune_gc, worker_index
+from ras.ops import metrics
+from ras.ops.config import MetricsConfig
+from ras.ops.listener import serve_metrics
 from ras.pki import server_context
 
 pauses: list[float] = []
@@ -41,7 +50,11 @@ def on_gc(phase: str, info: dict[str, int]) -> None:
 
 
 async def serve(
-    listen: int, target: int, ctx: ssl.SSLContext | None, reuse_port: bool = False
+    listen: int,
+    target: int,
+    ctx: ssl.SSLContext | None,
+    reuse_port: bool = False,
+    counted: bool = False,
 ) -> None:
     async def handle(stream: trio.SocketStream) -> None:
         front: trio.abc.Stream = stream
@@ -56,7 +69,17 @@ async def serve(
         except Exception:
             await stream.aclose()
             return
-        await relay(front, host)
+        if not counted:
+            await relay(front, host)
+            return
+        started = trio.current_time()
+        metrics.tunnel_opened("ticket")
+        stats = RelayStats()
+        try:
+            stats = await relay(front, host)
+        finally:
+            seconds = trio.current_time() - started
+            metrics.tunnel_closed("ticket", stats.a_to_b, stats.b_to_a, seconds)
 
     listeners = await open_listeners("127.0.0.1", listen, backlog=4096, reuse_port=reuse_port)
     async with trio.open_nursery() as nursery:
@@ -69,9 +92,14 @@ async def main(args: argparse.Namespace) -> None:
     tune_gc()
     gc.callbacks.append(on_gc)
     async with trio.open_nursery() as nursery:
+        counted = args.metrics_port is not None
+        if counted:
+            await nursery.start(
+                partial(serve_metrics, MetricsConfig(), port=args.metrics_port + worker_index())
+            )
         for mapping in args.map:
             listen, target = (int(p) for p in mapping.split(":"))
-            nursery.start_soon(serve, listen, target, ctx, args.workers > 1)
+            nursery.start_soon(serve, listen, target, ctx, args.workers > 1, counted)
         with trio.open_signal_receiver(signal.SIGUSR1) as signals:
             os.write(1, b"ready\n")  # one write: several workers share the pipe
             async for _ in signals:
@@ -94,6 +122,9 @@ if __name__ == "__main__":
     parser.add_argument("--cert", type=Path)
     parser.add_argument("--key", type=Path)
     parser.add_argument("--stats", type=Path, required=True)
+    parser.add_argument(
+        "--metrics-port", type=int, help="count tunnels and serve /metrics here (port + worker)"
+    )
     parser.add_argument(
         "--workers", type=int, default=1, help="worker processes sharing the ports (SO_REUSEPORT)"
     )

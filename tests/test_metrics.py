@@ -17,9 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ras.client.session import ClientSession
 from ras.config import from_mapping
-from ras.errors import ConfigError
+from ras.errors import AuthError, ConfigError
 from ras.gateway.config import GatewayConfig
 from ras.logs import JsonFormatter
+from ras.net.channel import PeerError
 from ras.ops.config import MetricsConfig
 from ras.ops.listener import serve_metrics
 from ras.pki import FarmPKI
@@ -152,7 +153,17 @@ async def test_tunnels_and_their_bytes_are_counted_when_they_end(tmp_path, nurse
         )
         assert bytes_total == 100_000
     assert delta("ras_gateway_tunnel_seconds_count", after, mode="ticket") == 1
+    # the broker counted the login, the launch and the ticket
+    assert delta("ras_broker_logins_total", after, result="ok", factor="password") == 1
+    assert delta("ras_broker_launches_total", after, result="ok", mode="gateway") == 1
+    assert delta("ras_broker_tickets_total", after, event="issued", reason="") == 1
+    assert delta("ras_broker_tickets_total", after, event="redeemed", reason="") == 1
+    assert delta("ras_broker_launch_seconds_count", after) == 1
+    assert delta("ras_broker_placements_total", after, method="resource") == 1
     # the state read at scrape time: the agent reports, the gateway's link is up
+    assert value(during, "ras_broker_agents", state="reporting") == 1
+    assert value(during, "ras_broker_gateway_links", gateway="gateway") == 1
+    assert value(during, "ras_broker_sessions", host="host1", state="launching") == 1
     assert value(during, "ras_gateway_broker_link_up", gateway="gateway") == 1
     assert value(during, "ras_agent_broker_connected", host="host1") == 1
     # nothing of the user or the client address in any label
@@ -173,3 +184,30 @@ def test_json_lines_carry_the_session_and_escape_what_a_peer_sent():
     assert obj["session"] == "s-0123abcd"
     assert obj["fields"]["user"] == "a\\nb"
     assert obj["message"].startswith("tunnel open user=a\\nb ")
+
+
+async def test_refused_logins_and_tickets_are_counted_by_reason(tmp_path, nursery):
+    host = Listener()
+    await nursery.start(host.serve)
+    address = await nursery.start(partial(serve_metrics, MetricsConfig(), port=0))
+    before = parse((await scrape(address))[1])
+    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)]) as f:
+        cfg = f.client_config(mode=Mode.GATEWAY)
+        async with await ClientSession.connect(cfg) as session:
+            with pytest.raises(AuthError):
+                await session.authenticate(USER, "not the password")
+            await session.authenticate(USER, PASSWORD)
+            ticket = (await session.launch("desktop")).ticket
+        tunnel = await ClientSession(cfg, None).open_tunnel(ticket)  # type: ignore[arg-type]
+        await tunnel.aclose()
+        with pytest.raises(PeerError):  # the same ticket again: used
+            await ClientSession(cfg, None).open_tunnel(ticket)  # type: ignore[arg-type]
+        after = parse((await scrape(address))[1])
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("ras_broker_logins_total", result="failed", factor="password") == 1
+    assert delta("ras_broker_logins_total", result="ok", factor="password") == 1
+    assert delta("ras_broker_tickets_total", event="redeemed", reason="") == 1
+    assert delta("ras_broker_tickets_total", event="refused", reason="used") == 1

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
+from farmkit import PASSWORD, USER, Listener, add_gateway, farm
+from test_admin_api import call, logged_on, ras_admin, refused, with_admin
 
 from ras.broker.history import History
+from ras.broker.passwords import hash_password
+from ras.broker.store import UserRecord
+from ras.client.session import ClientSession
+from ras.errors import AuthError
 from ras.ops.reports import parse_time, report_range
+from ras.protocol import Mode
 
 NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC).timestamp()
 
@@ -51,8 +59,6 @@ def test_logins_and_launches_grouped_over_a_range(tmp_path):
     ):
         history.launch(session="s-1", user=user, resource="desktop", host=host, gateway=gateway,
                        mode="gateway")  # fmt: skip
-    import time
-
     now = time.time()
     by_host = history.report(now - 60, now + 60, "host")
     assert by_host["rows"] == [
@@ -79,3 +85,46 @@ def test_logins_and_launches_grouped_over_a_range(tmp_path):
     with pytest.raises(ValueError, match="is not one of"):
         again.report(now - 60, now + 60, "client")
     again.close()
+
+
+async def test_the_admin_api_and_ras_admin_report_what_the_farm_did(tmp_path, nursery):
+    """Two users log in through two gateways (one fails once first) and launch; the report
+    over the last hour, by gateway and by host, says so; a bad range is a 400 naming the
+    parameter."""
+    host = Listener()
+    await nursery.start(host.serve)
+    async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)]) as f:
+        await add_gateway(f, nursery, "gw2")
+        f.store.put_user(UserRecord("bob", hash_password(PASSWORD), ("users",)))
+        with_admin(f)
+        for user, gateway in ((USER, "gateway"), (USER, "gateway"), ("bob", "gw2")):
+            cfg = f.client_config(gateway, mode=Mode.GATEWAY)
+            async with await ClientSession.connect(cfg) as session:
+                if user == "bob":
+                    with pytest.raises(AuthError):
+                        await session.authenticate(user, "wrong")
+                await session.authenticate(user, PASSWORD)
+                await session.launch("desktop")
+        api = await logged_on(f)
+        by_gateway = await call(api, "GET", "reports", query={"by": "gateway", "from": "1h"})
+        assert by_gateway["rows"] == [
+            {"gateway": "gateway", "sessions": 2, "users": 1, "logins": {"ok": 2}},
+            {"gateway": "gw2", "sessions": 1, "users": 1, "logins": {"ok": 1, "failed": 1}},
+        ]
+        assert by_gateway["totals"] == {
+            "sessions": 3, "users": 2, "logins": {"ok": 3, "failed": 1},
+        }  # fmt: skip
+        err = await refused(api, "GET", "reports", query={"from": "last week"})
+        assert (err.status, err.field) == (400, "from")
+        err = await refused(api, "GET", "reports", query={"by": "client"})
+        assert (err.status, err.field) == (400, "by")
+
+        code, out, err_text = await ras_admin(f, tmp_path, "report", "--by", "host", "--from", "1h")
+        assert code == 0, err_text
+        lines = out.splitlines()
+        assert lines[1].split() == ["host", "sessions", "users"]
+        assert lines[2].split() == ["host1", "3", "2"]
+        assert (
+            lines[-1]
+            == "total: 3 sessions, 2 users; logins: ok 3, failed 1, throttled 0, unavailable 0"
+        )

@@ -143,19 +143,25 @@ class Agent:
                 )  # fmt: skip
         except (OSError, trio.TooSlowError) as exc:
             why = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-            log.warning("session %s failed id=%s: %s", request.action, request.session_id, why)
+            log.warning(
+                "session %s failed id=%s session=%s reason=%s",
+                request.action, request.session_id, request.session or "-", why,
+            )  # fmt: skip
             return Error(ErrorCode.INTERNAL, f"{request.action} failed: {why}")
         if done.returncode != 0:
             err = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
             log.warning(
-                "session %s failed id=%s exit=%d %s",
-                request.action, request.session_id, done.returncode, err[0],
+                "session %s failed id=%s session=%s exit=%d %s",
+                request.action, request.session_id, request.session or "-", done.returncode, err[0],
             )  # fmt: skip
             return Error(
                 ErrorCode.INTERNAL,
                 f"{request.action} failed: exit {done.returncode} {err[0]}"[:1000],
             )
-        log.info("session %s id=%s user=%s", request.action, request.session_id, user)
+        log.info(
+            "session %s id=%s user=%s session=%s",
+            request.action, request.session_id, user, request.session or "-",
+        )  # fmt: skip
         return SessionActionOk(request.session_id)
 
     def _utmp_session(self, session_id: str) -> UtmpSession | None:

@@ -21,6 +21,7 @@ import trio
 from ras import __version__
 from ras.broker.admin_api import ApiError, ApiRequest, Handler, Route, bad_field
 from ras.broker.admin_certs import cert_routes
+from ras.broker.admin_reports import report_routes
 from ras.broker.hosts import Host
 from ras.broker.model import (
     FactorRule,
@@ -506,4 +507,5 @@ def routes(broker: BrokerParts, unlock_admin: Callable[[str], bool]) -> list[Rou
         Route("GET", ("explain",), api.explain),
         *portal_routes(api.broker),
         *cert_routes(broker),
+        *report_routes(broker.history),
     ]

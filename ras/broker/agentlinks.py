@@ -125,7 +125,11 @@ class AgentLinks:
         if was:
             log.info("agent report sane again host=%s", name)
         if load.sessions_detail or load.sessions == 0:
-            self.sessions.reported(name, load.sessions_detail, time.time())
+            for started in self.sessions.reported(name, load.sessions_detail, time.time()):
+                log.info(
+                    "session started id=%s host=%s user=%s session=%s",
+                    started.id, name, started.user, self.sessions.farm_id(started.id) or "-",
+                )  # fmt: skip
 
     async def session_action(self, session_id: str, action: str) -> dict[str, object]:
         """Ask the agent of the session's host to log it off or disconnect it. LookupError if
@@ -143,10 +147,11 @@ class AgentLinks:
         if link is None:
             raise TransportError(f"the agent of host {session.host} is not connected")
         agent_id = SessionTable.agent_id(session)
+        farm_id = self.sessions.farm_id(session_id)
         async with link.lock:
             link.waiting = True
             try:
-                await link.chan.send(SessionAction(agent_id, kind))
+                await link.chan.send(SessionAction(agent_id, kind, farm_id))
                 with trio.fail_after(self.config.request_timeout_s):
                     reply = await link.answers.receive()
             except trio.TooSlowError:
@@ -157,11 +162,14 @@ class AgentLinks:
                 link.waiting = False
         if isinstance(reply, Error):
             log.warning(
-                "session %s refused id=%s host=%s reason=%s", kind, session_id, session.host,
-                reply.message,
+                "session %s refused id=%s host=%s session=%s reason=%s", kind, session_id,
+                session.host, farm_id or "-", reply.message,
             )  # fmt: skip
             raise PeerError(reply)
-        log.info("session %s id=%s user=%s host=%s", kind, session_id, session.user, session.host)
+        log.info(
+            "session %s id=%s user=%s host=%s session=%s",
+            kind, session_id, session.user, session.host, farm_id or "-",
+        )  # fmt: skip
         if kind is SessionActionKind.LOGOFF:
             self.sessions.remove(session_id)
         return {"host": session.host, "user": session.user}

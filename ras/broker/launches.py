@@ -17,12 +17,20 @@ from ras.broker import policy
 from ras.broker.catalog import Catalog, User
 from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory, DirectoryUnavailable
+from ras.broker.history import History
 from ras.broker.hosts import HostRegistry
 from ras.broker.programs import program_fields
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
-from ras.broker.tickets import TicketAuthority
+from ras.broker.tickets import TicketAuthority, new_session_id
 from ras.errors import ErrorCode, TicketError
+from ras.ops.metrics import (
+    BROKER_LAUNCH_SECONDS,
+    BROKER_LAUNCHES,
+    BROKER_PLACEMENTS,
+    BROKER_TICKETS,
+    ticket_reason,
+)
 from ras.protocol import Launch, LaunchOk, Message, RedeemTicket, TicketOk
 
 __all__ = ["Launches"]
@@ -40,8 +48,10 @@ class Launches:
         catalog: Catalog,
         directory: Directory,
         tickets: TicketAuthority,
+        history: History | None = None,
     ) -> None:
         self.config = config
+        self.history = history
         self.store = store
         self.catalog = catalog
         self.hosts: HostRegistry = catalog.hosts
@@ -52,6 +62,21 @@ class Launches:
     def launch(
         self, msg: Launch, user: User, client: str, gateway: str
     ) -> Message | tuple[ErrorCode, str]:
+        """A launch, counted (``ras_broker_launches_total``, its latency) and, when it goes
+        somewhere, recorded for reports (``ras.broker.history``)."""
+        started = time.perf_counter()
+        answer = self._launch(msg, user, client, gateway)
+        BROKER_LAUNCH_SECONDS.observe(time.perf_counter() - started)
+        if isinstance(answer, tuple):
+            result = "no_host" if answer[0] is ErrorCode.NO_HOST else "not_found"
+        else:
+            result = "ok"
+        BROKER_LAUNCHES.labels(result, msg.mode).inc()
+        return answer
+
+    def _launch(
+        self, msg: Launch, user: User, client: str, gateway: str
+    ) -> Message | tuple[ErrorCode, str]:
         resource = next(
             (r for r in self.catalog.visible(user, client, gateway) if r.id == msg.resource), None
         )
@@ -60,13 +85,16 @@ class Launches:
         now = time.time()
         choice = self.catalog.choose_host(resource, user.name)
         host = choice.host
+        BROKER_PLACEMENTS.labels(choice.method if host is not None else "none").inc()
         if host is None:
             log.warning(
                 "launch failed user=%s resource=%s reason=no host available", user.name, resource.id
             )
             return ErrorCode.NO_HOST, "no host is available for this resource right now"
+        session = new_session_id()
         ticket = ""
         if msg.mode.tunnelled:
+            BROKER_TICKETS.labels("issued", "").inc()
             ticket, _ = self.tickets.issue(
                 user=user.name,
                 resource=resource.id,
@@ -76,21 +104,28 @@ class Launches:
                 client=client,
                 now=now,
                 ttl_s=self.config.ticket_ttl_s,
+                session=session,
             )
         if choice.method != "affinity":
             self.sessions.launched(
                 user=user.name, host=host.name, resource=resource.id, gateway=gateway,
-                client=client, now=now,
+                client=client, now=now, session=session,
+            )  # fmt: skip
+        if self.history is not None:
+            self.history.launch(
+                session=session, user=user.name, resource=resource.id, host=host.name,
+                gateway=gateway, mode=str(msg.mode),
             )  # fmt: skip
         log.info(
             "launch user=%s resource=%s host=%s rdp=%s:%d mode=%s client=%s gateway=%s "
-            "score=%.3f why=%s",
+            "session=%s score=%.3f why=%s",
             user.name, resource.id, host.name, host.rdp_host, host.rdp_port, msg.mode, client,
-            gateway, host.score, choice.why,
+            gateway, session, host.score, choice.why,
         )  # fmt: skip
         return LaunchOk(
             msg.mode, host.rdp_host, host.rdp_port, ticket, int(self.config.ticket_ttl_s),
             **program_fields(resource, self.catalog.configured().resources, host.apps),
+            session=session,
         )  # fmt: skip
 
     async def redeem(
@@ -104,10 +139,13 @@ class Launches:
             if not await trio.to_thread.run_sync(self.store.redeem_once, claims.id, claims.expires):
                 raise TicketError("ticket was already used")
         except TicketError as exc:
+            BROKER_TICKETS.labels("refused", ticket_reason(str(exc))).inc()
             log.warning("ticket refused client=%s gateway=%s reason=%s", client, gateway, exc)
             return ErrorCode.TICKET_INVALID, "ticket is not valid"
+        BROKER_TICKETS.labels("redeemed", "").inc()
         log.info(
-            "ticket redeemed user=%s resource=%s rdp=%s:%d client=%s gateway=%s issued_via=%s",
+            "ticket redeemed user=%s resource=%s rdp=%s:%d client=%s gateway=%s "
+            "issued_via=%s session=%s",
             claims.user,
             claims.resource,
             claims.host,
@@ -115,8 +153,9 @@ class Launches:
             client,
             gateway,
             claims.gateway,
+            claims.session or "-",
         )
-        return TicketOk(claims.host, claims.port, claims.user, claims.resource)
+        return TicketOk(claims.host, claims.port, claims.user, claims.resource, claims.session)
 
     async def explain(
         self, user: str, resource: str, client: str = "127.0.0.1", gateway: str = ""

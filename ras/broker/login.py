@@ -19,6 +19,7 @@ from ras.broker import policy
 from ras.broker.catalog import Catalog, User
 from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory, DirectoryUnavailable
+from ras.broker.history import History
 from ras.broker.model import Factor
 from ras.broker.radius import Accept, Challenge, RadiusClient, RadiusUnavailable
 from ras.broker.store import Store
@@ -27,6 +28,7 @@ from ras.broker.tickets import ResumeTokens
 from ras.broker.totp import verify_totp
 from ras.errors import ErrorCode, RemoteProtocolError, TicketError
 from ras.net.channel import Channel
+from ras.ops.metrics import BROKER_LOGINS
 from ras.protocol import AuthChallenge, Authenticate, AuthResponse, Resume
 
 __all__ = ["MAX_CHALLENGE_ROUNDS", "Login"]
@@ -34,6 +36,8 @@ __all__ = ["MAX_CHALLENGE_ROUNDS", "Login"]
 log = logging.getLogger("ras.broker")
 
 MAX_CHALLENGE_ROUNDS = 5
+# A refused login's result in ras_broker_logins_total (anything else: failed).
+_OUTCOMES = {ErrorCode.THROTTLED: "throttled", ErrorCode.UNAVAILABLE: "unavailable"}
 _PROMPT_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
 
 
@@ -49,8 +53,10 @@ class Login:
         throttle: Throttle,
         radius: RadiusClient | None,
         resume: ResumeTokens,
+        history: History | None = None,
     ) -> None:
         self.config = config
+        self.history = history
         self.store = store
         self.catalog = catalog
         self.directory = directory
@@ -61,7 +67,27 @@ class Login:
     async def authenticate(
         self, chan: Channel, msg: Authenticate, client: str, gateway: str
     ) -> User | tuple[ErrorCode, str]:
-        """Throttle, password, then the second factor the rules name (challenge rounds)."""
+        """Throttle, password, then the second factor the rules name (challenge rounds);
+        counted by result and factor and recorded for reports."""
+        factor = ["password"]  # the factor the rules asked for, once known
+        result = await self._authenticate(chan, msg, client, gateway, factor)
+        self._count(result, factor[0], msg.username, gateway)
+        return result
+
+    def _count(
+        self, result: User | tuple[ErrorCode, str], factor: str, username: str, gateway: str
+    ) -> None:
+        if isinstance(result, User):
+            outcome, username = "ok", result.name
+        else:
+            outcome = _OUTCOMES.get(result[0], "failed")
+        BROKER_LOGINS.labels(outcome, factor).inc()
+        if self.history is not None:
+            self.history.login(user=username, gateway=gateway, result=outcome, factor=factor)
+
+    async def _authenticate(
+        self, chan: Channel, msg: Authenticate, client: str, gateway: str, used: list[str]
+    ) -> User | tuple[ErrorCode, str]:
         where = f"client={client} gateway={gateway}"
         lock = self.throttle.check(msg.username, client)
         if lock is not None:  # refused before the directory is asked anything
@@ -89,6 +115,8 @@ class Login:
             (*self.catalog.config_rules, *cfg.rules), identity.name, groups, client, gateway,
             has_totp=secret is not None,
         )  # fmt: skip
+        if factor is not Factor.NONE:
+            used[0] = str(factor)
         if factor is Factor.TOTP:
             if secret is None:
                 return self._failed(
@@ -128,6 +156,11 @@ class Login:
     async def resume(self, msg: Resume, client: str, gateway: str) -> User | tuple[ErrorCode, str]:
         """Log in again with a resume token: genuine, unexpired, from the same client address,
         and the user still known to the directory and enabled (its groups read again)."""
+        result = await self._resume(msg, client, gateway)
+        self._count(result, "resume", "-", gateway)
+        return result
+
+    async def _resume(self, msg: Resume, client: str, gateway: str) -> User | tuple[ErrorCode, str]:
         where = f"client={client} gateway={gateway}"
         try:
             claims = self.resume_tokens.verify(msg.token, now=time.time())

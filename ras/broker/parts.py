@@ -15,6 +15,7 @@ from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory
 from ras.broker.front import GatewayInfo
 from ras.broker.gatewaylink import GatewayLinks
+from ras.broker.history import History
 from ras.broker.hosts import HostRegistry
 from ras.broker.launches import Launches
 from ras.broker.sessions import SessionTable
@@ -39,3 +40,4 @@ class BrokerParts(Protocol):
     gateways: dict[str, GatewayInfo]
     links: GatewayLinks
     certificates: FarmCertificates
+    history: History  # logins and launches, for reports

@@ -43,8 +43,10 @@ from ras.broker.config import BrokerConfig
 from ras.broker.hosts import Host
 from ras.broker.model import ResourceRecord
 from ras.broker.store import Store
+from ras.broker.tickets import new_session_id
 from ras.errors import ErrorCode, TicketError, TransportError
 from ras.net.channel import Channel
+from ras.ops.metrics import BROKER_LAUNCHES
 from ras.protocol import (
     Message,
     RdpToken,
@@ -306,9 +308,12 @@ class Router:
                 resource.id,
                 where,
             )
+            BROKER_LAUNCHES.labels("no_host", "rdp").inc()
             return ErrorCode.NO_HOST, "no host is available for this resource right now"
+        session = new_session_id()
+        BROKER_LAUNCHES.labels("ok", "rdp").inc()
         log.info(
-            "route user=%s resource=%s host=%s rdp=%s:%d via=%s affinity=%s %s",
+            "route user=%s resource=%s host=%s rdp=%s:%d via=%s affinity=%s %s session=%s",
             record.name,
             resource.id,
             host.name,
@@ -317,8 +322,9 @@ class Router:
             via,
             sticky,
             where,
+            session,
         )
-        return RouteOk(host.rdp_host, host.rdp_port, record.name, resource.id)
+        return RouteOk(host.rdp_host, host.rdp_port, record.name, resource.id, session)
 
     def _pick(self, user: str, resource: ResourceRecord) -> tuple[Host | None, bool]:
         """The host of the user's routed connections if it still serves, else the broker's

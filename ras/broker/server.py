@@ -30,6 +30,7 @@ from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory, open_directory
 from ras.broker.front import GatewayFront, GatewayInfo
 from ras.broker.gatewaylink import GatewayLinks
+from ras.broker.history import History
 from ras.broker.hosts import HostRegistry
 from ras.broker.launches import Launches
 from ras.broker.login import Login
@@ -42,6 +43,9 @@ from ras.broker.tickets import ResumeTokens, TicketAuthority
 from ras.errors import ErrorCode, TransportError
 from ras.net.channel import Channel
 from ras.net.listen import serve_tcp
+from ras.ops.listener import start_metrics
+from ras.ops.metrics import watch_certificate
+from ras.ops.sources import broker_state
 from ras.pki import peer_name, server_context
 from ras.protocol import Hello, Role, Side, Welcome
 
@@ -94,10 +98,16 @@ class Broker:
         self.links = GatewayLinks(partial(portal.update_for, store))
         self.certificates = FarmCertificates(config, store, self.links)  # ras/broker/certs.py
         self.catalog = Catalog(config, store, self.hosts, self.sessions)
+        # logins and launches for reports (ras.broker.history; GET /api/reports)
+        self.history = History(config.history_path, keep_days=config.history_days)
         self.login = Login(
-            config, store, self.catalog, self.directory, self.throttle, radius, self.resume
+            config, store, self.catalog, self.directory, self.throttle, radius, self.resume,
+            self.history,
+        )  # fmt: skip
+        self.launches = Launches(
+            config, store, self.catalog, self.directory, self.tickets, self.history
         )
-        self.launches = Launches(config, store, self.catalog, self.directory, self.tickets)
+        watch_certificate("broker", "farm", config.cert_file)
         self.router = Router(config, store, self.catalog)
         self.agents = AgentLinks(config, self.hosts, self.sessions)
         self.front = GatewayFront(
@@ -121,6 +131,10 @@ class Broker:
             addrs = {"gateways": gw[0], "agents": ag[0]}
             nursery.start_soon(self.certificates.run)  # ACME orders and renewals
             nursery.start_soon(self.store.follow)  # other brokers' changes (a shared store)
+            nursery.start_soon(self.history.run)
+            metrics = await start_metrics(nursery, cfg.metrics, partial(broker_state, self))
+            if metrics is not None:
+                addrs["metrics"] = metrics
             if cfg.admin_enabled:  # the HTTPS admin API (ras.broker.admin)
                 addrs["admin"] = await nursery.start(partial(serve_admin, self))
             log.info("broker ready name=%s resources=%d", cfg.name, len(cfg.resources))

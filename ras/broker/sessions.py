@@ -43,6 +43,9 @@ class SessionTable:
         # no longer launching is skipped when it comes up.
         self._launching: list[tuple[float, str]] = []
         self._ids = itertools.count(1)
+        # A reported session's launch: its id -> the farm's session id made at the launch
+        # (``s-...``), so that log lines on the agent's side name the same session.
+        self._farm: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -60,19 +63,38 @@ class SessionTable:
         prefix = f"{session.host}:"
         return session.id[len(prefix) :] if session.id.startswith(prefix) else session.id
 
+    def farm_id(self, session_id: str) -> str:
+        """The farm's id of a session (its launch's, ``s-...``); "" if it had no launch."""
+        if session_id.startswith("s-"):
+            return session_id
+        return self._farm.get(session_id, "")
+
     def launched(
-        self, *, user: str, host: str, resource: str, gateway: str, client: str, now: float
+        self,
+        *,
+        user: str,
+        host: str,
+        resource: str,
+        gateway: str,
+        client: str,
+        now: float,
+        session: str = "",
     ) -> SessionRecord:
+        """A launching session; its id is ``session`` (the farm's id of the launch) if given."""
         self.expire(now)
         record = SessionRecord(
-            f"launch-{next(self._ids)}", user, host, resource, gateway, client,
+            session or f"launch-{next(self._ids)}", user, host, resource, gateway, client,
             SessionState.LAUNCHING, now, now,
         )  # fmt: skip
         self._put(record)
         return record
 
-    def reported(self, host: str, detail: Iterable[SessionInfo], now: float) -> None:
-        """An agent's list of its host's sessions (all of them)."""
+    def reported(
+        self, host: str, detail: Iterable[SessionInfo], now: float
+    ) -> builtins.list[SessionRecord]:
+        """An agent's list of its host's sessions (all of them). Returns the sessions that
+        were launches until now: their launch has arrived (``farm_id`` names the launch)."""
+        started: list[SessionRecord] = []
         self.expire(now)
         mine = self._by_host.get(host, {})
         known = {sid: s for sid, s in mine.items() if s.state is not SessionState.LAUNCHING}
@@ -90,6 +112,8 @@ class SessionTable:
                     launches.remove(launch)
                     self._drop(launch.id)
                     old = launch
+                    if launch.id.startswith("s-"):
+                        self._farm[sid] = launch.id
             if old is None:
                 self._put(SessionRecord(sid, info.user, host, "", "", "", state, now, now))
                 continue
@@ -98,8 +122,11 @@ class SessionTable:
                 old.since, now,
             )  # fmt: skip
             self._put(record)
+            if old.state is SessionState.LAUNCHING:
+                started.append(record)
         for sid in known.keys() - seen:
             self._drop(sid)
+        return started
 
     def remove(self, session_id: str) -> None:
         self._drop(session_id)
@@ -127,14 +154,16 @@ class SessionTable:
     def _put(self, record: SessionRecord) -> None:
         """Add or replace a session in the table and its indexes."""
         if record.id in self._sessions:
-            self._drop(record.id)
+            self._drop(record.id, forget=False)
         self._sessions[record.id] = record
         self._by_host.setdefault(record.host, {})[record.id] = record
         self._by_user.setdefault(record.user.casefold(), {})[record.id] = record
         if record.state is SessionState.LAUNCHING:
             heapq.heappush(self._launching, (record.since, record.id))
 
-    def _drop(self, session_id: str) -> None:
+    def _drop(self, session_id: str, *, forget: bool = True) -> None:
+        if forget:
+            self._farm.pop(session_id, None)
         record = self._sessions.pop(session_id, None)
         if record is None:
             return

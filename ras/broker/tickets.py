@@ -26,7 +26,7 @@ from typing import Any
 
 from ras.errors import TicketError
 
-__all__ = ["ResumeClaims", "ResumeTokens", "TicketAuthority", "TicketClaims"]
+__all__ = ["ResumeClaims", "ResumeTokens", "TicketAuthority", "TicketClaims", "new_session_id"]
 
 _PREFIX = "t1"
 _RESUME_PREFIX = "s1"
@@ -40,6 +40,12 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def new_session_id() -> str:
+    """The farm's id of a session, made at its launch: ``s-`` and 12 hex digits. Not a
+    secret (it is in log lines): it lets one session be followed through every daemon."""
+    return "s-" + os.urandom(6).hex()
+
+
 @dataclass(frozen=True, slots=True)
 class TicketClaims:
     id: str
@@ -50,6 +56,7 @@ class TicketClaims:
     gateway: str
     client: str
     expires: float
+    session: str = ""  # the farm's id of the session the launch starts (log lines only)
 
 
 class TicketAuthority:
@@ -71,6 +78,7 @@ class TicketAuthority:
         client: str,
         now: float,
         ttl_s: float,
+        session: str = "",
     ) -> tuple[str, TicketClaims]:
         claims = TicketClaims(
             id=_b64(os.urandom(16)),
@@ -81,6 +89,7 @@ class TicketAuthority:
             gateway=gateway,
             client=client,
             expires=round(now + ttl_s, 3),
+            session=session,
         )
         return _sign(self._key, _PREFIX, asdict(claims)), claims
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ras.cli.admin_portal import COLUMNS as PORTAL_COLUMNS
 from ras.cli.admin_portal import add_portal_parser
+from ras.cli.admin_report import add_report_parser
 from ras.cli.admincert import add_cert_parser
 from ras.cli.adminclient import AdminApiError, AdminClient
 from ras.cli.common import EXIT, report_error
@@ -573,6 +574,7 @@ def add_parser(subparsers: Any) -> None:
     _sessions_parser(sub)
     add_portal_parser(sub, _leaf)
     add_cert_parser(sub)
+    add_report_parser(sub)
     gw = sub.add_parser("gateway", help="gateways").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )

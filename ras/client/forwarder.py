@@ -45,20 +45,23 @@ async def serve_forwarder(
         except RasError as exc:
             log.warning("cannot forward local=%s:%d resource=%s reason=%s", *peer, resource, exc)
             return
+        session_id = launched.session or "-"  # the farm's id, in the farm's logs too
         log.info(
-            "forwarding local=%s:%d resource=%s to=%s:%d mode=%s",
+            "forwarding local=%s:%d resource=%s to=%s:%d mode=%s session=%s",
             *peer,
             resource,
             launched.host,
             launched.port,
             launched.mode,
+            session_id,
         )
         stats = await relay(local, remote)
         log.info(
-            "forward closed local=%s:%d bytes_up=%d bytes_down=%d",
+            "forward closed local=%s:%d bytes_up=%d bytes_down=%d session=%s",
             *peer,
             stats.a_to_b,
             stats.b_to_a,
+            session_id,
         )
 
     async with trio.open_nursery() as nursery:

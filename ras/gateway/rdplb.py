@@ -134,12 +134,13 @@ class RdpBalancer:
                     host = await self._dial(granted.host, granted.port)
             except (TransportError, trio.TooSlowError) as exc:
                 log.warning(
-                    "tunnel failed user=%s client=%s:%d rdp=%s:%d via=%s reason=%s",
+                    "tunnel failed user=%s client=%s:%d rdp=%s:%d via=%s session=%s reason=%s",
                     granted.user,
                     *client,
                     granted.host,
                     granted.port,
                     via,
+                    granted.session or "-",
                     exc or "connect timeout",
                 )
                 return
@@ -152,6 +153,7 @@ class RdpBalancer:
                 path=(*conn.path, cfg.name),
                 user=granted.user,
                 resource=granted.resource,
+                session=granted.session,
             )
             await self._tunnels.run(info, client_stream, host)
         finally:

@@ -152,11 +152,12 @@ class ClientSessions:
                 host = await self._dial(granted.host, granted.port)
         except (TransportError, trio.TooSlowError) as exc:
             log.warning(
-                "tunnel failed user=%s client=%s:%d rdp=%s:%d reason=%s",
+                "tunnel failed user=%s client=%s:%d rdp=%s:%d session=%s reason=%s",
                 granted.user,
                 *conn.client,
                 granted.host,
                 granted.port,
+                granted.session or "-",
                 exc or "connect timeout",
             )
             await chan.fail(
@@ -178,5 +179,6 @@ class ClientSessions:
             tls=conn.tls,
             user=granted.user,
             resource=granted.resource,
+            session=granted.session,
         )
         await self._tunnels.run(info, client, host)

@@ -73,8 +73,10 @@ class TunnelInfo:
     ``via``: how it came to be. ``target``: the RDP host, or
     for a forward the next hop (host and the port connected to). ``path``: the gateways the
     connection went through, this one included. ``user`` and ``resource``: where the broker
-    said (a forwarder does not know them). ``health_check``: a proxy's own check passed on by
-    a forwarder, audited at DEBUG (several a second with default intervals).
+    said (a forwarder does not know them), and ``session``, the farm's id of the session
+    (``session=`` in the broker's and agent's lines too). ``health_check``: a proxy's own
+    check passed on by a forwarder, audited at DEBUG (several a second with default
+    intervals).
     """
 
     via: Via
@@ -86,6 +88,7 @@ class TunnelInfo:
     user: str = ""
     resource: str = ""
     health_check: bool = False
+    session: str = ""  # the farm's id of the session (from the broker), where there is one
 
     def describe(self) -> str:
         who = f"user={self.user} resource={self.resource} " if self.user else ""
@@ -94,6 +97,7 @@ class TunnelInfo:
             f"{who}client={self.client[0]}:{self.client[1]} "
             f"{to}={self.target[0]}:{self.target[1]} "
             f"gateway={self.gateway} path={format_path(self.path)} via={self.via} tls={self.tls}"
+            + (f" session={self.session}" if self.session else "")
         )
 
 

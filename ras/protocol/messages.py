@@ -211,6 +211,17 @@ def _check_name(obj: object, name: str) -> None:
         raise _fail(type(obj), name, "is not a valid name (letters, digits, . _ @ \\ -)")
 
 
+_SESSION = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _check_session(obj: LaunchOk | TicketOk | RouteOk | SessionAction) -> None:
+    """A session id: empty (not given), or 1 to 64 of letters, digits and ``_ . : -`` (it goes
+    into log lines as it is)."""
+    value = obj.session
+    if value and not _SESSION.fullmatch(value):
+        raise _fail(type(obj), "session", "is not a session id (1 to 64 of A-Z a-z 0-9 _ . : -)")
+
+
 def _check_host(obj: object, name: str) -> None:
     value = getattr(obj, name)
     try:
@@ -384,6 +395,8 @@ class LaunchOk(Message):
     # client should log in to the host with the farm credentials it logged in with (NLA).
     start: str = ""
     single_sign_on: bool = False
+    # Optional: the farm's id of the session this launch starts, in every daemon's log lines.
+    session: str = ""
 
     def __post_init__(self) -> None:
         _check_host(self, "host")
@@ -394,6 +407,7 @@ class LaunchOk(Message):
         _check_range(self, "expires_in_s", 0, 86400)
         for name in ("command", "arguments", "working_dir", "target"):
             _check_str(self, name, empty=True, limit=1024)
+        _check_session(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,9 +492,11 @@ class SessionAction(Message):
     TYPE: ClassVar[MessageType] = MessageType.SESSION_ACTION
     session_id: str
     action: SessionActionKind
+    session: str = ""  # optional: the farm's id of the session (for the agent's log lines)
 
     def __post_init__(self) -> None:
         _check_str(self, "session_id", limit=256)
+        _check_session(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -590,12 +606,14 @@ class TicketOk(Message):
     port: int
     user: str
     resource: str
+    session: str = ""  # optional: the session id of the launch (for the gateway's log lines)
 
     def __post_init__(self) -> None:
         _check_host(self, "host")
         _check_range(self, "port", 1, 65535)
         _check_str(self, "user", limit=256)
         _check_name(self, "resource")
+        _check_session(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,12 +642,14 @@ class RouteOk(Message):
     port: int
     user: str
     resource: str
+    session: str = ""  # optional: the session id this route starts (for the gateway's lines)
 
     def __post_init__(self) -> None:
         _check_host(self, "host")
         _check_range(self, "port", 1, 65535)
         _check_str(self, "user", limit=256)
         _check_name(self, "resource")
+        _check_session(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,6 +108,7 @@ def _server() -> AdminServer:
     server.broker = SimpleNamespace(
         config=SimpleNamespace(admin_cert_names=(), admin_groups=("ras-admins",)),
         store=None,  # route tables that bind the store when built (ras.broker.portal)
+        history=None,  # and the history (ras.broker.admin_reports)
     )
     server.tokens = _AnyToken()
     server._throttle = _NoThrottle()
