@@ -270,7 +270,7 @@ async def _scenario(tmp_path: Path, display: str, notes: Path, launched: list[La
             assert argv[:3] == [b"xmessage", b"-file", str(notes).encode()]
 
             # Disconnected through the broker: the agent reports the session disconnected.
-            await f.broker.session_action(active.id, "disconnect")
+            await f.broker.agents.session_action(active.id, "disconnect")
             with trio.fail_after(30):
                 await first.proc.wait()
             gone = await _until(_session(f, alice.name, SessionState.DISCONNECTED))
