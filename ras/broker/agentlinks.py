@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -52,10 +53,17 @@ class _AgentLink:
 class AgentLinks:
     """The connected agents: their reports feed ``hosts`` and ``sessions``."""
 
-    def __init__(self, config: BrokerConfig, hosts: HostRegistry, sessions: SessionTable) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        hosts: HostRegistry,
+        sessions: SessionTable,
+        on_sessions: Callable[[str, list[str]], None] | None = None,
+    ) -> None:
         self.config = config
         self.hosts = hosts
         self.sessions = sessions
+        self._on_sessions = on_sessions  # who has a session on a host, at each report
         self._links: dict[str, _AgentLink] = {}
 
     async def serve(self, chan: Channel, name: str, peer: tuple[str, int]) -> None:
@@ -130,6 +138,8 @@ class AgentLinks:
                     "session started id=%s host=%s user=%s session=%s",
                     started.id, name, started.user, self.sessions.farm_id(started.id) or "-",
                 )  # fmt: skip
+        if self._on_sessions is not None:
+            self._on_sessions(name, [s.user for s in load.sessions_detail])
 
     async def session_action(self, session_id: str, action: str) -> dict[str, object]:
         """Ask the agent of the session's host to log it off or disconnect it. LookupError if

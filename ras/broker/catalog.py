@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ras.broker import policy
+from ras.broker.assignments import SINGLE_USER, Assignments, AssignPolicy, policy_of
 from ras.broker.config import BrokerConfig
 from ras.broker.hosts import Choice, HostRegistry
 from ras.broker.model import (
@@ -68,6 +69,9 @@ class Catalog:
         self.store = store
         self.hosts = hosts
         self.sessions = sessions
+        # Remote PCs and VDI guests: who each belongs to (a launch never connected frees it
+        # after as long as a launching session is kept)
+        self.assignments = Assignments(launch_grace_s=sessions.launch_timeout_s)
         self._config_resources = tuple(r.record() for r in config.resources)
         self.config_rules = tuple(r.rule() for r in config.factor_rules)
         self._generation = -1
@@ -82,17 +86,21 @@ class Catalog:
         origins.update({r.id.casefold(): "store" for r in extra})
         hosts = tuple(self.store.list_objects(HostRecord))
         self.hosts.configure(hosts)
+        pools = tuple(self.store.list_objects(PoolRecord))
         members: dict[str, list[str]] = {}
         for host in hosts:
             for pool in host.pools:
                 members.setdefault(pool.casefold(), []).append(host.name)
+        for listed in pools:  # membership from the pool's own list
+            known = members.setdefault(listed.name.casefold(), [])
+            known += [m for m in listed.members if m.casefold() not in map(str.casefold, known)]
         self._generation = generation
         return Configured(
             resources=self._config_resources + extra,
             origins=origins,
             groups=tuple(self.store.list_objects(GroupRecord)),
             hosts=hosts,
-            pools=tuple(self.store.list_objects(PoolRecord)),
+            pools=pools,
             rules=tuple(self.store.list_objects(FactorRule)),
             pool_members=members,
         )
@@ -121,17 +129,60 @@ class Catalog:
         )
 
     def choose_host(self, resource: ResourceRecord, user: str, *, dry_run: bool = False) -> Choice:
-        """The host for ``user``'s launch of ``resource`` (counted as used unless dry_run)."""
+        """The host for ``user``'s launch of ``resource`` (counted as used unless dry_run).
+        Remote PCs and VDI guests another user owns are left out; one the user owns comes
+        first; the one chosen becomes theirs (ras/broker/assignments.py)."""
         cfg = self.configured()
         place = policy.placement(resource, cfg.pools, cfg.pool_members, self.config.balancing)
-        return self.hosts.choose(
-            time.monotonic(),
-            place.hosts,
+        now = time.monotonic()
+        names = place.hosts
+        affinity = self.sessions.affinity(user, self.hosts.kinds)
+        wanted = None if names is None else {n.casefold() for n in names}
+        taken: list[str] = []
+        mine: list[tuple[str, str]] = []
+        for name, kind in self.hosts.kinds.items():
+            if kind not in SINGLE_USER or (wanted is not None and name.casefold() not in wanted):
+                continue
+            owner = self.assignments.owner(name, self.assign_policy(name), now)
+            if owner.casefold() == user.casefold():
+                mine.append((name, f"assigned to you: {kind} {name}"))
+            elif owner:
+                taken.append(name)
+        if taken:
+            out = {t.casefold() for t in taken}
+            pool = names if names is not None else tuple(self.hosts.hosts)
+            names = tuple(n for n in pool if n.casefold() not in out)
+        choice = self.hosts.choose(
+            now,
+            names,
             method=place.method,
             turn_key=place.turn_key,
-            affinity=self.sessions.affinity(user, self.hosts.kinds),
+            affinity=[*mine, *affinity],
             dry_run=dry_run,
         )
+        if choice.host is None and taken:
+            what = ", ".join(sorted(taken)[:3]) + (" ..." if len(taken) > 3 else "")
+            why = f"in use: {what} {'is' if len(taken) == 1 else 'are'} another user's"
+            return Choice(None, "in_use", why, choice.candidates)
+        host = choice.host
+        if not dry_run and host is not None and host.kind in SINGLE_USER:
+            self.assignments.claim(host.name, user, self.assign_policy(host.name), now)
+        return choice
+
+    def assign_policy(self, host: str) -> AssignPolicy:
+        """A Remote PC's or VDI guest's assignment rules, from its record and its pools."""
+        cfg = self.configured()
+        folded = host.casefold()
+        record = next((h for h in cfg.hosts if h.name.casefold() == folded), None)
+        member_of = [
+            p for p, names in cfg.pool_members.items() if folded in map(str.casefold, names)
+        ]
+        return policy_of(record, cfg.pools, member_of)
+
+    def sessions_reported(self, host: str, users: list[str]) -> None:
+        """An agent reported who has a session on ``host`` (assignments follow logoffs)."""
+        if self.hosts.kinds.get(host) in SINGLE_USER:
+            self.assignments.reported(host, users, self.assign_policy(host), time.monotonic())
 
     def check_redeeming_gateway(self, issued_via: str, resource: str, gateway: str) -> None:
         """A ticket or routing token issued through ``issued_via`` redeemed through ``gateway``

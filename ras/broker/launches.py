@@ -87,6 +87,12 @@ class Launches:
         host = choice.host
         BROKER_PLACEMENTS.labels(choice.method if host is not None else "none").inc()
         if host is None:
+            if choice.method == "in_use":  # a Remote PC or VDI guest that is someone else's
+                log.warning(
+                    "launch failed user=%s resource=%s reason=%s", user.name, resource.id,
+                    choice.why,
+                )  # fmt: skip
+                return ErrorCode.NO_HOST, f"{choice.why}; try again when it is free"
             log.warning(
                 "launch failed user=%s resource=%s reason=no host available", user.name, resource.id
             )

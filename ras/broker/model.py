@@ -107,6 +107,11 @@ def _check_items(
         check(f"{name}[{i}]", value)
 
 
+def _check_keep(name: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and 0 <= value <= 365 * 86400):
+        raise Invalid(name, "must be between 0 and 31536000 seconds")
+
+
 def _check_group_name(name: str, value: str) -> None:
     check_text(name, value, empty=False, limit=256)  # directory groups have spaces ("Domain Users")
 
@@ -228,7 +233,10 @@ class GroupRecord(_Record):
 class HostRecord(_Record):
     """An administrator's settings for a host (its live load comes from its agent).
     ``max_sessions`` caps what the agent announces; a drained host keeps its sessions (and
-    users reconnect to them) but takes no new ones; a disabled host takes nothing."""
+    users reconnect to them) but takes no new ones; a disabled host takes nothing.
+    A Remote PC or VDI guest is one user's at a time (ras/broker/assignments.py):
+    ``assigned_user`` assigns it statically; else it is assigned on first use and kept for its
+    owner ``keep_assignment_s`` after their session ends (None: its pools' setting, else 0)."""
 
     KIND: ClassVar[str] = "host"
     name: str
@@ -238,6 +246,8 @@ class HostRecord(_Record):
     enabled: bool = True
     max_sessions: int | None = None
     description: str = ""
+    assigned_user: str = ""
+    keep_assignment_s: float | None = None
 
     def __post_init__(self) -> None:
         check_name("name", self.name)
@@ -245,20 +255,30 @@ class HostRecord(_Record):
         if self.max_sessions is not None and not 1 <= self.max_sessions <= 100_000:
             raise Invalid("max_sessions", "must be between 1 and 100000")
         check_text("description", self.description, limit=1024)
+        if self.assigned_user:
+            _check_group_name("assigned_user", self.assigned_user)
+        _check_keep("keep_assignment_s", self.keep_assignment_s)
 
 
 @dataclass(frozen=True, slots=True)
 class PoolRecord(_Record):
-    """A set of hosts (those whose ``pools`` name it) and how it balances new sessions."""
+    """A set of hosts (those whose ``pools`` name it, and those listed in ``members``) and how
+    it balances new sessions. For Remote PCs and VDI guests: ``persistent`` keeps a member for
+    the user who first got it, for good; else ``keep_assignment_s`` after their session ends."""
 
     KIND: ClassVar[str] = "pool"
     name: str
     balancing: Balancing = Balancing.RESOURCE
     description: str = ""
+    members: tuple[str, ...] = ()
+    persistent: bool = False
+    keep_assignment_s: float = 0.0
 
     def __post_init__(self) -> None:
         check_name("name", self.name)
         check_text("description", self.description, limit=1024)
+        _check_items("members", self.members, check_name)
+        _check_keep("keep_assignment_s", self.keep_assignment_s)
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,7 +109,9 @@ class Broker:
         )
         watch_certificate("broker", "farm", config.cert_file)
         self.router = Router(config, store, self.catalog)
-        self.agents = AgentLinks(config, self.hosts, self.sessions)
+        self.agents = AgentLinks(
+            config, self.hosts, self.sessions, on_sessions=self.catalog.sessions_reported
+        )
         self.front = GatewayFront(
             config, self.catalog, self.login, self.launches, self.router, self.links
         )
