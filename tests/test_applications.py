@@ -8,21 +8,30 @@ import socket
 from pathlib import Path
 
 import pytest
+from farmkit import PASSWORD, USER, login
+from memkit import memory_farm, reply_to
 
 from ras.agents import xrdp
+from ras.broker.config import ResourceConfig
 from ras.broker.model import ResourceKind, ResourceRecord
 from ras.broker.programs import program_fields
 from ras.client.programs import Program
 from ras.client.rdpclient import rdp_command
 from ras.client.rdpfile import parse_rdp_file, render_rdp_file
-from ras.errors import ProtocolError
+from ras.errors import ErrorCode, ProtocolError
 from ras.protocol import (
     AgentRegister,
     AppStart,
+    Error,
     HostKind,
+    Launch,
     LaunchOk,
     LoadReport,
     Mode,
+    RdpToken,
+    RdpTokenOk,
+    Registered,
+    Role,
     SessionState,
 )
 from ras.protocol.messages import decode_body, encode_body
@@ -170,3 +179,40 @@ def test_xrdp_disconnect_sends_a_datagram_to_the_display_socket(tmp_path):
         assert listener.recv(100)
     with pytest.raises(FileNotFoundError):
         xrdp.disconnect(102, tmp_path)
+
+
+# -- the broker's answers -------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("inline_threads")
+async def test_launch_and_rdp_token_carry_the_program_and_the_hosts_way(
+    tmp_path, nursery, autojump_clock
+):
+    clock = ResourceConfig(
+        "clock", "Clock", ResourceKind.APPLICATION, command="xclock", hosts=("win1",),
+        single_sign_on=False,
+    )  # fmt: skip
+    async with memory_farm(tmp_path, nursery, resources=(clock,)) as f, f.session() as chan:
+        agent = await f.dial_broker("win1", Role.AGENT, port=20003)
+        register = AgentRegister("win1", HostKind.RDSH, "10.0.0.7", 3389, 5, AppStart.REMOTEAPP)
+        assert isinstance(await agent.request(register), Registered)
+        await agent.send(LoadReport(1.0, 1.0, 0, 0))
+        assert await login(chan, USER, PASSWORD) == (None, USER)
+        launched = await reply_to(chan, Launch("clock", Mode.DIRECT))
+        token = await reply_to(chan, RdpToken("clock"))
+        refused = await reply_to(chan, Launch("xterm", Mode.DIRECT))
+    assert isinstance(launched, LaunchOk)
+    assert (launched.command, launched.start, launched.single_sign_on) == (
+        "xclock",
+        "remoteapp",
+        False,
+    )
+    assert isinstance(token, RdpTokenOk)
+    settings = parse_rdp_file(
+        render_rdp_file(
+            host="gw", port=3389, token=token.token, program=Program.from_launch(token, "Clock")
+        )
+    )
+    assert settings["remoteapplicationprogram"] == "xclock"
+    assert isinstance(refused, Error)
+    assert refused.code is ErrorCode.NOT_FOUND

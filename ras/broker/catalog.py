@@ -32,6 +32,7 @@ from ras.broker.model import (
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
 from ras.errors import TicketError
+from ras.protocol import AppStart
 
 __all__ = ["Catalog", "Configured", "User"]
 
@@ -168,6 +169,18 @@ class Catalog:
         if not dry_run and host is not None and host.kind in SINGLE_USER:
             self.assignments.claim(host.name, user, self.assign_policy(host.name), now)
         return choice
+
+    def start_for(self, resource: ResourceRecord) -> AppStart:
+        """How the resource's hosts start programs, for an .rdp file made before a host is
+        chosen: RemoteApp when every registered candidate is a RemoteApp host."""
+        cfg = self.configured()
+        place = policy.placement(resource, cfg.pools, cfg.pool_members, self.config.balancing)
+        wanted = None if place.hosts is None else {n.casefold() for n in place.hosts}
+        starts = {
+            h.apps for h in self.hosts.hosts.values()
+            if wanted is None or h.name.casefold() in wanted
+        }  # fmt: skip
+        return AppStart.REMOTEAPP if starts == {AppStart.REMOTEAPP} else AppStart.SHELL
 
     def assign_policy(self, host: str) -> AssignPolicy:
         """A Remote PC's or VDI guest's assignment rules, from its record and its pools."""

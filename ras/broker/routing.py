@@ -42,6 +42,7 @@ from ras.broker.catalog import Catalog, User
 from ras.broker.config import BrokerConfig
 from ras.broker.hosts import Host
 from ras.broker.model import ResourceRecord
+from ras.broker.programs import program_fields
 from ras.broker.store import Store
 from ras.broker.tickets import new_session_id
 from ras.errors import ErrorCode, TicketError, TransportError
@@ -244,7 +245,10 @@ class Router:
     ) -> Message | tuple[ErrorCode, str]:
         if user is None:
             return ErrorCode.AUTH_REQUIRED, "authenticate first"
-        if not any(r.id == msg.resource for r in self.catalog.visible(user, client, gateway)):
+        resource = next(
+            (r for r in self.catalog.visible(user, client, gateway) if r.id == msg.resource), None
+        )
+        if resource is None:
             return ErrorCode.NOT_FOUND, f"no resource {msg.resource!r} is published to you"
         ttl = self.config.routing_token_ttl_s
         try:
@@ -264,7 +268,10 @@ class Router:
             gateway,
             int(ttl),
         )
-        return RdpTokenOk(token, int(ttl))
+        program = program_fields(
+            resource, self.catalog.configured().resources, self.catalog.start_for(resource)
+        )
+        return RdpTokenOk(token, int(ttl), **program)
 
     async def _route(
         self, msg: Route, client: str, gateway: str

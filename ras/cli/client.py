@@ -221,7 +221,10 @@ def _rdp_file(args: argparse.Namespace) -> int:
         host, port = (gateway, 3389)
         if args.rdp_address:
             host, port = _hostport(args.rdp_address, "--rdp-address", 3389)
-        text = render_rdp_file(host=host, port=port, token=granted.token, username=cfg.username)
+        text = render_rdp_file(
+            host=host, port=port, token=granted.token, username=cfg.username,
+            program=Program.from_launch(granted, resource),
+        )  # fmt: skip
         _write_private(args.output, text)
         hours = granted.expires_in_s / 3600
         print(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from ras.protocol import AppStart, LaunchOk
+from ras.protocol import AppStart, LaunchOk, RdpTokenOk
 
 __all__ = ["DEFAULT_OPENER", "Program"]
 
@@ -45,7 +45,8 @@ class Program:
     name: str = ""  # shown by RemoteApp clients
 
     @classmethod
-    def from_launch(cls, launched: LaunchOk, name: str = "") -> Program:
+    def from_launch(cls, launched: LaunchOk | RdpTokenOk, name: str = "") -> Program:
+        """From a ``launch_ok`` (or an ``rdp_token_ok``, for an .rdp file)."""
         command = launched.command
         if not command and launched.target:  # a document or folder with no program named
             command = DEFAULT_OPENER if launched.start != AppStart.REMOTEAPP else "explorer.exe"

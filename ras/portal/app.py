@@ -30,6 +30,7 @@ from importlib import resources
 
 import trio
 
+from ras.client.programs import Program
 from ras.client.rdpfile import render_rdp_file
 from ras.errors import ErrorCode, TransportError
 from ras.net.channel import Channel
@@ -459,7 +460,10 @@ class Portal:
             raise BrokerDown
         host = s.alternate_host or site.public_host
         port = s.alternate_rdp_port or site.rdp_port
-        text = render_rdp_file(host=host, port=port, token=reply.token, username=session.user)
+        text = render_rdp_file(
+            host=host, port=port, token=reply.token, username=session.user,
+            program=Program.from_launch(reply, resource),  # an application opens as itself
+        )  # fmt: skip
         log.info(
             "portal rdp file user=%s client=%s resource=%s rdp=%s:%d",
             session.user,

@@ -239,6 +239,13 @@ def _check_range(obj: object, name: str, low: float, high: float) -> None:
         raise _fail(type(obj), name, f"must be between {low} and {high}")
 
 
+def _check_program(obj: LaunchOk | RdpTokenOk) -> None:
+    for name in ("command", "arguments", "working_dir", "target"):
+        _check_str(obj, name, empty=True, limit=1024)
+    if obj.start and obj.start not in tuple(AppStart):
+        raise _fail(type(obj), "start", f"{obj.start!r} is not shell or remoteapp")
+
+
 # -- messages -----------------------------------------------------------------------------------
 
 
@@ -402,11 +409,8 @@ class LaunchOk(Message):
         _check_host(self, "host")
         _check_range(self, "port", 1, 65535)
         _check_str(self, "ticket", empty=True, limit=2048)
-        if self.start and self.start not in tuple(AppStart):
-            raise _fail(type(self), "start", f"{self.start!r} is not shell or remoteapp")
         _check_range(self, "expires_in_s", 0, 86400)
-        for name in ("command", "arguments", "working_dir", "target"):
-            _check_str(self, name, empty=True, limit=1024)
+        _check_program(self)
         _check_session(self)
 
 
@@ -670,10 +674,19 @@ class RdpTokenOk(Message):
     TYPE: ClassVar[MessageType] = MessageType.RDP_TOKEN_OK
     token: str = field(repr=False)
     expires_in_s: int
+    # Optional, as in launch_ok: what the .rdp file starts, how the resource's hosts start it,
+    # and whether the RDP client may sign on with the farm credentials.
+    command: str = ""
+    arguments: str = ""
+    working_dir: str = ""
+    target: str = ""
+    start: str = ""
+    single_sign_on: bool = False
 
     def __post_init__(self) -> None:
         _check_str(self, "token", limit=2048)
         _check_range(self, "expires_in_s", 0, 604800)
+        _check_program(self)
 
 
 @dataclass(frozen=True, slots=True)
