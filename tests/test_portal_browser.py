@@ -84,6 +84,12 @@ async def test_log_in_wrong_right_locked_out_and_log_out(tmp_path, nursery):
         assert await browser.text(".resource[data-id=desktop] .name") == "Desktop"
         assert await browser.text(".resource[data-id=desktop] .kind-label") == "Desktop"
         await _shot(browser, tmp_path, "portal-resources.png")
+        # a phone's width: one column, nothing wider than the screen
+        await browser.window(390, 800)
+        await browser.get(f"{base}/resources")
+        fits = "return document.documentElement.scrollWidth <= window.innerWidth"
+        assert await browser.execute(fits)
+        await browser.window(1280, 800)
         await browser.click("#logout-form button", navigates=True)
         assert (await browser.url()).endswith("/login?out=1")
         assert "logged out" in await browser.text("[role=alert]")
