@@ -67,6 +67,9 @@ HELP = [
     (("admin", "resource", "add"), ["--users", "--groups", "--clients", "--gateways", "--command",
                                     "--args", "--workdir", "--target", "--hosts", "--pools"]),
     (("admin", "user", "add"), ["--group", "--user-password-file", "--totp", "--disabled"]),
+    (("admin", "cert"), ["show", "self-signed", "import", "csr", "letsencrypt", "renew", "assign"]),
+    (("admin", "cert", "letsencrypt"), ["--name", "--email", "--directory", "--agree-tos",
+                                        "--no-wait", "--wait-s"]),
 ]  # fmt: skip
 
 
