@@ -3,18 +3,22 @@ count, and what the config refuses. A real in-process farm on loopback, scraped 
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import logging
 import ssl
 import urllib.error
 import urllib.request
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 from farmkit import PASSWORD, USER, Listener, farm
 from prometheus_client.parser import text_string_to_metric_families
 
+from ras.cli.common import daemon_options
 from ras.client.session import ClientSession
 from ras.config import from_mapping
 from ras.errors import AuthError, ConfigError
@@ -211,3 +215,23 @@ async def test_refused_logins_and_tickets_are_counted_by_reason(tmp_path, nurser
     assert delta("ras_broker_logins_total", result="ok", factor="password") == 1
     assert delta("ras_broker_tickets_total", event="redeemed", reason="") == 1
     assert delta("ras_broker_tickets_total", event="refused", reason="used") == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Daemon:  # what daemon_options reads of any daemon's config
+    metrics: MetricsConfig | None = None
+
+
+def test_the_metrics_flag_overrides_the_table_and_a_bad_one_names_itself():
+    args = argparse.Namespace(metrics="10.0.0.5:9471", log_format=None, log_level="info")
+    tls = MetricsConfig(cert_file=Path("c.pem"), key_file=Path("k.pem"), allow=("10.0.9.5",))
+    base = _Daemon(metrics=tls)
+    config = daemon_options(args, base)
+    assert config.metrics is not None
+    assert (config.metrics.listen_host, config.metrics.port) == ("10.0.0.5", 9471)
+    assert config.metrics.allow == ("10.0.9.5",)  # the rest of the table stays
+    plain = daemon_options(argparse.Namespace(metrics="9999"), _Daemon())
+    assert plain.metrics == MetricsConfig(port=9999)
+    for bad in ("nope", "70000", "0.0.0.0:9471"):  # the last: off loopback without TLS
+        with pytest.raises(ConfigError, match=f"^--metrics {bad}: "):
+            daemon_options(argparse.Namespace(metrics=bad), _Daemon())
