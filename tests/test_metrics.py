@@ -23,12 +23,18 @@ from ras.client.session import ClientSession
 from ras.config import from_mapping
 from ras.errors import AuthError, ConfigError
 from ras.gateway.config import GatewayConfig
+from ras.gateway.limits import Refusal, SourceLimits
+from ras.halb.config import GatewayRef, HalbConfig
+from ras.halb.daemon import Halb
 from ras.logs import JsonFormatter
 from ras.net.channel import PeerError
 from ras.ops.config import MetricsConfig
 from ras.ops.listener import serve_metrics
+from ras.ops.metrics import limit_reason, ticket_reason
+from ras.ops.sources import halb_state
 from ras.pki import FarmPKI
 from ras.protocol import Mode
+from ras.protocol.vrrp import VrrpState
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -235,3 +241,39 @@ def test_the_metrics_flag_overrides_the_table_and_a_bad_one_names_itself():
     for bad in ("nope", "70000", "0.0.0.0:9471"):  # the last: off loopback without TLS
         with pytest.raises(ConfigError, match=f"^--metrics {bad}: "):
             daemon_options(argparse.Namespace(metrics=bad), _Daemon())
+
+
+def test_the_halb_state_a_scrape_reads():
+    config = HalbConfig(
+        name="halb1", vips=("10.0.0.254/24",), vrid=52,
+        gateways=(GatewayRef("gw1", "10.0.0.21"), GatewayRef("gw2", "10.0.0.22")),
+    )  # fmt: skip
+    halb = Halb(config)
+    samples = {(family, labels): v for family, labels, v in halb_state(halb)}
+    assert samples["ras_halb_vrrp_state", ("52", "initialize")] == 1
+    assert samples["ras_halb_vrrp_state", ("52", "master")] == 0
+    assert samples["ras_halb_healthy_backends", ("52",)] == 0
+    halb.election.state = VrrpState.MASTER
+    halb.balancer.backends["gw2"].healthy = True
+    halb.balancer.backends["gw2"].active = 3
+    samples = {(family, labels): v for family, labels, v in halb_state(halb)}
+    assert samples["ras_halb_vrrp_state", ("52", "master")] == 1
+    assert samples["ras_halb_healthy_backends", ("52",)] == 1
+    assert samples["ras_halb_backend_up", ("52", "gw1")] == 0
+    assert samples["ras_halb_backend_active", ("52", "gw2")] == 3
+
+
+def test_refusals_map_to_the_limit_and_reason_they_hit():
+    limits = SourceLimits(per_ip=1, total=10, rate_per_s=1.0, burst=2, clock=lambda: 0.0)
+    assert not isinstance(limits.admit("10.0.0.1"), Refusal)
+    per_address = limits.admit("10.0.0.1")  # the second waiting one from the address
+    rate = limits.admit("10.0.0.1")  # the third in the same instant: over the burst
+    assert isinstance(per_address, Refusal)
+    assert isinstance(rate, Refusal)
+    assert (limit_reason(per_address), limit_reason(rate)) == ("per_address", "rate")
+    assert ticket_reason("ticket has expired") == "expired"
+    assert ticket_reason("ticket was already used") == "used"
+    assert ticket_reason("ticket signature is not valid") == "forged"
+    assert ticket_reason("ticket was issued to client 10.0.0.9") == "other_client"
+    assert ticket_reason("it was issued through gateway 'gw-a'") == "other_gateway"
+    assert ticket_reason("resource 'x' is no longer published") == "unpublished"
