@@ -18,7 +18,7 @@ import trio
 from farmkit import PASSWORD, USER, Listener, farm
 from prometheus_client.parser import text_string_to_metric_families
 
-from ras.cli.common import daemon_options
+from ras.cli.common import daemon_options, setup_logging
 from ras.client.session import ClientSession
 from ras.config import from_mapping
 from ras.errors import AuthError, ConfigError
@@ -28,7 +28,7 @@ from ras.halb.config import GatewayRef, HalbConfig
 from ras.halb.daemon import Halb
 from ras.logs import JsonFormatter
 from ras.net.channel import PeerError
-from ras.ops.config import MetricsConfig
+from ras.ops.config import LogFormat, MetricsConfig
 from ras.ops.listener import serve_metrics
 from ras.ops.metrics import limit_reason, ticket_reason
 from ras.ops.sources import halb_state
@@ -277,3 +277,38 @@ def test_refusals_map_to_the_limit_and_reason_they_hit():
     assert ticket_reason("ticket was issued to client 10.0.0.9") == "other_client"
     assert ticket_reason("it was issued through gateway 'gw-a'") == "other_gateway"
     assert ticket_reason("resource 'x' is no longer published") == "unpublished"
+
+
+def test_json_logs_by_flag_or_by_the_daemons_config(capsys):
+    log = logging.getLogger("ras.test")
+    root = logging.getLogger("ras")
+    saved = root.handlers[:], root.level, root.propagate
+    try:
+        setup_logging("info", "json")
+        log.info("tunnel open user=%s session=%s", "alice", "s-00112233aabb")
+        line = capsys.readouterr().err.strip()
+        assert json.loads(line)["session"] == "s-00112233aabb"
+        # no --log-format: the config's log_format = "json" switches the lines over
+        setup_logging("info", "text")
+        daemon_options(
+            argparse.Namespace(log_format=None, log_level="info"),
+            _Logged(log_format=LogFormat.JSON),
+        )
+        log.info("gateway ready name=%s", "gw1")
+        assert json.loads(capsys.readouterr().err)["fields"] == {"name": "gw1"}
+        # --log-format text wins over the config
+        setup_logging("info", "text")
+        daemon_options(
+            argparse.Namespace(log_format="text", log_level="info"),
+            _Logged(log_format=LogFormat.JSON),
+        )
+        log.info("gateway ready name=%s", "gw1")
+        assert capsys.readouterr().err.split(" ", 1)[1] == "ras.test INFO gateway ready name=gw1\n"
+    finally:
+        root.handlers[:], root.propagate = saved[0], saved[2]
+        root.setLevel(saved[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Logged:
+    log_format: LogFormat = LogFormat.TEXT
