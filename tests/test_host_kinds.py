@@ -215,3 +215,40 @@ async def test_a_vdi_guest_that_is_not_ready_takes_no_session(farm, autojump_clo
     assert "not ready" in str(explained["candidates"])
     await _report(guest, [], ready=True)
     assert isinstance(await _launch(alice, "vdi"), LaunchOk)
+
+
+# -- the settings through `ras admin` -------------------------------------------------------------
+
+
+async def test_ras_admin_sets_assignments_pool_members_and_sso(tmp_path):
+    from farmkit import farm as real_farm
+    from test_admin_api import ras_admin, with_admin
+
+    async with real_farm(tmp_path, rdp_hosts=[("pc1", "127.0.0.1", 3389)]) as f:
+        with_admin(f)
+        for args in (
+            ["pool", "add", "office", "--member", "pc1,pc2", "--keep-assignment", "3600"],
+            ["pool", "add", "vdi", "--member", "vdi1", "--persistent"],
+            ["host", "set", "pc1", "--kind", "remote_pc", "--assigned-user", "alice"],
+            ["resource", "add", "legacy", "--no-sso", "--pools", "office"],
+        ):
+            code, _, err = await ras_admin(f, tmp_path, *args)
+            assert code == 0, (args, err)
+        office, vdi = sorted(f.store.list_objects(PoolRecord), key=lambda p: p.name)
+        assert (office.members, office.keep_assignment_s, office.persistent) == (
+            ("pc1", "pc2"),
+            3600,
+            False,
+        )
+        assert (vdi.members, vdi.persistent) == (("vdi1",), True)
+        host = f.store.get_object(HostRecord, "pc1")
+        assert host is not None
+        assert (host.kind, host.assigned_user) == (HostKind.REMOTE_PC, "alice")
+        assert f.broker.catalog.assign_policy("pc1").static_user == "alice"
+        legacy = next(r for r in f.broker.catalog.resources() if r.id == "legacy")
+        assert legacy.single_sign_on is False
+        code, _, err = await ras_admin(
+            f, tmp_path, "host", "set", "pc1", "--keep-assignment=99999999999"
+        )
+        assert code == 2
+        assert "keep_assignment_s" in err

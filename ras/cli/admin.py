@@ -191,11 +191,19 @@ def _host_set(api: AdminClient, a: argparse.Namespace) -> Any:
         body["description"] = a.description
     if a.kind is not None:
         body["kind"] = a.kind
+    if a.assigned_user is not None:
+        body["assigned_user"] = a.assigned_user
+    if a.keep_assignment is not None:
+        body["keep_assignment_s"] = a.keep_assignment if a.keep_assignment >= 0 else None
     return api.request("PUT", f"hosts/{a.name}", body)
 
 
 def _pool_add(api: AdminClient, a: argparse.Namespace) -> Any:
-    body = {"name": a.name, "balancing": a.balancing, "description": a.description}
+    body = {
+        "name": a.name, "balancing": a.balancing, "description": a.description,
+        "members": _lists(a.member or []), "persistent": a.persistent,
+        "keep_assignment_s": a.keep_assignment,
+    }  # fmt: skip
     return api.request("POST", "pools", body)
 
 
@@ -216,6 +224,8 @@ def _resource_add(api: AdminClient, a: argparse.Namespace) -> Any:
             body[key] = _lists(getattr(a, key))
     if a.disabled:
         body["enabled"] = False
+    if a.no_sso:
+        body["single_sign_on"] = False
     if _filter(a):
         body["filter"] = _filter(a)
     return api.request("POST", "resources", body)
@@ -446,6 +456,13 @@ def _hosts(sub: Any) -> None:
     p.add_argument("--disable", dest="enabled", action="store_false")
     p.add_argument("--kind", choices=["rdsh", "vdi", "remote_pc"])
     p.add_argument("--description")
+    p.add_argument(
+        "--assigned-user", metavar="USER", help="a Remote PC or VDI guest only USER gets ('': none)"
+    )
+    p.add_argument(
+        "--keep-assignment", type=float, metavar="SECONDS",
+        help="keep it for its user this long after their session ends (-1: the pools' setting)",
+    )  # fmt: skip
 
 
 def _pools(sub: Any) -> None:
@@ -455,6 +472,15 @@ def _pools(sub: Any) -> None:
     p = _leaf(pools, "add", _pool_add, "pools", "add a pool", "name")
     p.add_argument("--balancing", choices=["resource", "round_robin"], default="resource")
     p.add_argument("--description", default="")
+    _list_option(p, "--member", "hosts in the pool (besides those that name it)")
+    p.add_argument(
+        "--persistent", action="store_true",
+        help="Remote PCs / VDI guests stay the user's who first got them",
+    )  # fmt: skip
+    p.add_argument(
+        "--keep-assignment", type=float, default=0.0, metavar="SECONDS",
+        help="keep a member for its user this long after their session ends (default 0)",
+    )  # fmt: skip
     _leaf(pools, "list", _get("pools"), "pools", "list the pools")
     _leaf(pools, "remove", _call("DELETE", "pools/{name}"), "pools", "remove a pool", "name")
 
@@ -477,6 +503,10 @@ def _resources(sub: Any) -> None:
     _list_option(p, "--pools", "run on the hosts of these pools")
     _filter_options(p)
     p.add_argument("--disabled", action="store_true", help="publish it disabled")
+    p.add_argument(
+        "--no-sso", action="store_true",
+        help="no single sign-on: its hosts have accounts of their own",
+    )  # fmt: skip
     p.add_argument("--description", default="")
     _leaf(res, "list", _get("resources"), "resources", "list the published resources")
     _leaf(res, "show", _get("resources/{id}"), "resources", "show one resource", "id")
