@@ -84,6 +84,28 @@ async def test_acme_http_01_tokens_from_the_broker(tmp_path, nursery):
         assert head.startswith("HTTP/1.1 404")
 
 
+async def test_a_token_handed_out_for_a_name_is_a_404_under_any_other_name(tmp_path):
+    async with farm(tmp_path) as f:
+        gw = f.gateways["gateway"]
+        plain = f.gateway_addrs["gateway"]["plain"]
+        await _until(gw.registered.is_set, "registered")
+        await f.broker.links.publish_acme(TOKEN, KEY_AUTHORIZATION, "gw.example.com")
+        await _until(lambda: TOKEN in gw.challenges, "token pushed")
+        path = f"/.well-known/acme-challenge/{TOKEN}"
+        for host, status in [
+            ("gw.example.com", 200),
+            ("GW.Example.COM:80", 200),  # case and port do not matter (pebble sends the port)
+            ("gw.example.com.", 200),
+            ("other.example.com", 404),
+            ("gw.example.com.evil.test", 404),
+            ("10.0.0.1", 404),
+        ]:
+            request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            head, body = await _http(plain, request)
+            assert head.startswith(f"HTTP/1.1 {status}"), (host, head)
+            assert (body == KEY_AUTHORIZATION.encode()) is (status == 200)
+
+
 async def _peer_cert(addr: tuple[str, int], ca: str) -> bytes:
     ctx = ssl.create_default_context(cafile=ca)
     stream = trio.SSLStream(await trio.open_tcp_stream(*addr), ctx, server_hostname="localhost")

@@ -8,7 +8,7 @@ synchronous (``requests``), so every call that touches the network runs in a wor
 1. account: the stored account key (made on first use, EC P-256) registers with the contact
    e-mail and the terms of service agreed; a key the CA already knows gives its account back;
 2. order for the names, with a CSR made from a new key that stays in the broker;
-3. per authorization, the HTTP-01 challenge's token and key authorization go to ``publish``
+3. per authorization, the HTTP-01 challenge's token, key authorization and name go to ``publish``
    (the broker pushes them to every gateway and HALB and waits until each link took them)
    *before* the challenge is answered, and to ``withdraw`` once the authorization is final,
    whatever happened;
@@ -49,7 +49,7 @@ _POLL_FIRST_S = 0.05
 _POLL_MAX_S = 2.0
 
 R = TypeVar("R")
-Publish = Callable[[str, str], Awaitable[None]]
+Publish = Callable[[str, str, str], Awaitable[None]]
 Withdraw = Callable[[str], Awaitable[None]]
 
 
@@ -123,7 +123,7 @@ async def _authorize(
     response, validation = challb.response_and_validation(acme.net.key)
     token = challb.chall.encode("token")
     on_stage("publishing")
-    await publish(token, validation)
+    await publish(token, validation, name)
     try:
         on_stage("validating")
         await _run(acme.answer_challenge, challb, response)

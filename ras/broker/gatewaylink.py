@@ -74,10 +74,10 @@ class GatewayLinks:
             self._links.pop(gateway, None)
             self._halbs.discard(gateway)
 
-    async def publish_acme(self, token: str, key_authorization: str) -> None:
-        """Have every gateway and HALB answer the HTTP-01 challenge of ``token`` (returns once
-        each link took it)."""
-        msg = AcmeChallenge(token, key_authorization)
+    async def publish_acme(self, token: str, key_authorization: str, name: str = "") -> None:
+        """Have every gateway and HALB answer the HTTP-01 challenge of ``token`` (for requests
+        to ``name`` only, if given; returns once each link took it)."""
+        msg = AcmeChallenge(token, key_authorization, name)
         if token not in self.challenges and len(self.challenges) >= MAX_TOKENS:
             raise ValueError(f"more than {MAX_TOKENS} ACME challenges at once")
         self.challenges[token] = msg

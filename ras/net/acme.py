@@ -1,6 +1,7 @@
 """The ACME HTTP-01 answers a gateway or a HALB gives on its plain port, for the tokens the
 broker handed it (``acme_challenge`` / ``acme_withdraw`` on its link). Bounded: at most
-``MAX_TOKENS``. A token nobody handed out, on any host name, is a 404."""
+``MAX_TOKENS``. A token nobody handed out is a 404, and so is a token asked for under another
+host name than the one it was handed out for (the request's Host, without its port)."""
 
 from __future__ import annotations
 
@@ -20,17 +21,17 @@ MAX_TOKENS = 100
 
 
 class Challenges:
-    """token -> key authorization, as the broker says."""
+    """token -> (key authorization, name), as the broker says."""
 
     def __init__(self) -> None:
-        self._answers: dict[str, str] = {}
+        self._answers: dict[str, tuple[str, str]] = {}
 
     def add(self, msg: AcmeChallenge) -> None:
         if msg.token not in self._answers and len(self._answers) >= MAX_TOKENS:
             # the oldest challenge is the one most likely over already
             self._answers.pop(next(iter(self._answers)))
-        self._answers[msg.token] = msg.key_authorization
-        log.info("acme challenge token=%s", msg.token)
+        self._answers[msg.token] = (msg.key_authorization, msg.name.casefold())
+        log.info("acme challenge token=%s name=%s", msg.token, msg.name or "-")
 
     def withdraw(self, token: str) -> None:
         if self._answers.pop(token, None) is not None:
@@ -39,14 +40,31 @@ class Challenges:
     def clear(self) -> None:
         self._answers.clear()
 
-    def answer(self, target: str) -> str | None:
-        """The key authorization for a request target, or None (not a challenge we know)."""
+    def answer(self, target: str, host: str = "") -> str | None:
+        """The key authorization for a request target and Host, or None (not a challenge we
+        know, or one for another name)."""
         if not target.startswith(CHALLENGE_PREFIX):
             return None
-        return self._answers.get(target[len(CHALLENGE_PREFIX) :])
+        found = self._answers.get(target[len(CHALLENGE_PREFIX) :])
+        if found is None:
+            return None
+        key_authorization, name = found
+        if name and _host_name(host) != name:
+            return None
+        return key_authorization
 
     def __contains__(self, token: str) -> bool:
         return token in self._answers
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name, without the port (``[v6]:80`` gives ``v6``) or a final dot."""
+    host = host.strip()
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".").casefold()
 
 
 def is_challenge(request: h11.Request) -> bool:
@@ -61,7 +79,8 @@ async def answer(
 ) -> None:
     """200 with the key authorization of a token we were handed, 404 for any other."""
     target = request.target.decode("ascii", "replace").split("?", 1)[0]
-    key_authorization = challenges.answer(target)
+    host = next((v for k, v in request.headers if k == b"host"), b"")
+    key_authorization = challenges.answer(target, host.decode("ascii", "replace"))
     if key_authorization is None:
         await respond(stream, conn, 404, b"Not found\n")
         return

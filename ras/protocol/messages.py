@@ -731,15 +731,19 @@ MAX_PEM = 24_000  # a leaf, two intermediates and a key fit; a frame holds at mo
 
 @dataclass(frozen=True, slots=True)
 class AcmeChallenge(Message):
-    """The broker hands its gateways an ACME HTTP-01 token to answer on their plain port."""
+    """The broker hands its gateways and HALBs an ACME HTTP-01 token to answer on their plain
+    port; with ``name`` (optional, added in 0.2), only to requests whose Host is that name."""
 
     TYPE: ClassVar[MessageType] = MessageType.ACME_CHALLENGE
     token: str
     key_authorization: str = field(repr=False)
+    name: str = ""
 
     def __post_init__(self) -> None:
         if not _ACME_TOKEN.fullmatch(self.token):
             raise _fail(type(self), "token", "is not an ACME token (base64url, 1 to 256)")
+        if self.name:
+            _check_host(self, "name")
         if not _ACME_KEY_AUTHORIZATION.fullmatch(self.key_authorization):
             raise _fail(type(self), "key_authorization", "is not token.thumbprint (base64url)")
         if self.key_authorization.split(".")[0] != self.token:
