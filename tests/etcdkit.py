@@ -27,7 +27,7 @@ needs_etcd = pytest.mark.skipif(
 )
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
@@ -101,7 +101,7 @@ class Cluster:
 
 @contextlib.contextmanager
 def etcd_cluster(tmp: Path, members: int = 3) -> Iterator[Cluster]:
-    ports = _free_ports(2 * members)
+    ports = free_ports(2 * members)
     cluster = Cluster(tmp, ports[:members], ports[members:], [None] * members)
     try:
         for i in range(members):

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import trio
@@ -64,7 +64,8 @@ class Agent:
             config.ca_file, cert_file=config.cert_file, key_file=config.key_file
         )
         self._cpu = CpuSampler()
-        self.registered = trio.Event()
+        self.registered = trio.Event()  # set while registered with a broker (any, with several)
+        self._links_up = 0
 
     def measure(self) -> LoadReport:
         cpu, memory = round(self._cpu.sample(), 1), round(memory_percent(), 1)
@@ -170,32 +171,53 @@ class Agent:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Stay registered until cancelled."""
+        """Stay registered with every broker until cancelled."""
         cfg = self.config
-
-        def down() -> None:
-            self.registered = trio.Event()
-
         watch_certificate("agent", "farm", cfg.cert_file)
         async with trio.open_nursery() as nursery:
             await start_metrics(nursery, cfg.metrics, partial(agent_state, self))
             task_status.started()
+            async with trio.open_nursery() as links:
+                for address in cfg.broker_list:
+                    links.start_soon(self._link, address)
+            nursery.cancel_scope.cancel()
+
+    async def _link(self, address: tuple[str, int]) -> None:
+        """Stay registered with the broker at ``address`` (reconnecting)."""
+        cfg = self.config
+        registered = [False]
+
+        def down() -> None:
+            if registered[0]:
+                registered[0] = False
+                self._links_up -= 1
+                if self._links_up == 0:
+                    self.registered = trio.Event()
+
+        def up() -> None:
+            registered[0] = True
+            self._links_up += 1
+            self.registered.set()
+
+        try:
             await reconnecting(
-                self._session,
+                partial(self._session, address, up),
                 log=log,
                 max_backoff_s=cfg.retry_max_s,
                 on_down=down,
-                what=f"agent host={cfg.name} broker={cfg.broker_host}:{cfg.broker_port}",
+                what=f"agent host={cfg.name} broker={address[0]}:{address[1]}",
             )
-            nursery.cancel_scope.cancel()
+        finally:
+            down()
 
-    async def _session(self) -> None:
+    async def _session(self, address: tuple[str, int], up: Callable[[], None]) -> None:
         cfg = self.config
+        host, port = address
         # A refusal (FORBIDDEN: another certificate name, the gateways' port) ends the agent:
         # retrying would be refused the same way forever.
-        refused = partial(fatal_refusal, f"broker {cfg.broker_host}:{cfg.broker_port}")
+        refused = partial(fatal_refusal, f"broker {host}:{port}")
         with refused(), trio.fail_after(cfg.connect_timeout_s):
-            stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._tls)
+            stream = await connect_tls(host, port, self._tls)
             chan = await greet(stream, Role.AGENT, SOFTWARE)
         async with chan:
             with refused(), trio.fail_after(cfg.connect_timeout_s):
@@ -211,12 +233,12 @@ class Agent:
                 cfg.name,
                 cfg.rdp_host,
                 cfg.rdp_port,
-                cfg.broker_host,
-                cfg.broker_port,
+                host,
+                port,
                 reply.report_interval_s,
             )
             await chan.send(self.measure())
-            self.registered.set()
+            up()
             await race(
                 lambda: self._answer(chan), lambda: self._report(chan, reply.report_interval_s)
             )

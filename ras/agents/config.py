@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ras.config import Invalid, check_host, check_port, check_positive
+from ras.net.brokers import broker_addresses
 from ras.ops.config import LogFormat, MetricsConfig
 from ras.protocol import AppStart, HostKind
 
@@ -28,6 +29,9 @@ class AgentConfig:
     max_sessions: int = 50
     broker_host: str = "127.0.0.1"
     broker_port: int = 20003
+    # Several brokers (docs/brokers.md): "host:port" of each one's agent port; the agent
+    # registers with and reports to every one. Empty: broker_host:broker_port alone.
+    brokers: tuple[str, ...] = ()
     connect_timeout_s: float = 10.0
     retry_max_s: float = 10.0
     # Where sessions are counted: "tcp" (connections to rdp_port), "utmp" (user sessions in
@@ -60,6 +64,7 @@ class AgentConfig:
         check_host("broker_host", self.broker_host)
         check_port("rdp_port", self.rdp_port, zero_ok=False)
         check_port("broker_port", self.broker_port, zero_ok=False)
+        broker_addresses(self.brokers, self.broker_host, self.broker_port)  # names a bad one
         if not 1 <= self.max_sessions <= 100_000:
             raise Invalid("max_sessions", "must be between 1 and 100000")
         check_positive("connect_timeout_s", self.connect_timeout_s)
@@ -73,3 +78,8 @@ class AgentConfig:
                     word.format(id="", pid="", user="", line="", display="")
                 except (KeyError, IndexError, ValueError) as exc:
                     raise Invalid(f"{key}[{i}]", f"{word!r}: bad placeholder {exc}") from None
+
+    @property
+    def broker_list(self) -> tuple[tuple[str, int], ...]:
+        """The brokers the agent reports to."""
+        return broker_addresses(self.brokers, self.broker_host, self.broker_port)

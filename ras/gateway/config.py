@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ras.config import Invalid, check_host, check_port, check_positive
+from ras.net.brokers import broker_addresses
 from ras.ops.config import LogFormat, MetricsConfig
 
 __all__ = ["GatewayConfig", "GatewayMode", "NextHop"]
@@ -73,6 +74,11 @@ class GatewayConfig:
     public_port: int = 443
     broker_host: str = "127.0.0.1"
     broker_port: int = 20002
+    # Several brokers (docs/brokers.md): "host:port" of each, highest priority first; the
+    # gateway registers with all and opens connections to the first that answers within
+    # broker_failover_s. Empty: broker_host:broker_port alone.
+    brokers: tuple[str, ...] = ()
+    broker_failover_s: float = 3.0
     handshake_timeout_s: float = 10.0
     preauth_timeout_s: float = 60.0
     session_idle_timeout_s: float = 600.0
@@ -128,12 +134,14 @@ class GatewayConfig:
             check_host(key, getattr(self, key))
         for key in ("plain_port", "tls_port", "broker_port", "public_port"):
             check_port(key, getattr(self, key))
+        broker_addresses(self.brokers, self.broker_host, self.broker_port)  # names a bad one
         for key in (
             "handshake_timeout_s",
             "preauth_timeout_s",
             "session_idle_timeout_s",
             "connect_timeout_s",
             "broker_timeout_s",
+            "broker_failover_s",
             "link_ping_interval_s",
             "health_interval_s",
             "health_timeout_s",
@@ -202,6 +210,11 @@ class GatewayConfig:
                 )
         if self.next_hop_server_name:
             check_host("next_hop_server_name", self.next_hop_server_name)
+
+    @property
+    def broker_list(self) -> tuple[tuple[str, int], ...]:
+        """The brokers, highest priority first."""
+        return broker_addresses(self.brokers, self.broker_host, self.broker_port)
 
     @property
     def forwarding(self) -> bool:

@@ -8,6 +8,10 @@
 - :class:`BrokerLink` is the long-lived link: it registers the gateway, keeps it alive with
   pings and takes what the broker pushes (ACME tokens, a new public certificate, the User
   Portal's settings). When it closes, the broker marks the gateway offline.
+
+With several brokers (``brokers``), new connections go to the first broker in priority order
+that answers (``ras.net.brokers.BrokerChoice``), and the gateway keeps one link to *each*
+broker, so that every broker knows it online (HALBs ask any of them) and any may push to it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ras.errors import ErrorCode, PeerError, TransportError
 from ras.gateway.brokerpool import RedeemPool
 from ras.gateway.config import GatewayConfig
 from ras.net.acme import Challenges
+from ras.net.brokers import BrokerChoice
 from ras.net.channel import Channel, greet
 from ras.net.publictls import PublicTLS
 from ras.net.tasks import fatal_refusal, race, reconnecting
@@ -44,7 +49,7 @@ from ras.protocol import (
     TicketOk,
 )  # fmt: skip
 
-__all__ = ["SOFTWARE", "BrokerClient", "BrokerLink"]
+__all__ = ["SOFTWARE", "BrokerClient", "BrokerLink", "Registrations"]
 
 log = logging.getLogger("ras.gateway")
 SOFTWARE = f"ras-gateway/{__version__}"
@@ -62,14 +67,23 @@ class BrokerClient:
         self._tls = client_context(
             config.ca_file, cert_file=config.cert_file, key_file=config.key_file
         )
+        self.brokers = BrokerChoice(config.broker_list)
         # tickets are redeemed on a few long-lived broker connections (ras.gateway.brokerpool)
         self.redeemer = RedeemPool(self.open)
 
     async def open(self) -> Channel:
-        """A connection with hello/welcome done, nothing else said yet."""
-        cfg = self.config
-        stream = await connect_tls(cfg.broker_host, cfg.broker_port, self._tls, connect=self._dial)
-        return await greet(stream, Role.GATEWAY, SOFTWARE)
+        """A connection with hello/welcome done, nothing else said yet, to the first broker
+        by priority that answers within ``broker_failover_s``."""
+        return await self.brokers.connect(self.open_at, attempt_s=self.config.broker_failover_s)
+
+    async def open_at(self, host: str, port: int) -> Channel:
+        """A connection to the broker at ``host``:``port``, hello/welcome done."""
+        stream = await connect_tls(host, port, self._tls, connect=self._dial)
+        try:
+            return await greet(stream, Role.GATEWAY, SOFTWARE)
+        except BaseException:
+            await stream.aclose()
+            raise
 
     async def open_session(self, client: Peer) -> Channel:
         """A connection for one client (its login state or its route lives at the broker, on
@@ -98,8 +112,26 @@ class BrokerClient:
         await self.redeemer.aclose()
 
 
+class Registrations:
+    """How many of the gateway's links are registered; ``event`` is set while one is."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.event = trio.Event()
+
+    def up(self) -> None:
+        self.count += 1
+        self.event.set()
+
+    def down(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.event = trio.Event()
+
+
 class BrokerLink:
-    """The long-lived link; ``run`` keeps it up (reconnecting) until cancelled."""
+    """The long-lived link to the broker at ``address`` (default: the first of the config);
+    ``run`` keeps it up (reconnecting) until cancelled."""
 
     def __init__(
         self,
@@ -107,18 +139,23 @@ class BrokerLink:
         challenges: Challenges,
         certificate: PublicTLS,
         portal: Portal | None = None,
+        *,
+        address: tuple[str, int] | None = None,
+        registrations: Registrations | None = None,
     ) -> None:
         self.config = broker.config
         self.portal = portal
         self._broker = broker
+        self.address = address or broker.config.broker_list[0]
         self.challenges = challenges
         self.certificate = certificate
         self.registered = trio.Event()
+        self._registrations = registrations or Registrations()
 
     async def run(self) -> None:
-        cfg = self.config
-
         def down() -> None:
+            if self.registered.is_set():
+                self._registrations.down()
             self.registered = trio.Event()
 
         try:
@@ -126,7 +163,7 @@ class BrokerLink:
                 self._session,
                 log=log,
                 on_down=down,
-                what=f"gateway broker={cfg.broker_host}:{cfg.broker_port}",
+                what=f"gateway broker={self.address[0]}:{self.address[1]}",
             )
         finally:
             down()
@@ -136,9 +173,10 @@ class BrokerLink:
         cfg = self.config
         # A refusal (FORBIDDEN: another certificate name, the agents' port) ends the daemon:
         # retrying would be refused the same way forever.
-        refused = partial(fatal_refusal, f"broker {cfg.broker_host}:{cfg.broker_port}")
+        host, port = self.address
+        refused = partial(fatal_refusal, f"broker {host}:{port}")
         with refused(), trio.fail_after(cfg.broker_timeout_s):
-            chan = await self._broker.open()
+            chan = await self._broker.open_at(host, port)
         async with chan:
             with refused(), trio.fail_after(cfg.broker_timeout_s):
                 reply = await chan.request(
@@ -146,9 +184,11 @@ class BrokerLink:
                 )
             if not isinstance(reply, Registered):
                 raise TransportError(f"broker answered gateway_register with {reply.TYPE}")
-            log.info("registered with broker=%s:%d", cfg.broker_host, cfg.broker_port)
-            self.challenges.clear()  # the broker sends the current ones again
+            log.info("registered with broker=%s:%d", host, port)
+            if len(cfg.broker_list) == 1:
+                self.challenges.clear()  # the broker sends the current ones again
             self.registered.set()
+            self._registrations.up()
             heard = [trio.current_time()]
             # The broker drops a link silent for its host_timeout_s, and says how often it
             # wants to hear from its daemons (report_interval_s): ping at least that often.

@@ -41,7 +41,7 @@ from ras.gateway.forward import Forwarder
 from ras.gateway.front import Conn, Port, TrustedProxies, read_front
 from ras.gateway.http import plain_http
 from ras.gateway.limits import Refusal, SourceLimits
-from ras.gateway.link import BrokerClient, BrokerLink
+from ras.gateway.link import BrokerClient, BrokerLink, Registrations
 from ras.gateway.rdplb import RdpBalancer
 from ras.gateway.session import ClientSessions
 from ras.gateway.tunnels import Tunnels
@@ -93,7 +93,8 @@ class Gateway:
         self._trusted = TrustedProxies(cfg.trusted_proxies)
         self._forwarder: Forwarder | None = None
         self._broker: BrokerClient | None = None
-        self._link: BrokerLink | None = None
+        self._links: list[BrokerLink] = []  # one to each broker
+        self._registrations = Registrations()
         self._sessions: ClientSessions | None = None
         self._rdp: RdpBalancer | None = None
         self.portal: Portal | None = None  # HTTP on the TLS port of a normal gateway
@@ -111,7 +112,13 @@ class Gateway:
                 cfg.broker_timeout_s,
             )  # fmt: skip
             self.portal = Portal(site, self._broker.open_session)
-            self._link = BrokerLink(self._broker, self.challenges, self.certificate, self.portal)
+            self._links = [
+                BrokerLink(
+                    self._broker, self.challenges, self.certificate, self.portal,
+                    address=address, registrations=self._registrations,
+                )
+                for address in cfg.broker_list
+            ]  # fmt: skip
             self._sessions = ClientSessions(cfg, self._broker, self.tunnels, connect=connect)
             self._rdp = RdpBalancer(cfg, self._broker, self.tunnels, connect=connect)
         self._not_registered = trio.Event()  # a forwarding gateway has no broker
@@ -120,8 +127,8 @@ class Gateway:
 
     @property
     def registered(self) -> trio.Event:
-        """Set while the link to the broker is registered."""
-        return self._not_registered if self._link is None else self._link.registered
+        """Set while a link to a broker is registered (to any, with several)."""
+        return self._registrations.event if self._links else self._not_registered
 
     @property
     def forwarder(self) -> Forwarder | None:
@@ -180,13 +187,13 @@ class Gateway:
                 )
                 if metrics is not None:
                     bound["metrics"] = metrics
-                if self._link is not None:
-                    nursery.start_soon(self._link.run)
+                if self._links:
+                    for link in self._links:
+                        nursery.start_soon(link.run)
                     log.info(
-                        "gateway ready name=%s broker=%s:%d",
+                        "gateway ready name=%s brokers=%s",
                         cfg.name,
-                        cfg.broker_host,
-                        cfg.broker_port,
+                        ",".join(f"{h}:{p}" for h, p in cfg.broker_list),
                     )
                 else:
                     assert self._forwarder is not None
@@ -204,8 +211,8 @@ class Gateway:
                 task_status.started(bound)
                 await self._stopping.wait()
                 nursery.cancel_scope.cancel()  # stop accepting; the link closes: unregistered
-            if self._link is not None:
-                log.info("unregistered from broker=%s:%d", cfg.broker_host, cfg.broker_port)
+            for link in self._links:
+                log.info("unregistered from broker=%s:%d", *link.address)
             await self._drain(handlers)
 
     async def _drain(self, handlers: trio.Nursery) -> None:

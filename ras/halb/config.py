@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ras.config import Invalid, check_host, check_port, check_positive
+from ras.net.brokers import broker_addresses
 from ras.ops.config import LogFormat, MetricsConfig
 from ras.protocol.vrrp import OWNER_PRIORITY
 
@@ -94,6 +95,9 @@ class HalbConfig:
     # Gateways from the broker too (those whose link to it is up), over mutual TLS:
     broker_host: str = ""  # empty: the [[gateways]] of this file only
     broker_port: int = 20002
+    # Several brokers (docs/brokers.md): "host:port" of each, highest priority first; the
+    # HALB asks the first that answers and fails over to the next.
+    brokers: tuple[str, ...] = ()
     cert_file: Path | None = None
     key_file: Path | None = None
     ca_file: Path | None = None
@@ -153,19 +157,29 @@ class HalbConfig:
         check_host("admin_host", self.admin_host)
         if not self.interface or len(self.interface) > 15:
             raise Invalid("interface", f"{self.interface!r} is not an interface name")
-        if self.broker_host:
-            check_host("broker_host", self.broker_host)
-            check_port("broker_port", self.broker_port, zero_ok=False)
+        if self.brokers:
+            broker_addresses(self.brokers, "", 0)  # names a bad one
+        if self.broker_host or self.brokers:
+            if self.broker_host:
+                check_host("broker_host", self.broker_host)
+                check_port("broker_port", self.broker_port, zero_ok=False)
             check_positive("broker_poll_interval_s", self.broker_poll_interval_s)
             for key in ("cert_file", "key_file", "ca_file"):
                 if getattr(self, key) is None:
-                    raise Invalid(key, "is needed with broker_host (mutual TLS with the broker)")
+                    raise Invalid(key, "is needed with a broker (mutual TLS with the broker)")
         names = [g.name for g in self.gateways]
         if len(set(names)) != len(names):
             raise Invalid("gateways", "gateway names must be unique")
         ports = [s.listen_port for s in self.services]
         if len(set(ports)) != len(ports):
             raise Invalid("services", "each listen_port may appear once")
+
+    @property
+    def broker_list(self) -> tuple[tuple[str, int], ...]:
+        """The brokers to ask for gateways (none: the [[gateways]] of this file only)."""
+        if not self.brokers and not self.broker_host:
+            return ()
+        return broker_addresses(self.brokers, self.broker_host, self.broker_port)
 
     @property
     def tracked_priority(self) -> int | None:

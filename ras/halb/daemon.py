@@ -23,6 +23,7 @@ from ras.halb.balancer import Balancer
 from ras.halb.config import GatewayRef, HalbConfig
 from ras.halb.election import Election
 from ras.halb.vip import missing_capabilities
+from ras.net.brokers import BrokerChoice
 from ras.net.channel import Channel, greet
 from ras.net.tasks import race, reconnecting
 from ras.net.tls import connect_tls
@@ -58,6 +59,7 @@ class Halb:
         watch_certificate("halb", "farm", config.cert_file)
         self.gateways: tuple[GatewayRef, ...] = config.gateways  # from the config file
         self.from_broker: tuple[GatewayRef, ...] = ()
+        self._brokers = BrokerChoice(config.broker_list or (("", 0),))
 
     async def serve(
         self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
@@ -74,7 +76,7 @@ class Halb:
             # priority that says so: a node that won the VIP before its first health checks
             # would refuse the first clients.
             await self.balancer.ready.wait()
-            if cfg.broker_host:
+            if cfg.broker_list:
                 nursery.start_soon(self._broker_gateways)
             if cfg.tracked_priority is not None:
                 self._track_gateways()
@@ -115,10 +117,8 @@ class Halb:
     # -- gateways from the broker ---------------------------------------------------------------
 
     async def _broker_gateways(self) -> None:
-        cfg = self.config
-        await reconnecting(
-            self._poll_broker, log=log, what=f"halb broker={cfg.broker_host}:{cfg.broker_port}"
-        )
+        brokers = ",".join(f"{h}:{p}" for h, p in self.config.broker_list)
+        await reconnecting(self._poll_broker, log=log, what=f"halb brokers={brokers}")
 
     async def _poll_broker(self) -> None:
         """Ask the broker for its online gateways every ``broker_poll_interval_s``, and take
@@ -127,10 +127,14 @@ class Halb:
         cfg = self.config
         assert cfg.ca_file is not None
         ctx = client_context(cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file)
-        with trio.fail_after(cfg.connect_timeout_s):
-            stream = await connect_tls(cfg.broker_host, cfg.broker_port, ctx)
-            chan = await greet(stream, Role.HALB, SOFTWARE)
-        self.balancer.challenges.clear()  # the broker sends the current ones again
+
+        async def open_at(host: str, port: int) -> Channel:
+            stream = await connect_tls(host, port, ctx)
+            return await greet(stream, Role.HALB, SOFTWARE)
+
+        chan = await self._brokers.connect(open_at, attempt_s=cfg.connect_timeout_s)
+        if len(cfg.broker_list) == 1:
+            self.balancer.challenges.clear()  # the broker sends the current ones again
         answered = [trio.Event()]
         async with chan:
             await race(
