@@ -36,6 +36,7 @@ import h11
 import trio
 
 from ras.broker.admin_api import ApiError, ApiRequest, Handler, Route, bad_field, decode_json
+from ras.broker.admin_brokers import PROMOTE
 from ras.broker.admin_routes import routes
 from ras.broker.directory import DirectoryUnavailable
 from ras.broker.model import GroupRecord
@@ -166,7 +167,9 @@ class AdminServer:
         body = json.dumps(answer, indent=2, sort_keys=True).encode() + b"\n"
         if conn.our_state is not h11.SEND_RESPONSE:
             return  # the request never got far enough to be answered
-        await respond(stream, conn, status, body, content_type="application/json")
+        location = answer.get("location") if status == 307 and isinstance(answer, dict) else None
+        headers = [("location", str(location))] if location else None
+        await respond(stream, conn, status, body, content_type="application/json", headers=headers)
 
     async def _dispatch(
         self, got: _Raw, cert: bytes | None, peer: tuple[str, int]
@@ -188,12 +191,37 @@ class AdminServer:
                 raise ApiError(405, "method_not_allowed", f"{method} {url.path}: use {allowed}")
             if route.handler != self._logon:
                 request = dataclasses.replace(request, admin=self._who(cert, request))
+            if method != "GET" and route.pattern not in (("session", "logoff"), PROMOTE):
+                await self._primary_only(url.path)
             return await route.handler(request)
         except ApiError as exc:
             return exc.status, exc.body()
         except Exception:
             log.exception("bug in the admin API: %s %s", method, url.path)
             return 500, ApiError(500, "internal", "internal error (see the broker's log)").body()
+
+    async def _primary_only(self, path: str) -> None:
+        """Refuse a write on a secondary broker: 307 to the primary's API (its name and URL
+        in the answer), 503 if the farm has no primary now."""
+        roles = self.broker.roles
+        if roles is None or roles.is_primary:
+            return
+        url = await trio.to_thread.run_sync(roles.primary_url)
+        if not roles.primary or not url:
+            raise ApiError(
+                503,
+                "no_primary",
+                f"broker {roles.name} is a secondary and the farm has no primary now: admin "
+                "writes wait for one (ras admin broker promote NAME makes one)",
+            )
+        error = ApiError(
+            307,
+            "not_primary",
+            f"broker {roles.name} is a secondary: admin writes go to the primary "
+            f"{roles.primary} at {url}",
+        )
+        error.extra = {"primary": roles.primary, "location": url.rstrip("/") + path}
+        raise error
 
     def _who(self, cert: bytes | None, request: ApiRequest) -> str:
         """The admin behind the request, from the certificate or the token; 401 otherwise."""

@@ -31,9 +31,10 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.field = field
+        self.extra: dict[str, Any] = {}  # more fields of the answer (a redirect's location)
 
     def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"error": self.code, "message": self.message}
+        out: dict[str, Any] = {"error": self.code, "message": self.message, **self.extra}
         if self.field is not None:
             out["field"] = self.field
         return out

@@ -20,6 +20,7 @@ import trio
 
 from ras import __version__
 from ras.broker.admin_api import ApiError, ApiRequest, Handler, Route, bad_field
+from ras.broker.admin_brokers import broker_routes
 from ras.broker.admin_certs import cert_routes
 from ras.broker.admin_reports import report_routes
 from ras.broker.hosts import Host
@@ -508,4 +509,5 @@ def routes(broker: BrokerParts, unlock_admin: Callable[[str], bool]) -> list[Rou
         *portal_routes(api.broker),
         *cert_routes(broker),
         *report_routes(broker.history),
+        *broker_routes(broker),
     ]

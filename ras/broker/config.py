@@ -16,6 +16,7 @@ from ras.broker.model import (
     TicketScope,
 )
 from ras.broker.radius import RadiusConfig
+from ras.broker.roles import RolesConfig
 from ras.config import Invalid, check_host, check_port, check_positive
 from ras.ops.config import LogFormat, MetricsConfig
 from ras.protocol import ResourceKind
@@ -148,6 +149,8 @@ class BrokerConfig:
     # Several brokers of one farm (docs/brokers.md): their shared state in an etcd cluster
     # instead of ``database`` (which then holds nothing).
     etcd: EtcdConfig | None = None
+    # With [etcd]: this broker's priority, automatic promotion and failback (docs/brokers.md).
+    roles: RolesConfig = field(default_factory=RolesConfig)
     # The admin API (docs/admin-api.md): HTTPS on admin_listen_host:admin_port. A logon must
     # be a member of one of admin_groups; a farm certificate whose name is in
     # admin_cert_names needs no logon. Tokens expire after admin_token_ttl_s.

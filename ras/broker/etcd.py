@@ -276,7 +276,14 @@ class Etcd:
 
     def keep_alive(self, lease: int) -> int:
         """Refresh ``lease``; its remaining TTL (0 or less: it has expired)."""
-        got = self.post("lease/keepalive", {"ID": str(lease)})
+        try:
+            got = self.post("lease/keepalive", {"ID": str(lease)})
+        except EtcdUnavailable:
+            raise
+        except RasError as exc:
+            if "not found" in str(exc):
+                return 0
+            raise
         return int(got.get("result", got).get("TTL", 0))
 
     def revoke(self, lease: int) -> None:

@@ -18,6 +18,7 @@ from ras.broker.gatewaylink import GatewayLinks
 from ras.broker.history import History
 from ras.broker.hosts import HostRegistry
 from ras.broker.launches import Launches
+from ras.broker.roles import Roles
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
 from ras.broker.throttle import Throttle
@@ -41,3 +42,4 @@ class BrokerParts(Protocol):
     links: GatewayLinks
     certificates: FarmCertificates
     history: History  # logins and launches, for reports
+    roles: Roles | None  # several brokers on etcd; None: one broker, always the primary

@@ -28,6 +28,7 @@ from ras.broker.catalog import Catalog
 from ras.broker.certs import FarmCertificates
 from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory, open_directory
+from ras.broker.etcdstore import EtcdStore
 from ras.broker.front import GatewayFront, GatewayInfo
 from ras.broker.gatewaylink import GatewayLinks
 from ras.broker.history import History
@@ -35,6 +36,7 @@ from ras.broker.hosts import HostRegistry
 from ras.broker.launches import Launches
 from ras.broker.login import Login
 from ras.broker.radius import RadiusClient
+from ras.broker.roles import Roles
 from ras.broker.routing import Router
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
@@ -116,6 +118,11 @@ class Broker:
             config, self.catalog, self.login, self.launches, self.router, self.links
         )
         self.gateways: dict[str, GatewayInfo] = self.front.gateways
+        # several brokers on etcd: the primary takes admin writes (one broker: always primary)
+        self.roles: Roles | None = None
+        if isinstance(store, EtcdStore):
+            url = f"https://{config.name}:{config.admin_port}"
+            self.roles = Roles(config.name, store, config.roles, admin_url=url)
         self._ssl = server_context(config.cert_file, config.key_file, client_ca_file=config.ca_file)
 
     async def serve(
@@ -137,6 +144,8 @@ class Broker:
             metrics = await start_metrics(nursery, cfg.metrics, partial(broker_state, self))
             if metrics is not None:
                 addrs["metrics"] = metrics
+            if self.roles is not None:
+                nursery.start_soon(self.roles.run)  # primary or secondary (ras.broker.roles)
             if cfg.admin_enabled:  # the HTTPS admin API (ras.broker.admin)
                 addrs["admin"] = await nursery.start(partial(serve_admin, self))
             log.info("broker ready name=%s resources=%d", cfg.name, len(cfg.resources))

@@ -84,6 +84,7 @@ COLUMNS = {
     "sessions": ["id", "user", "host", "resource", "state", "gateway", "client", "since"],
     "gateways": ["name", "public_host", "public_port", "online", "since"],
     "portal": PORTAL_COLUMNS,
+    "brokers": ["name", "role", "priority", "admin_url"],
 }
 _TIMES = ("since", "updated")  # seconds since the epoch in the API's answers
 
@@ -251,6 +252,10 @@ def _call(
 def _explain(api: AdminClient, a: argparse.Namespace) -> Any:
     query = {"user": a.user_name, "resource": a.resource, "client": a.client, "gateway": a.gateway}
     return api.request("GET", "explain", query=query)
+
+
+def _brokers(api: AdminClient, a: argparse.Namespace) -> Any:
+    return api.request("GET", "brokers")["brokers"]
 
 
 def _sessions(api: AdminClient, a: argparse.Namespace) -> Any:
@@ -609,6 +614,18 @@ def add_parser(subparsers: Any) -> None:
         dest="action", metavar="ACTION", required=True
     )
     _leaf(gw, "list", _get("gateways"), "gateways", "the gateways and whether they are online")
+    br = sub.add_parser("broker", help="the farm's brokers: roles, promotion").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    _leaf(br, "list", _brokers, "brokers", "the brokers present, their priority and role")
+    _leaf(
+        br,
+        "promote",
+        _call("POST", "brokers/{name}/promote"),
+        "brokers",
+        "make NAME the primary broker (any broker takes this; the old primary is deposed)",
+        "name",
+    )
     p = _leaf(
         sub,
         "explain",

@@ -98,7 +98,7 @@ class AdminClient:
             raise AdminApiError(
                 response.status, "bad_answer", f"the answer is not JSON (HTTP {response.status})"
             ) from None
-        if response.status >= 400:
+        if response.status >= 300:  # a 307 from a secondary broker names the primary
             info = answer if isinstance(answer, dict) else {}
             raise AdminApiError(
                 response.status,
