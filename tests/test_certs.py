@@ -10,6 +10,7 @@ The ACME client itself is exercised against a real pebble in tests/test_acme_lab
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
-from ras.broker.acme import AcmeError
+from ras.broker.acme import AcmeAccount, AcmeError, new_account_key, obtain
 from ras.broker.certs import FarmCertificates
 from ras.broker.certstore import lifetime, names_of
 from ras.broker.config import BrokerConfig
@@ -272,3 +273,23 @@ async def test_imports_pem_pfx_and_a_certificate_signed_from_our_csr(tmp_path, a
     assert names_of(certs.record.cert_pem) == ["portal.example.com"]
     assert certs.record.cert_pem.count("BEGIN CERTIFICATE") == 2
     assert certs.record.csr_key_pem == ""  # used: the key is now the certificate's
+
+
+async def test_an_unreachable_ca_is_one_clear_line(tmp_path):
+    """The real ACME client, against a port where nothing listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    account = AcmeAccount(f"https://127.0.0.1:{port}/dir", new_account_key(), "ops@example.com")
+    published: list[str] = []
+
+    async def publish(token: str, key_authorization: str, name: str) -> None:
+        published.append(token)
+
+    async def withdraw(token: str) -> None:
+        published.remove(token)
+
+    with trio.fail_after(30), pytest.raises(AcmeError) as info:
+        await obtain(account, ["farm.example.com"], publish=publish, withdraw=withdraw)
+    assert str(info.value) == f"cannot reach the ACME CA: 127.0.0.1:{port}: Connection refused"
+    assert published == []

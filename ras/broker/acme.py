@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -193,10 +194,24 @@ async def _run(fn: Callable[..., R], *args: object) -> R:
         raise AcmeError(f"cannot reach the ACME CA: {_short(exc)}") from exc
 
 
-def _short(exc: Exception) -> str:
-    """requests' messages nest the whole urllib3 story; the innermost reason is enough."""
-    inner: BaseException = exc
-    while inner.__context__ is not None and len(str(inner.__context__)) < len(str(inner)):
-        inner = inner.__context__
-    text = str(inner) or type(inner).__name__
+def _short(exc: requests.exceptions.RequestException) -> str:
+    """requests' messages nest the whole urllib3 story; where and the OS's reason suffice."""
+    url = exc.request.url if exc.request is not None else None
+    where = str(urllib.parse.urlsplit(str(url)).netloc) if url else "the CA"
+    if isinstance(exc, requests.exceptions.Timeout):
+        return f"{where}: no answer in time"
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        inner = todo.pop()
+        if id(inner) in seen:
+            continue
+        seen.add(id(inner))
+        if isinstance(inner, OSError) and inner.strerror:
+            return f"{where}: {inner.strerror}"
+        reason = getattr(inner, "reason", None)
+        for nxt in (reason, inner.__cause__, inner.__context__, *inner.args):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+    text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
