@@ -12,6 +12,7 @@ import urllib.parse
 
 import pytest
 import trio
+import trio.testing
 from farmkit import PASSWORD, USER
 from memkit import MemoryFarm, memory_farm
 
@@ -20,8 +21,8 @@ from ras.broker.store import UserRecord
 from ras.broker.totp import totp
 from ras.client.rdpfile import parse_rdp_file
 from ras.config import Invalid
-from ras.portal import LaunchMethod, Portal, PortalSettings, WebSession
-from ras.portal.web import Request, Response
+from ras.portal import LaunchMethod, Portal, PortalSettings, WebSession, serve_portal
+from ras.portal.web import MAX_BODY, Request, Response
 
 pytestmark = pytest.mark.usefixtures("inline_threads")
 HOST = "portal.test"
@@ -413,3 +414,40 @@ async def test_a_lost_broker_connection_is_resumed(tmp_path, nursery, autojump_c
         await session.chan.aclose()  # as when the broker restarts
         assert (await browser.request("GET", "/resources")).status == 200
         assert 'data-id="desktop"' in browser.page
+
+
+async def _wire(portal: Portal, data: bytes) -> bytes:
+    """``data`` sent to the portal's h11 shell over a memory stream; all it answered."""
+    client, server = trio.testing.memory_stream_pair()
+    reply = bytearray()
+
+    async def serve() -> None:  # as the gateway's front door: the stream closed after
+        async with server:
+            await serve_portal(portal, server, ("192.0.2.5", 40000))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await client.send_all(data)
+        await client.send_eof()
+        while chunk := await client.receive_some():
+            reply += chunk
+    return bytes(reply)
+
+
+async def test_the_http_shell_answers_once_and_refuses_what_is_too_big_or_not_http(
+    tmp_path, nursery, autojump_clock
+):
+    async with memory_farm(tmp_path, nursery) as f:
+        portal = _portal(f)
+        head = await _wire(portal, b"HEAD /login HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert head.endswith(b"\r\n\r\n")  # the head only
+        big = b"x" * (MAX_BODY + 1)
+        too_big = await _wire(
+            portal,
+            b"POST /login HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(big), big),
+        )
+        assert too_big.startswith(b"HTTP/1.1 413 ")
+        garbage = await _wire(portal, b"\x16\x03\x01 not http at all\r\n\r\n")
+        assert garbage.startswith(b"HTTP/1.1 400 ")
+        assert await _wire(portal, b"GET /log") == b""  # ended early: nothing to answer
