@@ -154,7 +154,7 @@ class Portal:
                 503, "Not available", "The farm cannot be reached now; try again later."
             )
         static = request.path.startswith("/static/") and response.status == 200
-        response.headers += security_headers(settings, static=static)
+        response.headers += security_headers(settings, response, static=static)
         response.headers += cors_headers(settings, request)
         return response
 

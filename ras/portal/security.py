@@ -27,7 +27,7 @@ import secrets
 import urllib.parse
 
 from ras.portal.settings import PortalSettings
-from ras.portal.web import Request
+from ras.portal.web import Request, Response
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{32,128}")
 
@@ -95,8 +95,9 @@ def csp(settings: PortalSettings, *, extra_connect: tuple[str, ...] = ()) -> str
     )
 
 
-def security_headers(settings: PortalSettings, *, static: bool = False) -> list[tuple[str, str]]:
-    """The headers of every answer (``static``: a file that browsers may cache a while)."""
+def security_headers(
+    settings: PortalSettings, response: Response, *, static: bool = False
+) -> list[tuple[str, str]]:
     headers = [
         ("content-security-policy", csp(settings)),
         ("x-content-type-options", "nosniff"),
