@@ -83,6 +83,7 @@ class FakeCA:
         self.lifetime_s = lifetime_s
         self.calls: list[float] = []
         self.down = False
+        self.odd: Exception | None = None  # an answer the ACME library chokes on
         self.release: trio.Event | None = None  # an order that waits for this
         self.tokens: list[str] = []
 
@@ -91,6 +92,8 @@ class FakeCA:
         on_stage("validating")
         if self.release is not None:
             await self.release.wait()
+        if self.odd is not None:
+            raise self.odd
         if self.down:
             raise AcmeError("cannot reach the ACME CA: connection refused")
         return _issue(list(names), _clock(), self.lifetime_s), "https://ca.test/acct/1"
@@ -171,6 +174,23 @@ async def test_a_failing_ca_keeps_the_old_certificate_and_retries_with_backoff(
     assert certs.renewal.failures == 0
     assert certs.record.cert_pem != good
     assert certs.warnings() == []
+
+
+async def test_an_unexpected_error_in_an_order_is_a_failure_not_a_dead_broker(
+    tmp_path, nursery, autojump_clock
+):
+    ca = FakeCA()
+    ca.odd = KeyError("authorizations")
+    certs = _certs(tmp_path, ca)
+    nursery.start_soon(certs.run)
+    await certs.letsencrypt(["farm.example.com"], "", "")
+    await _settle()
+    assert certs.renewal.state == "failed"
+    assert certs.renewal.last_error == "unexpected error: KeyError: 'authorizations'"
+    ca.odd = None
+    await trio.sleep(300)  # the loop lives on: the retry comes and succeeds
+    assert certs.renewal.state == "idle"
+    assert certs.record.source is CertSource.LETSENCRYPT
 
 
 async def test_asking_again_while_an_order_runs_joins_it(tmp_path, nursery, autojump_clock):

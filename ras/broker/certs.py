@@ -252,18 +252,11 @@ class FarmCertificates:
                 )
         except (AcmeError, PKIError, ValueError, trio.TooSlowError) as exc:
             why = str(exc) or f"no certificate within {self.config.acme_order_timeout_s:g} s"
-            renewal.failures += 1
-            pause = min(
-                self.config.acme_retry_max_s,
-                self.config.acme_retry_min_s * 2 ** (renewal.failures - 1),
-            )
-            renewal.state, renewal.stage, renewal.last_error = "failed", "", why
-            renewal.next_attempt = self.clock() + pause
-            log.error(
-                "acme order failed names=%s attempt=%d retry_in=%.0fs reason=%s "
-                "(the current certificate keeps serving)",
-                ",".join(names), renewal.failures, pause, why,
-            )  # fmt: skip
+            self._failed(names, why)
+            return
+        except Exception as exc:  # an answer the ACME library chokes on: not the broker's end
+            log.exception("acme order failed with an unexpected error names=%s", ",".join(names))
+            self._failed(names, f"unexpected error: {type(exc).__name__}: {exc}")
             return
         current = self.record  # it may have changed meanwhile (an assignment)
         await self._install(
@@ -277,6 +270,22 @@ class FarmCertificates:
         )
         renewal.state, renewal.stage, renewal.failures, renewal.last_error = "idle", "", 0, ""
         renewal.last_success, renewal.next_attempt = self.clock(), None
+
+    def _failed(self, names: tuple[str, ...], why: str) -> None:
+        """An attempt failed: nothing that serves changes; the next waits longer."""
+        renewal = self.renewal
+        renewal.failures += 1
+        pause = min(
+            self.config.acme_retry_max_s,
+            self.config.acme_retry_min_s * 2 ** (renewal.failures - 1),
+        )
+        renewal.state, renewal.stage, renewal.last_error = "failed", "", why
+        renewal.next_attempt = self.clock() + pause
+        log.error(
+            "acme order failed names=%s attempt=%d retry_in=%.0fs reason=%s "
+            "(the current certificate keeps serving)",
+            ",".join(names), renewal.failures, pause, why,
+        )  # fmt: skip
 
     # -- what the status shows ----------------------------------------------------------------
 
