@@ -29,8 +29,9 @@ from ras.agents.load import (
     rdp_sessions,
     utmp_sessions,
 )
-from ras.errors import ErrorCode, TransportError
+from ras.errors import ErrorCode, RemoteProtocolError, TransportError
 from ras.net.channel import Channel, greet
+from ras.net.rdptls import probe_certificate
 from ras.net.tasks import fatal_refusal, race, reconnecting
 from ras.net.tls import connect_tls
 from ras.ops.listener import start_metrics
@@ -210,6 +211,25 @@ class Agent:
         finally:
             down()
 
+    async def _rdp_certificate(self) -> str:
+        """The SHA-256 of the RDP server's TLS certificate, reported at each registration so
+        that a gateway that is the TLS client to this host (the web client's) can pin it; ""
+        when the server does not answer (the broker then has no pin for this host)."""
+        cfg = self.config
+        try:
+            with trio.fail_after(cfg.connect_timeout_s):
+                pin = await probe_certificate(cfg.rdp_host, cfg.rdp_port)
+        except (TransportError, RemoteProtocolError, trio.TooSlowError) as exc:
+            log.warning(
+                "rdp certificate not read rdp=%s:%d reason=%s",
+                cfg.rdp_host,
+                cfg.rdp_port,
+                exc or "timeout",
+            )
+            return ""
+        log.info("rdp certificate rdp=%s:%d sha256=%s", cfg.rdp_host, cfg.rdp_port, pin)
+        return pin
+
     async def _session(self, address: tuple[str, int], up: Callable[[], None]) -> None:
         cfg = self.config
         host, port = address
@@ -220,10 +240,17 @@ class Agent:
             stream = await connect_tls(host, port, self._tls)
             chan = await greet(stream, Role.AGENT, SOFTWARE)
         async with chan:
+            pin = await self._rdp_certificate()
             with refused(), trio.fail_after(cfg.connect_timeout_s):
                 reply = await chan.request(
                     AgentRegister(
-                        cfg.name, cfg.kind, cfg.rdp_host, cfg.rdp_port, cfg.max_sessions, cfg.apps
+                        cfg.name,
+                        cfg.kind,
+                        cfg.rdp_host,
+                        cfg.rdp_port,
+                        cfg.max_sessions,
+                        cfg.apps,
+                        pin,
                     )
                 )
             if not isinstance(reply, Registered):

@@ -81,6 +81,7 @@ class AgentLinks:
             reg.name, reg.kind, reg.rdp_host, reg.rdp_port, reg.max_sessions, time.monotonic(),
             apps=reg.apps,
         )  # fmt: skip
+        host.rdp_cert_sha256 = reg.rdp_cert_sha256
         log.info(
             "agent registered host=%s kind=%s rdp=%s:%d max_sessions=%d",
             reg.name,

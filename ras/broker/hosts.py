@@ -64,6 +64,7 @@ class Host:
     insane: str = ""  # why the last report was refused; "" when it was sane
     weights: tuple[float, float, float] = (0.5, 0.25, 0.25)  # sessions, memory, cpu
     settings: HostRecord | None = None  # the administrator's, if any
+    rdp_cert_sha256: str = ""  # its RDP server's TLS certificate, as its agent saw it
     # Kept by HostRegistry so that a launch's loop over thousands of hosts reads two fields:
     # no new session whatever the load (offline, lying, disabled or drained), and the memory
     # and CPU parts of the score (they change with each report only).

@@ -31,7 +31,7 @@ from ras.ops.metrics import (
     BROKER_TICKETS,
     ticket_reason,
 )
-from ras.protocol import Launch, LaunchOk, Message, RedeemTicket, TicketOk
+from ras.protocol import Launch, LaunchOk, Message, Mode, RedeemTicket, TicketOk
 
 __all__ = ["Launches"]
 
@@ -58,6 +58,7 @@ class Launches:
         self.sessions: SessionTable = catalog.sessions
         self.directory = directory
         self.tickets = tickets
+        self.web_tickets = TicketAuthority(store.secret("web-launch-key"), web=True)
 
     def launch(
         self, msg: Launch, user: User, client: str, gateway: str
@@ -99,9 +100,10 @@ class Launches:
             return ErrorCode.NO_HOST, "no host is available for this resource right now"
         session = new_session_id()
         ticket = ""
-        if msg.mode.tunnelled:
+        web = msg.mode is Mode.WEB
+        if msg.mode.tunnelled or web:
             BROKER_TICKETS.labels("issued", "").inc()
-            ticket, _ = self.tickets.issue(
+            ticket, _ = (self.web_tickets if web else self.tickets).issue(
                 user=user.name,
                 resource=resource.id,
                 host=host.rdp_host,
@@ -111,11 +113,12 @@ class Launches:
                 now=now,
                 ttl_s=self.config.ticket_ttl_s,
                 session=session,
+                pin=host.rdp_cert_sha256 if web else "",
             )
         if choice.method != "affinity":
             self.sessions.launched(
                 user=user.name, host=host.name, resource=resource.id, gateway=gateway,
-                client=client, now=now, session=session,
+                client=client, now=now, session=session, kind="web" if web else "native",
             )  # fmt: skip
         if self.history is not None:
             self.history.launch(
@@ -138,7 +141,9 @@ class Launches:
         self, msg: RedeemTicket, client: str, gateway: str
     ) -> Message | tuple[ErrorCode, str]:
         try:
-            claims = self.tickets.verify(msg.ticket, now=time.time())
+            claims = (self.web_tickets if msg.web else self.tickets).verify(
+                msg.ticket, now=time.time()
+            )
             self.catalog.check_redeeming_gateway(claims.gateway, claims.resource, gateway)
             if claims.client != client:
                 raise TicketError(f"ticket was issued to client {claims.client}")
@@ -161,7 +166,9 @@ class Launches:
             claims.gateway,
             claims.session or "-",
         )
-        return TicketOk(claims.host, claims.port, claims.user, claims.resource, claims.session)
+        return TicketOk(
+            claims.host, claims.port, claims.user, claims.resource, claims.session, claims.pin
+        )
 
     async def explain(
         self, user: str, resource: str, client: str = "127.0.0.1", gateway: str = ""

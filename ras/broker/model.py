@@ -359,9 +359,12 @@ class SessionRecord(_Record):
     state: SessionState
     since: float
     updated: float
+    kind: str = "native"  # how it was launched: "native" (an RDP client) or "web" (a browser)
 
     def __post_init__(self) -> None:
         check_text("id", self.id, empty=False, limit=256)
+        if self.kind not in ("native", "web"):
+            raise Invalid("kind", f"{self.kind!r} is not native or web")
         check_text("user", self.user, empty=False, limit=256)
         check_name("host", self.host)
         for key in ("resource", "gateway", "client"):

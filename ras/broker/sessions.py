@@ -79,12 +79,13 @@ class SessionTable:
         client: str,
         now: float,
         session: str = "",
+        kind: str = "native",
     ) -> SessionRecord:
         """A launching session; its id is ``session`` (the farm's id of the launch) if given."""
         self.expire(now)
         record = SessionRecord(
             session or f"launch-{next(self._ids)}", user, host, resource, gateway, client,
-            SessionState.LAUNCHING, now, now,
+            SessionState.LAUNCHING, now, now, kind,
         )  # fmt: skip
         self._put(record)
         return record
@@ -119,7 +120,7 @@ class SessionTable:
                 continue
             record = SessionRecord(
                 sid, info.user, host, old.resource, old.gateway, old.client, state,
-                old.since, now,
+                old.since, now, old.kind,
             )  # fmt: skip
             self._put(record)
             if old.state is SessionState.LAUNCHING:

@@ -7,6 +7,12 @@ address it was issued to, and when it expires. It is signed with HMAC-SHA256 und
 only the broker holds (gateways never verify tickets themselves: they redeem them at the
 broker, which also enforces single use). Form: ``t1.<base64url JSON claims>.<base64url MAC>``.
 
+A web launch token (``w1.``, same claims, its own key: ``TicketAuthority(key, web=True)``) is
+the browser's ticket: the web client's endpoint on the gateway redeems it (``redeem_ticket``
+with ``web``), and a launch ticket is not one, nor the other way round. It also carries the
+SHA-256 of the host's TLS certificate as its agent reported it (``pin``): the gateway is the
+TLS client to the host for a browser, and checks it.
+
 A resume token (``s1.``, same form, its own key) lets a client whose connection was lost log in
 again on a new one, through any gateway, without its password or second factor: it names the
 user, the client address and an expiry (the user is looked up again at each use).
@@ -29,6 +35,7 @@ from ras.errors import TicketError
 __all__ = ["ResumeClaims", "ResumeTokens", "TicketAuthority", "TicketClaims", "new_session_id"]
 
 _PREFIX = "t1"
+_WEB_PREFIX = "w1"
 _RESUME_PREFIX = "s1"
 
 
@@ -57,15 +64,19 @@ class TicketClaims:
     client: str
     expires: float
     session: str = ""  # the farm's id of the session the launch starts (log lines only)
+    pin: str = ""  # web launch tokens: the SHA-256 (hex) of the host's certificate, if known
 
 
 class TicketAuthority:
-    """Issues and checks tickets under one secret key (at least 32 bytes)."""
+    """Issues and checks tickets under one secret key (at least 32 bytes); ``web``: web
+    launch tokens."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, *, web: bool = False) -> None:
         if len(key) < 32:
             raise ValueError("the ticket key must be at least 32 bytes")
         self._key = key
+        self._prefix = _WEB_PREFIX if web else _PREFIX
+        self._what = "web launch token" if web else "ticket"
 
     def issue(
         self,
@@ -79,6 +90,7 @@ class TicketAuthority:
         now: float,
         ttl_s: float,
         session: str = "",
+        pin: str = "",
     ) -> tuple[str, TicketClaims]:
         claims = TicketClaims(
             id=_b64(os.urandom(16)),
@@ -90,17 +102,18 @@ class TicketAuthority:
             client=client,
             expires=round(now + ttl_s, 3),
             session=session,
+            pin=pin,
         )
-        return _sign(self._key, _PREFIX, asdict(claims)), claims
+        return _sign(self._key, self._prefix, asdict(claims)), claims
 
     def verify(self, token: str, *, now: float) -> TicketClaims:
         """The claims of a genuine, unexpired ticket; ``TicketError`` otherwise."""
         try:
-            claims = TicketClaims(**_open(self._key, _PREFIX, token, "ticket"))
+            claims = TicketClaims(**_open(self._key, self._prefix, token, self._what))
         except TypeError:
-            raise TicketError("ticket claims are unreadable") from None
+            raise TicketError(f"{self._what} claims are unreadable") from None
         if now >= claims.expires:
-            raise TicketError("ticket has expired")
+            raise TicketError(f"{self._what} has expired")
         return claims
 
 

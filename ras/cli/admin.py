@@ -81,7 +81,7 @@ COLUMNS = {
     "pools": ["name", "balancing", "description"],
     "resources": ["id", "name", "kind", "hosts", "pools", "filter", "enabled", "source"],
     "rules": ["name", "factor", "order", "filter"],
-    "sessions": ["id", "user", "host", "resource", "state", "gateway", "client", "since"],
+    "sessions": ["id", "user", "host", "resource", "kind", "state", "gateway", "client", "since"],
     "gateways": ["name", "public_host", "public_port", "online", "since"],
     "portal": PORTAL_COLUMNS,
     "brokers": ["name", "role", "priority", "admin_url"],

@@ -25,6 +25,7 @@ from ras.errors import ConfigError, RasError
 from ras.protocol import AuthChallenge, Mode
 
 __all__ = ["add_parser"]
+_MODES = [m.value for m in Mode if m is not Mode.WEB]  # web: the browser's, not a client's
 
 _FIELDS = ClientConfig.__dataclass_fields__
 
@@ -344,7 +345,7 @@ def _add_profile_parsers(actions: argparse._SubParsersAction) -> None:  # type: 
                      help="primary gateway (port 443 if not given)")  # fmt: skip
     add.add_argument("--secondary", dest="p_secondary", action="append", metavar="HOST[:PORT]",
                      help="a secondary gateway, tried in order (repeatable)")  # fmt: skip
-    add.add_argument("--mode", dest="p_mode", choices=[m.value for m in Mode],
+    add.add_argument("--mode", dest="p_mode", choices=_MODES,
                      default=Mode.GATEWAY_SSL.value, help="mode (default gateway_ssl)")  # fmt: skip
     add.add_argument("--ca-file", dest="p_ca_file", type=Path,
                      help="certificate (or CA) to trust (TLS modes)")  # fmt: skip
@@ -390,7 +391,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                         help="gateway HOST:PORT (overrides the profile)")  # fmt: skip
     client.add_argument("--secondary", action="append", metavar="HOST[:PORT]",
                         help="secondary gateway, tried in order (repeatable)")  # fmt: skip
-    client.add_argument("--mode", choices=[m.value for m in Mode], help="connection mode")
+    client.add_argument("--mode", choices=_MODES, help="connection mode")
     client.add_argument("--ca-file", type=Path, help="certificate (or CA) to trust for the gateway")
     client.add_argument("--user", help="user name")
     client.add_argument("--password-file", type=Path, help="read the password from this file")

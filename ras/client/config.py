@@ -72,6 +72,8 @@ class ClientConfig:
         check_port("listen_port", self.listen_port)
         for key in ("connect_timeout_s", "request_timeout_s", "keepalive_s"):
             check_positive(key, getattr(self, key))
+        if self.mode is Mode.WEB:
+            raise Invalid("mode", "web is the browser's (the User Portal), not a client's mode")
         if self.mode in (Mode.GATEWAY_SSL, Mode.DIRECT_SSL) and self.ca_file is None:
             raise Invalid(
                 "ca_file", f"mode {self.mode} needs ca_file (the gateway's certificate or its CA)"

@@ -112,6 +112,10 @@ class GatewayConfig:
     # Operations (docs/operations.md): the opt-in /metrics listener, and the log line format.
     metrics: MetricsConfig | None = None
     log_format: LogFormat = LogFormat.TEXT
+    # The web client (docs/webclient.md): where its npm packages are (default: web/node_modules
+    # of the checkout, installed by ./dev), and how many browser tunnels a user may have open.
+    web_client_dir: Path | None = None
+    max_web_tunnels_per_user: int = 4
 
     def __post_init__(self) -> None:
         if not 1 <= self.workers <= 256:
@@ -151,7 +155,12 @@ class GatewayConfig:
         for key in ("tunnel_idle_timeout_s", "drain_timeout_s"):
             if getattr(self, key) < 0:
                 raise Invalid(key, "must not be negative (0: off)")
-        for key in ("max_preauth_per_ip", "max_preauth_total", "max_new_per_ip_burst"):
+        for key in (
+            "max_preauth_per_ip",
+            "max_preauth_total",
+            "max_new_per_ip_burst",
+            "max_web_tunnels_per_user",
+        ):
             if getattr(self, key) < 1:
                 raise Invalid(key, "must be at least 1")
         if isinstance(self.trusted_proxies, str):

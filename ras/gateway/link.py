@@ -96,11 +96,11 @@ class BrokerClient:
             raise
         return chan
 
-    async def redeem(self, ticket: str, client: Peer) -> TicketOk:
-        """Redeem a ticket for ``client`` on a pooled connection; ``PeerError`` if the broker
-        refuses it."""
+    async def redeem(self, ticket: str, client: Peer, *, web: bool = False) -> TicketOk:
+        """Redeem a ticket (``web``: a web launch token) for ``client`` on a pooled connection;
+        ``PeerError`` if the broker refuses it."""
         try:
-            granted = await self.redeemer.request(RedeemTicket(ticket, client[0]))
+            granted = await self.redeemer.request(RedeemTicket(ticket, client[0], web))
         except PeerError as exc:
             log.warning("tunnel refused client=%s:%d reason=%s", *client, exc)
             raise

@@ -45,6 +45,7 @@ from ras.gateway.link import BrokerClient, BrokerLink, Registrations
 from ras.gateway.rdplb import RdpBalancer
 from ras.gateway.session import ClientSessions
 from ras.gateway.tunnels import Tunnels
+from ras.gateway.webclient import WebClient
 from ras.net.acme import Challenges
 from ras.net.fastio import server_tls
 from ras.net.listen import serve_tcp
@@ -58,6 +59,7 @@ from ras.ops.metrics import GATEWAY_PREAUTH_REFUSALS, limit_reason, watch_certif
 from ras.ops.sources import gateway_state
 from ras.pki import client_context
 from ras.portal import Portal, PortalSite, serve_portal
+from ras.portal.weblaunch import web_launch
 
 __all__ = ["Gateway"]
 
@@ -98,6 +100,7 @@ class Gateway:
         self._sessions: ClientSessions | None = None
         self._rdp: RdpBalancer | None = None
         self.portal: Portal | None = None  # HTTP on the TLS port of a normal gateway
+        self.web: WebClient | None = None  # the web client's WebSocket, from the portal's port
         if cfg.forwarding:
             upstream: ssl.SSLContext | None = None
             if cfg.terminate_tls:
@@ -111,7 +114,9 @@ class Gateway:
                 cfg.public_host, cfg.public_port, cfg.rdp_port, cfg.rdp_lb_enabled,
                 cfg.broker_timeout_s,
             )  # fmt: skip
-            self.portal = Portal(site, self._broker.open_session)
+            self.web = WebClient(cfg, self._broker, self.tunnels, connect=connect)
+            self.portal = Portal(site, self._broker.open_session, web_files=self.web.files)
+            self.portal.web_launch = partial(web_launch, self.portal)
             self._links = [
                 BrokerLink(
                     self._broker, self.challenges, self.certificate, self.portal,
@@ -323,8 +328,11 @@ class Gateway:
                     await plain_http(stream, host, port, self.challenges)
             case Kind.HTTP:  # the User Portal (ras.portal)
                 assert self.portal is not None
+                assert self.web is not None
                 with trio.fail_at(conn.deadline):
-                    await serve_portal(self.portal, stream, conn.client)
+                    upgrade = await serve_portal(self.portal, stream, conn.client)
+                if upgrade is not None:  # the web client's WebSocket: it owns the deadlines
+                    await self.web.serve(stream, upgrade, conn)
             case _:
                 log.info(
                     "refused client=%s:%d reason=%s is not served here", *conn.client, kind.value

@@ -2,8 +2,9 @@
 
 A tunnel is any connection the gateway relays: a ticketed tunnel of a client session
 (``via=ticket``), an RDP-port connection routed by a routing token or an mstshash cookie
-(``via=token``, ``via=mstshash``), and a connection a forwarding gateway passes on to its next
-hop (``via=forward``). Each is registered while it runs (:meth:`Tunnels.run`); when it ends, one
+(``via=token``, ``via=mstshash``), a connection a forwarding gateway passes on to its next
+hop (``via=forward``) and a browser's RDP through the web client's WebSocket (``via=web``).
+Each is registered while it runs (:meth:`Tunnels.run`); when it ends, one
 audit line (:func:`audit`, the same for every kind) says who, what, from where, to where,
 through which gateways, how many bytes each way and for how long.
 
@@ -64,6 +65,7 @@ class Via(enum.StrEnum):
     TOKEN = "token"  # an RDP-port connection routed by its routing token
     MSTSHASH = "mstshash"  # an RDP-port connection routed by its mstshash user name
     FORWARD = "forward"  # a connection a forwarding gateway passed on
+    WEB = "web"  # a browser's RDP, through the web client's WebSocket (ras.gateway.webclient)
 
 
 @dataclass(frozen=True, slots=True)

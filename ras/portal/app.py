@@ -70,6 +70,8 @@ OpenSession = Callable[[Peer], Awaitable[Channel]]
 # The browser launch (the web client's, ras.webclient): given the session and the resource id,
 # the answer that opens the desktop in the page.
 WebLaunch = Callable[[WebSession, str, Request], Awaitable[Response]]
+# The web client's files (``ras.gateway.webclient``): the answer to GET /webclient/NAME.
+WebFiles = Callable[[str], Response]
 FARM = "User Portal"
 _LOGIN_COOKIE_S = 3600
 _PRINTABLE = re.compile(r"[\x21-\x7e]{1,16384}")  # what a resume token may be
@@ -106,11 +108,13 @@ class Portal:
         *,
         settings: PortalSettings | None = None,
         web_launch: WebLaunch | None = None,
+        web_files: WebFiles | None = None,
     ) -> None:
         self.site = site
         self.settings = settings or PortalSettings()
         self.sessions = Sessions()
         self.web_launch = web_launch
+        self.web_files = web_files  # the web client's RDP engine (npm), under /webclient/
         self._open_session = open_session
 
     def public_address(self) -> tuple[str, int]:
@@ -153,7 +157,7 @@ class Portal:
             response = self._message(
                 503, "Not available", "The farm cannot be reached now; try again later."
             )
-        static = request.path.startswith("/static/") and response.status == 200
+        static = request.path.startswith(("/static/", "/webclient/")) and response.status == 200
         response.headers += security_headers(settings, response, static=static)
         response.headers += cors_headers(settings, request)
         return response
@@ -183,6 +187,8 @@ class Portal:
             return await routes[get, path](request)
         if get == "GET" and path.startswith("/static/"):
             return self._static(path.removeprefix("/static/"))
+        if get == "GET" and path.startswith("/webclient/") and self.web_files is not None:
+            return self.web_files(path.removeprefix("/webclient/"))
         if any(p == path for _, p in routes):
             return self._message(405, "Not allowed", f"{method} is not used here.")
         return self._message(404, "Not found", "There is no such page.")
@@ -192,6 +198,10 @@ class Portal:
         return f"https://{request.header('host') or ''}"
 
     # -- pages ------------------------------------------------------------------------------
+
+    def message(self, status: int, heading: str, text: str, link: str = "/") -> Response:
+        """A page saying ``text`` (the web client's launch answers its errors so)."""
+        return self._message(status, heading, text, link)
 
     def _message(self, status: int, heading: str, text: str, link: str = "/") -> Response:
         page = pages.message_page(farm=FARM, heading=heading, text=text, link=link)
@@ -489,6 +499,11 @@ class Portal:
         self.sessions.end(session)
         log.info("portal logout user=%s client=%s", session.user, session.client)
         return self._forget(redirect("/login?out=1"))
+
+    async def ask(self, session: WebSession, msg: Message) -> Message:
+        """``msg`` on the session's broker connection, its answer (``SessionLost``: log in
+        again; ``BrokerDown``). The web client's launch asks for its token so."""
+        return await self._ask(session, msg)
 
     async def _ask(self, session: WebSession, msg: Message) -> Message:
         """``msg`` on the session's broker connection (resumed on a new one if it broke)."""

@@ -3,12 +3,15 @@
 Reads the request (head at most ``MAX_REQUEST_HEAD``, body at most ``MAX_BODY``; anything
 else is answered 400 or 413 and closed), hands it to :meth:`Portal.handle` and writes the
 answer with ``Connection: close``. The caller (the gateway's front door) owns the deadline.
+A WebSocket upgrade request is not the portal's: it is returned (:class:`Upgrade`) for the
+gateway to hand to the web client's endpoint (``ras.gateway.webclient``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import h11
 import trio
@@ -19,15 +22,25 @@ from ras.net.reasons import transport_errors
 from ras.portal.app import Portal
 from ras.portal.web import MAX_BODY, Request, Response
 
-__all__ = ["serve_portal"]
+__all__ = ["Upgrade", "serve_portal"]
 
 log = logging.getLogger("ras.portal")
 Peer = tuple[str, int]
 
 
-async def serve_portal(portal: Portal, stream: trio.abc.Stream, client: Peer) -> None:
+@dataclass(frozen=True, slots=True)
+class Upgrade:
+    """A request to switch protocols (a WebSocket): its path, headers (names lower-case, the
+    last of each) and the bytes read past it."""
+
+    path: str
+    headers: dict[str, str]
+    trailing: bytes
+
+
+async def serve_portal(portal: Portal, stream: trio.abc.Stream, client: Peer) -> Upgrade | None:
     """Serve one request from ``client`` (the real client, behind a trusted proxy) on
-    ``stream``."""
+    ``stream``; a GET asking for an upgrade is returned instead."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
     try:
         got = await _read(stream, conn)
@@ -38,13 +51,17 @@ async def serve_portal(portal: Portal, stream: trio.abc.Stream, client: Peer) ->
                 f"HTTP/1.1 {status} Bad Request\r\nconnection: close\r\n"
                 "content-length: 0\r\n\r\n".encode()
             )
-        return
+        return None
     if got is None:
-        return
+        return None
     head, body = got
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers}
+    if head.method == b"GET" and "upgrade" in headers and body == b"":
+        path = head.target.decode("ascii", "replace").split("?", 1)[0]
+        return Upgrade(path, headers, conn.trailing_data[0])
     if isinstance(body, int):
         await _write(stream, conn, Response(body, b"Request too large\n", "text/plain"))
-        return
+        return None
     request = Request(
         method=head.method.decode("ascii", "replace"),
         target=head.target.decode("ascii", "replace"),
@@ -54,6 +71,7 @@ async def serve_portal(portal: Portal, stream: trio.abc.Stream, client: Peer) ->
     )
     response = await portal.handle(request)
     await _write(stream, conn, response, head=request.method == "HEAD")
+    return None
 
 
 async def _read(

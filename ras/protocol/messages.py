@@ -145,6 +145,7 @@ class Mode(enum.StrEnum):
     DIRECT_SSL = "direct_ssl"
     GATEWAY = "gateway"
     GATEWAY_SSL = "gateway_ssl"
+    WEB = "web"  # the browser's RDP client: a web launch token for the gateway's WebSocket
 
     @property
     def tunnelled(self) -> bool:
@@ -220,6 +221,12 @@ def _check_session(obj: LaunchOk | TicketOk | RouteOk | SessionAction) -> None:
     value = obj.session
     if value and not _SESSION.fullmatch(value):
         raise _fail(type(obj), "session", "is not a session id (1 to 64 of A-Z a-z 0-9 _ . : -)")
+
+
+def _check_sha256(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if value and not (len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        raise _fail(type(obj), name, "must be a SHA-256 in lower-case hex, or empty")
 
 
 def _check_host(obj: object, name: str) -> None:
@@ -447,12 +454,15 @@ class AgentRegister(Message):
     rdp_port: int
     max_sessions: int
     apps: AppStart = AppStart.SHELL  # optional: how the host starts applications
+    # the SHA-256 (hex) of the TLS certificate the agent's RDP server presents ("" unknown)
+    rdp_cert_sha256: str = ""
 
     def __post_init__(self) -> None:
         _check_name(self, "name")
         _check_host(self, "rdp_host")
         _check_range(self, "rdp_port", 1, 65535)
         _check_range(self, "max_sessions", 1, 100_000)
+        _check_sha256(self, "rdp_cert_sha256")
 
 
 @dataclass(frozen=True, slots=True)
@@ -594,6 +604,7 @@ class RedeemTicket(Message):
     TYPE: ClassVar[MessageType] = MessageType.REDEEM_TICKET
     ticket: str = field(repr=False)
     client: str = ""
+    web: bool = False  # a web launch token, redeemed by the web client's endpoint (0.3)
 
     def __post_init__(self) -> None:
         _check_str(self, "ticket", limit=2048)
@@ -611,6 +622,9 @@ class TicketOk(Message):
     user: str
     resource: str
     session: str = ""  # optional: the session id of the launch (for the gateway's log lines)
+    # the SHA-256 (hex) of the host's TLS certificate as its agent saw it ("" unknown): the web
+    # client's endpoint, the TLS client to the host, pins it
+    cert_sha256: str = ""
 
     def __post_init__(self) -> None:
         _check_host(self, "host")
@@ -618,6 +632,7 @@ class TicketOk(Message):
         _check_str(self, "user", limit=256)
         _check_name(self, "resource")
         _check_session(self)
+        _check_sha256(self, "cert_sha256")
 
 
 @dataclass(frozen=True, slots=True)

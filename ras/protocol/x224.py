@@ -52,11 +52,13 @@ from ras.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "MAX_CONNECTION_REQUEST",
+    "ConnectionConfirm",
     "ConnectionRequest",
     "CookieKind",
     "NegotiationRequest",
     "RdpProtocol",
     "encode_connection_request",
+    "parse_connection_confirm",
     "parse_connection_request",
 ]
 
@@ -259,3 +261,56 @@ def encode_connection_request(
             ErrorCode.FRAME_TOO_LARGE,
         )
     return struct.pack(">BBHB", 3, 0, TPKT_HEADER + 1 + len(body), len(body)) + body
+
+
+# -- the server's answer: X.224 Connection Confirm (MS-RDPBCGR 2.2.1.2) ---------------------
+
+_CC_CODE = 0xD0
+_NEG_RSP_TYPE = 0x02
+_NEG_FAILURE_TYPE = 0x03
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionConfirm:
+    """An RDP server's Connection Confirm: the protocol it selected (``rdpNegRsp``; None when
+    it sent none: standard RDP security), or the failure code of its ``rdpNegFailure``."""
+
+    data: bytes  # the whole TPKT packet, as received
+    selected: RdpProtocol | None
+    failure: int | None
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+    @property
+    def tls(self) -> bool:
+        """The server goes on with a TLS handshake (TLS, CredSSP, CredSSP with early auth)."""
+        return self.failure is None and bool(self.selected)
+
+
+def parse_connection_confirm(data: bytes) -> ConnectionConfirm | None:
+    """The Connection Confirm at the start of ``data`` (None until it is all there);
+    ``RemoteProtocolError`` if it cannot be one."""
+    if len(data) < TPKT_HEADER:
+        return None
+    version, _, length = struct.unpack_from(">BBH", data)
+    if version != 3 or not TPKT_HEADER + X224_FIXED <= length <= MAX_CONNECTION_REQUEST:
+        raise _bad(f"not a Connection Confirm (TPKT version {version}, length {length})")
+    if len(data) < length:
+        return None
+    packet = data[:length]
+    li, code = packet[4], packet[5]
+    if li != length - 5 or code & 0xF0 != _CC_CODE:
+        raise _bad(f"not a Connection Confirm (LI {li}, code 0x{code:02x})")
+    rest = packet[TPKT_HEADER + X224_FIXED :]
+    if not rest:
+        return ConnectionConfirm(packet, None, None)
+    if len(rest) != _NEG_REQ.size:
+        raise _bad(f"{len(rest)} bytes after the Connection Confirm, expected 8")
+    kind, _, size, value = _NEG_REQ.unpack(rest)
+    if size != _NEG_REQ.size or kind not in (_NEG_RSP_TYPE, _NEG_FAILURE_TYPE):
+        raise _bad(f"unknown negotiation answer type {kind} length {size}")
+    if kind == _NEG_FAILURE_TYPE:
+        return ConnectionConfirm(packet, None, value)
+    return ConnectionConfirm(packet, RdpProtocol(value), None)
