@@ -168,6 +168,7 @@ name = {_toml_str(agent_name)}
 kind = "rdsh"
 rdp_host = {_toml_str(rdp_host)}
 rdp_port = {rdp_port}
+report_rdp_certificate = true  # the web client's gateway pins it (docs/webclient.md)
 cert_file = "pki/{agent_name}.pem"
 key_file = "pki/{agent_name}.key"
 ca_file = "pki/ca.pem"

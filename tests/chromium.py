@@ -192,6 +192,13 @@ class Chromium:
         await trio.Path(path).write_bytes(base64.b64decode(data))
         return path
 
+    async def close_tab(self) -> None:
+        """Close the current tab as a user would; a new one is opened first and used from
+        then on (the browser stays up)."""
+        got = await self._s("POST", "/window/new", {"type": "tab"})
+        await self._s("DELETE", "/window")
+        await self._s("POST", "/window", {"handle": got["handle"]})
+
     async def window(self, width: int, height: int) -> None:
         await self._s("POST", "/window/rect", {"width": width, "height": height})
 

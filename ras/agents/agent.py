@@ -240,7 +240,7 @@ class Agent:
             stream = await connect_tls(host, port, self._tls)
             chan = await greet(stream, Role.AGENT, SOFTWARE)
         async with chan:
-            pin = await self._rdp_certificate()
+            pin = await self._rdp_certificate() if cfg.report_rdp_certificate else ""
             with refused(), trio.fail_after(cfg.connect_timeout_s):
                 reply = await chan.request(
                     AgentRegister(

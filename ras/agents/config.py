@@ -33,6 +33,10 @@ class AgentConfig:
     # registers with and reports to every one. Empty: broker_host:broker_port alone.
     brokers: tuple[str, ...] = ()
     connect_timeout_s: float = 10.0
+    # Read the RDP server's TLS certificate at each registration and report its SHA-256: the
+    # web client's gateway (the TLS client to this host for a browser) pins it. Off: the
+    # gateway verifies the host under the farm CA instead (docs/webclient.md).
+    report_rdp_certificate: bool = False
     retry_max_s: float = 10.0
     # Where sessions are counted: "tcp" (connections to rdp_port), "utmp" (user sessions in
     # utmp_file, with their users, so the broker knows who is where and can log them off) or

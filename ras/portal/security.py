@@ -99,12 +99,13 @@ def security_headers(
     settings: PortalSettings, response: Response, *, static: bool = False
 ) -> list[tuple[str, str]]:
     headers = [
-        ("content-security-policy", csp(settings)),
         ("x-content-type-options", "nosniff"),
         ("referrer-policy", "same-origin"),  # "no-referrer" would make Origin "null"
         ("cross-origin-opener-policy", "same-origin"),
         ("cache-control", "public, max-age=300" if static else "no-store"),
     ]
+    if response.header("content-security-policy") is None:  # a page may bring its own
+        headers.append(("content-security-policy", csp(settings)))
     if not settings.allow_embedding:
         headers.append(("x-frame-options", "SAMEORIGIN"))
     if settings.hsts and settings.hsts_max_age_s > 0:

@@ -18,6 +18,7 @@ import string
 from importlib import resources
 
 from ras.portal.app import FARM, BrokerDown, Portal, SessionLost
+from ras.portal.security import csp
 from ras.portal.sessions import WebSession
 from ras.portal.web import BadRequest, Request, Response, redirect
 from ras.protocol import Error, Launch, LaunchOk, Mode
@@ -62,4 +63,6 @@ async def web_launch(
     log.info(
         "portal web launch user=%s client=%s resource=%s", session.user, session.client, resource
     )
-    return Response(200, body.encode())
+    # The RDP engine instantiates its WASM from a data: URL it fetches: that, and no more.
+    policy = csp(portal.settings, extra_connect=("data:",))
+    return Response(200, body.encode(), headers=[("content-security-policy", policy)])
