@@ -204,6 +204,7 @@ class _OtherSite:
 
     def __init__(self) -> None:
         self.page = b""
+        self.kind = b"text/html"
         self.port = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -211,8 +212,9 @@ class _OtherSite:
             async with stream:
                 await stream.receive_some(65536)
                 await stream.send_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nconnection: close\r\n"
-                    b"content-length: %d\r\n\r\n%s" % (len(self.page), self.page)
+                    b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\nconnection: close\r\n"
+                    b"access-control-allow-origin: *\r\n"  # as public IP services answer
+                    b"content-length: %d\r\n\r\n%s" % (self.kind, len(self.page), self.page)
                 )
 
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -251,3 +253,25 @@ async def test_framing_and_cors_from_another_site(tmp_path, nursery):
         assert await browser.execute_async(fetch, base) == "blocked"
         await _settings(f, gw, cors_origins=(origin,))
         assert await browser.execute_async(fetch, base) == "read"
+
+
+async def test_the_client_ip_detection_service_is_asked_by_the_browser(tmp_path, nursery, caplog):
+    caplog.set_level("INFO", logger="ras.portal")
+    service = _OtherSite()
+    service.page, service.kind = b"203.0.113.9\n", b"text/plain"
+    await nursery.start(service.serve)
+    async with farm(tmp_path, gateways=()) as f, Chromium(tmp_path) as browser:
+        gw, base = await _portal_farm(f, nursery)
+        url = f"http://127.0.0.1:{service.port}/ip"
+        await _settings(f, gw, client_ip_detection_url=url)
+        await browser.get(f"{base}/login")
+        with trio.fail_after(30):  # the page's script fills the field in when it answered
+            while not await browser.attribute("#reported-ip", "value"):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert await browser.attribute("#reported-ip", "value") == "203.0.113.9"
+        await browser.type("#username", USER)
+        await browser.type("#password", PASSWORD)
+        await browser.click("#login-form button[type=submit]", navigates=True)
+        assert (await browser.url()).endswith("/resources")
+    lines = [r.getMessage() for r in caplog.records]
+    assert "portal login client=127.0.0.1 reported_ip=203.0.113.9" in lines
