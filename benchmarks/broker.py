@@ -13,6 +13,13 @@ once as its own user (before the clock starts: a login costs an scrypt) and then
 again and again, one at a time per connection, as fast as the broker answers. Latency is
 from sending ``launch`` to reading ``launch_ok``.
 
+With ``--redeem`` each round is a launch and the redemption of its ticket (``redeem_ticket``
+on the same connection, as a gateway does before it opens the tunnel): the store is written
+once per round (a redeemed ticket is single use). ``--store etcd`` runs the same load with the
+broker's state on a local three-member etcd cluster (``ras.lab.etcdcluster``; Debian's
+etcd-server) instead of SQLite: the redemption becomes an etcd transaction. The figures of both
+stores, and their ratio, are in benchmarks/README.md ("Broker on etcd").
+
 Everything runs on this machine, so the three processes share its cores: the CPU of each is
 reported, and the figures depend on the machine. Nothing asserts them.
 """
@@ -30,18 +37,32 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from ras.agents.simulate import host_names, prepare_certificates
+from ras.broker.etcd import EtcdConfig
+from ras.broker.etcdstore import EtcdStore
 from ras.broker.passwords import hash_password
-from ras.broker.store import SQLiteStore, UserRecord
+from ras.broker.store import SQLiteStore, Store, UserRecord
 from ras.cli.admin import AdminClient
+from ras.lab.etcdcluster import etcd_cluster
 from ras.net.channel import greet
 from ras.net.tls import connect_tls
 from ras.pki import FarmPKI, client_context
-from ras.protocol import Authenticate, AuthOk, ClientSession, Launch, LaunchOk, Mode, Role
+from ras.protocol import (
+    Authenticate,
+    AuthOk,
+    ClientSession,
+    Launch,
+    LaunchOk,
+    Mode,
+    RedeemTicket,
+    Role,
+    TicketOk,
+)
 
 RAS = [sys.executable, "-m", "ras"]
 PASSWORD = "bench password"
@@ -72,7 +93,9 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def setup(state: Path, agents: int, clients: int, log_level: str) -> dict[str, object]:
+def setup(
+    state: Path, agents: int, clients: int, log_level: str, etcd: EtcdConfig | None
+) -> dict[str, object]:
     pki = FarmPKI(state / "pki")
     pki.init_ca()
     loop = ("localhost", "127.0.0.1")
@@ -101,6 +124,12 @@ id = "desktop"
 name = "Desktop"
 kind = "desktop"
 """
+        + (
+            ""
+            if etcd is None
+            else f"\n[etcd]\nendpoints = {json.dumps(list(etcd.endpoints))}\n"
+            f'prefix = "{etcd.prefix}"\n'
+        )
     )
     (state / "agent.toml").write_text(
         f"""\
@@ -117,7 +146,7 @@ connect_timeout_s = 30
     )
     # The simulated hosts' certificates, issued here so that the simulator only loads them.
     prepare_certificates(pki.directory, pki.directory / "simulated", host_names("sim", agents))
-    store = SQLiteStore(state / "broker.sqlite3")
+    store: Store = SQLiteStore(state / "broker.sqlite3") if etcd is None else EtcdStore(etcd)
     try:
         hashed = hash_password(PASSWORD)
         for i in range(clients):
@@ -168,6 +197,7 @@ async def client(
     latencies: list[float],
     errors: list[str],
     *,
+    redeem: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     pki = state / "pki"
@@ -190,10 +220,15 @@ async def client(
             except Exception as exc:
                 errors.append(str(exc))
                 continue
-            if isinstance(reply, LaunchOk):
-                latencies.append(time.perf_counter() - t0)
-            else:
+            if not isinstance(reply, LaunchOk):
                 errors.append(reply.TYPE)
+                continue
+            if redeem:
+                got = await chan.request(RedeemTicket(reply.ticket))
+                if not isinstance(got, TicketOk):
+                    errors.append(got.TYPE)
+                    continue
+            latencies.append(time.perf_counter() - t0)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -203,91 +238,102 @@ def percentile(values: list[float], q: float) -> float:
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="ras-bench-broker-") as tmp:
-        state = Path(tmp)
-        ports = setup(state, args.agents, args.clients, args.log_level)
-        logs = Path(args.logdir) if args.logdir else state
-        logs.mkdir(parents=True, exist_ok=True)
-        broker_log = (logs / "broker.log").open("wb")
-        sim_log = (logs / "simulate.log").open("wb")
-        broker = await trio.lowlevel.open_process(
-            [*RAS, "--log-level", args.log_level, "broker", "--config", str(state / "broker.toml")],
-            stdout=broker_log, stderr=subprocess.STDOUT,
+        if args.store == "etcd":
+            with etcd_cluster(Path(tmp) / "etcd") as cluster:
+                return await run_in(Path(tmp), args, cluster.config(prefix="/ras-bench/"))
+        return await run_in(Path(tmp), args, None)
+
+
+async def run_in(tmp: Path, args: argparse.Namespace, etcd: EtcdConfig | None) -> dict[str, object]:
+    state = tmp
+    ports = setup(state, args.agents, args.clients, args.log_level, etcd)
+    logs = Path(args.logdir) if args.logdir else state
+    logs.mkdir(parents=True, exist_ok=True)
+    broker_log = (logs / "broker.log").open("wb")
+    sim_log = (logs / "simulate.log").open("wb")
+    broker = await trio.lowlevel.open_process(
+        [*RAS, "--log-level", args.log_level, "broker", "--config", str(state / "broker.toml")],
+        stdout=broker_log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    sim: trio.Process | None = None
+    try:
+        api = admin(state, int(ports["admin_port"]))  # type: ignore[call-overload]
+        t0 = time.monotonic()
+        ramp = args.ramp_s if args.ramp_s is not None else args.agents / 250
+        sim = await trio.lowlevel.open_process(
+            [*RAS, "--log-level", "warning", "agent", "--config", str(state / "agent.toml"),
+             "--simulate", str(args.agents), "--profile", args.profile, "--seed",
+             str(args.seed), "--ramp-s", str(ramp)],
+            stdout=sim_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        sim: trio.Process | None = None
-        try:
-            api = admin(state, int(ports["admin_port"]))  # type: ignore[call-overload]
-            t0 = time.monotonic()
-            ramp = args.ramp_s if args.ramp_s is not None else args.agents / 250
-            sim = await trio.lowlevel.open_process(
-                [*RAS, "--log-level", "warning", "agent", "--config", str(state / "agent.toml"),
-                 "--simulate", str(args.agents), "--profile", args.profile, "--seed",
-                 str(args.seed), "--ramp-s", str(ramp)],
-                stdout=sim_log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-            registered_s = await wait_reporting(api, args.agents, args.register_timeout_s)
-            print(f"{args.agents} agents reporting after {registered_s:.1f} s", file=sys.stderr)
-            await trio.sleep(args.settle_s)  # a full report round under load, before measuring
-            latencies: list[float] = []
-            errors: list[str] = []
-            phase = Phase()
-            login0 = time.monotonic()
-            async with trio.open_nursery() as nursery:
-                for i in range(args.clients):  # connect and log in, one after the other
-                    await nursery.start(
-                        client, i, state, ports["gateway_port"], phase, latencies, errors
-                    )
-                login_s = time.monotonic() - login0
-                print(f"{args.clients} clients logged in after {login_s:.1f} s", file=sys.stderr)
-                b_cpu0, s_cpu0 = cpu_seconds(broker.pid), cpu_seconds(sim.pid)
-                self_cpu0 = time.process_time()
-                start = time.monotonic()
-                phase.stop_at = start + args.seconds
-                phase.go.set()
-            wall = time.monotonic() - start
-            b_cpu = cpu_seconds(broker.pid) - b_cpu0
-            s_cpu = cpu_seconds(sim.pid) - s_cpu0
-            self_cpu = time.process_time() - self_cpu0
-            status = await trio.to_thread.run_sync(api.request, "GET", "status")
-            result: dict[str, object] = {
-                "agents": args.agents,
-                "agents_reporting_at_end": status["hosts"]["reporting"],
-                "registration_s": round(registered_s, 1),
-                "login_s": round(login_s, 1),
-                "report_interval_s": 5,
-                "clients": args.clients,
-                "seconds": round(wall, 2),
-                "launches": len(latencies),
-                "errors": len(errors),
-                "error_samples": sorted(set(errors))[:5],
-                "launches_per_s": round(len(latencies) / wall, 1),
-                "latency_median_ms": round(1000 * statistics.median(latencies), 2),
-                "latency_p99_ms": round(1000 * percentile(latencies, 0.99), 2),
-                "latency_max_ms": round(1000 * max(latencies), 2),
-                "broker_cpu_percent": round(100 * b_cpu / wall, 1),
-                "broker_rss_mib": round(rss_mib(broker.pid), 1),
-                "simulator_cpu_percent": round(100 * s_cpu / wall, 1),
-                "simulator_rss_mib": round(rss_mib(sim.pid), 1),
-                "clients_cpu_percent": round(100 * self_cpu / wall, 1),
-                "broker_log_level": args.log_level,
-                "profile": args.profile,
-                "seed": args.seed,
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                            "kernel": platform.release()},
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - wall)),
-                "total_s": round(time.monotonic() - t0, 1),
-            }  # fmt: skip
-            return result
-        finally:
-            with trio.CancelScope(shield=True):
-                for proc in (sim, broker):
-                    if proc is not None:
-                        proc.terminate()
-                        with trio.move_on_after(30) as waited:
-                            await proc.wait()
-                        if waited.cancelled_caught:
-                            proc.kill()
-            broker_log.close()
-            sim_log.close()
+        registered_s = await wait_reporting(api, args.agents, args.register_timeout_s)
+        print(f"{args.agents} agents reporting after {registered_s:.1f} s", file=sys.stderr)
+        await trio.sleep(args.settle_s)  # a full report round under load, before measuring
+        latencies: list[float] = []
+        errors: list[str] = []
+        phase = Phase()
+        login0 = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            for i in range(args.clients):  # connect and log in, one after the other
+                await nursery.start(
+                    partial(client, redeem=args.redeem),
+                    i, state, ports["gateway_port"], phase, latencies, errors,
+                )  # fmt: skip
+            login_s = time.monotonic() - login0
+            print(f"{args.clients} clients logged in after {login_s:.1f} s", file=sys.stderr)
+            b_cpu0, s_cpu0 = cpu_seconds(broker.pid), cpu_seconds(sim.pid)
+            self_cpu0 = time.process_time()
+            start = time.monotonic()
+            phase.stop_at = start + args.seconds
+            phase.go.set()
+        wall = time.monotonic() - start
+        b_cpu = cpu_seconds(broker.pid) - b_cpu0
+        s_cpu = cpu_seconds(sim.pid) - s_cpu0
+        self_cpu = time.process_time() - self_cpu0
+        status = await trio.to_thread.run_sync(api.request, "GET", "status")
+        result: dict[str, object] = {
+            "agents": args.agents,
+            "agents_reporting_at_end": status["hosts"]["reporting"],
+            "registration_s": round(registered_s, 1),
+            "login_s": round(login_s, 1),
+            "report_interval_s": 5,
+            "clients": args.clients,
+            "seconds": round(wall, 2),
+            "store": args.store,
+            "redeem": args.redeem,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "launches": len(latencies),
+            "errors": len(errors),
+            "error_samples": sorted(set(errors))[:5],
+            "launches_per_s": round(len(latencies) / wall, 1),
+            "latency_median_ms": round(1000 * statistics.median(latencies), 2),
+            "latency_p99_ms": round(1000 * percentile(latencies, 0.99), 2),
+            "latency_max_ms": round(1000 * max(latencies), 2),
+            "broker_cpu_percent": round(100 * b_cpu / wall, 1),
+            "broker_rss_mib": round(rss_mib(broker.pid), 1),
+            "simulator_cpu_percent": round(100 * s_cpu / wall, 1),
+            "simulator_rss_mib": round(rss_mib(sim.pid), 1),
+            "clients_cpu_percent": round(100 * self_cpu / wall, 1),
+            "broker_log_level": args.log_level,
+            "profile": args.profile,
+            "seed": args.seed,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "kernel": platform.release()},
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - wall)),
+            "total_s": round(time.monotonic() - t0, 1),
+        }  # fmt: skip
+        return result
+    finally:
+        with trio.CancelScope(shield=True):
+            for proc in (sim, broker):
+                if proc is not None:
+                    proc.terminate()
+                    with trio.move_on_after(30) as waited:
+                        await proc.wait()
+                    if waited.cancelled_caught:
+                        proc.kill()
+        broker_log.close()
+        sim_log.close()
 
 
 def main() -> None:
@@ -306,6 +352,12 @@ def main() -> None:
     )
     parser.add_argument("--logdir", help="keep the broker's and the simulator's logs here")
     parser.add_argument("--json", help="write the result to this file")
+    parser.add_argument(
+        "--store", choices=["sqlite", "etcd"], default="sqlite", help="the broker's state (sqlite)"
+    )
+    parser.add_argument(
+        "--redeem", action="store_true", help="redeem each launch's ticket (a store write)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.agents, args.seconds = 500, 10.0

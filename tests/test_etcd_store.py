@@ -18,6 +18,7 @@ import trio
 from etcdkit import Cluster, etcd_cluster, needs_etcd
 
 from ras.broker.config import BrokerConfig, ResourceConfig
+from ras.broker.directory import DirectoryUnavailable
 from ras.broker.etcd import EtcdConfig
 from ras.broker.etcdstore import EtcdStore, FencedOut
 from ras.broker.model import HostKind, HostRecord, ResourceRecord
@@ -227,3 +228,25 @@ def test_broker_toml_names_the_etcd_cluster_and_a_bad_member_is_refused(tmp_path
         load(BrokerConfig, bad)
     assert "bad.toml" in str(info.value)
     assert "etcd.endpoints[0]" in str(info.value)
+
+
+async def test_without_etcd_logins_and_redemptions_are_refused_not_crashed(tmp_path: Path) -> None:
+    with etcd_cluster(tmp_path / "solo", members=1) as solo:
+        store = EtcdStore(solo.config(prefix="/ras-down/", timeout_s=1.0))
+        store.put_user(UserRecord("alice", hash_password("pw"), ("users",)))
+        pki = FarmPKI(tmp_path / "pki")
+        pki.init_ca()
+        broker = _broker(tmp_path, store, "broker-a", pki)
+        ticket, _ = broker.tickets.issue(
+            user="alice", resource="desktop", host="10.0.0.5", port=3389, gateway="gw",
+            client="192.0.2.1", now=time.time(), ttl_s=300,
+        )  # fmt: skip
+        solo.kill(0)  # no etcd at all: no majority
+        got = await broker.launches.redeem(RedeemTicket(ticket, "192.0.2.1"), "192.0.2.1", "gw")
+        assert got == (ErrorCode.UNAVAILABLE, "the farm's state cannot be reached; try again")
+        with pytest.raises(DirectoryUnavailable):
+            await broker.directory.authenticate("alice", "pw")
+        solo.start(0)
+        solo.wait_ready()  # back: the ticket was never used, so it redeems now
+        got = await broker.launches.redeem(RedeemTicket(ticket, "192.0.2.1"), "192.0.2.1", "gw")
+        assert isinstance(got, TicketOk)

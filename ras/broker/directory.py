@@ -34,8 +34,8 @@ with warnings.catch_warnings():
 
 from ras.broker.ldapconfig import LdapConfig, LdapServer
 from ras.broker.passwords import verify_password
-from ras.broker.store import Store
-from ras.errors import AuthError, ConfigError, ErrorCode, PKIError
+from ras.broker.store import Store, UserRecord
+from ras.errors import AuthError, ConfigError, ErrorCode, PKIError, RasError
 from ras.pki import client_context
 
 if TYPE_CHECKING:
@@ -83,8 +83,14 @@ class BuiltinDirectory:
     def __init__(self, store: Store) -> None:
         self.store = store
 
+    async def _get(self, username: str) -> UserRecord | None:
+        try:
+            return await trio.to_thread.run_sync(self.store.get_user, username)
+        except RasError as exc:  # a shared store (etcd) out of reach: deny, as a down LDAP
+            raise DirectoryUnavailable(f"the user store: {exc}") from None
+
     async def authenticate(self, username: str, password: str) -> Identity | None:
-        record = await trio.to_thread.run_sync(self.store.get_user, username)
+        record = await self._get(username)
         stored = record.password_hash if record is not None and record.enabled else None
         ok = await trio.to_thread.run_sync(verify_password, password, stored)
         if not ok or record is None:
@@ -92,7 +98,7 @@ class BuiltinDirectory:
         return Identity(record.name, record.groups, self.source)
 
     async def lookup(self, username: str) -> Identity | None:
-        record = await trio.to_thread.run_sync(self.store.get_user, username)
+        record = await self._get(username)
         if record is None or not record.enabled:
             return None
         return Identity(record.name, record.groups, self.source)

@@ -23,7 +23,7 @@ from ras.broker.programs import program_fields
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
 from ras.broker.tickets import TicketAuthority, new_session_id
-from ras.errors import ErrorCode, TicketError
+from ras.errors import ErrorCode, RasError, TicketError
 from ras.ops.metrics import (
     BROKER_LAUNCH_SECONDS,
     BROKER_LAUNCHES,
@@ -153,6 +153,9 @@ class Launches:
             BROKER_TICKETS.labels("refused", ticket_reason(str(exc))).inc()
             log.warning("ticket refused client=%s gateway=%s reason=%s", client, gateway, exc)
             return ErrorCode.TICKET_INVALID, "ticket is not valid"
+        except RasError as exc:  # a shared store (etcd) out of reach: the ticket stays unused
+            log.error("ticket not redeemed client=%s gateway=%s reason=%s", client, gateway, exc)
+            return ErrorCode.UNAVAILABLE, "the farm's state cannot be reached; try again"
         BROKER_TICKETS.labels("redeemed", "").inc()
         log.info(
             "ticket redeemed user=%s resource=%s rdp=%s:%d client=%s gateway=%s "
