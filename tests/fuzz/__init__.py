@@ -33,6 +33,7 @@ TARGETS = (
     "control_body",
     "proxy",
     "x224",
+    "rdcleanpath",
     "vrrp",
     "admin_http",
     "admin_json",

@@ -1,0 +1,275 @@
+"""The web client's endpoint (``ras.gateway.webclient``) over memory streams under the autojump
+clock: a real gateway and a real broker on a memory network, a browser played with wsproto,
+a stand-in RDP host that answers the X.224 request and does TLS with its own certificate, and
+decoys that must never be dialled.
+
+What a browser would notice: the RDCleanPath answer (the host's confirm and certificate, or an
+error with its HTTP status or TLS alert) and whether its bytes reach the host; what an
+operator would notice: the gateway's open tunnels and who was dialled."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import ssl
+import time
+
+import pytest
+import trio
+from farmkit import PASSWORD, USER
+from memkit import MemoryFarm, memory_farm, reply_to
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection
+
+from ras.gateway.front import Conn, Port
+from ras.gateway.server import Gateway
+from ras.gateway.webclient import WEBSOCKET_PATH
+from ras.net.reasons import BROKEN
+from ras.pki import server_context
+from ras.portal.server import Upgrade
+from ras.protocol import (
+    AgentRegister,
+    Authenticate,
+    AuthOk,
+    HostKind,
+    Launch,
+    LaunchOk,
+    LoadReport,
+    Mode,
+    Registered,
+    Role,
+)
+from ras.protocol.rdcleanpath import CleanPathPdu, encode_pdu, parse_pdu
+from ras.protocol.x224 import encode_connection_request, parse_connection_request
+
+pytestmark = pytest.mark.usefixtures("inline_threads")
+BROWSER = "192.0.2.7"
+HOST = ("rdp1.test", 3389)
+DECOY = ("decoy.test", 3389)
+# what an RDP server that selected CredSSP answers (rdpNegRsp, HYBRID)
+CONFIRM = bytes.fromhex("030000130ed000001234000200080002000000")
+X224 = encode_connection_request("Cookie: mstshash=alice")
+WS_HEADERS = {
+    "upgrade": "websocket",
+    "connection": "Upgrade",
+    "sec-websocket-version": "13",
+    "sec-websocket-key": base64.b64encode(b"0123456789abcdef").decode(),
+}
+
+
+class RdpHost:
+    """Answers the X.224 request with CONFIRM, then TLS with its own certificate, then echoes."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.received = bytearray()
+
+    async def serve(self, stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
+        self.connections += 1
+        data = b""
+        while (request := parse_connection_request(data)) is None:
+            data += await stream.receive_some()
+        self.requests.append(data[: request.length])
+        await stream.send_all(CONFIRM)
+        tls = trio.SSLStream(stream, self.context, server_side=True)
+        with contextlib.suppress(*BROKEN):
+            while got := await tls.receive_some():
+                self.received += got
+                await tls.send_all(got)
+
+
+class Browser:
+    """The browser's side of the WebSocket, after the gateway read the upgrade request."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = Connection(ConnectionType.CLIENT)
+        self.data = b""
+        self.closed = False
+
+    async def start(self) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await self.stream.receive_some()
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        self.ws.receive_data(head.split(b"\r\n\r\n", 1)[1])
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(self.ws.send(BytesMessage(data=data)))
+
+    async def receive(self) -> bytes:
+        """Payload bytes as they come (b"": the gateway closed)."""
+        while True:
+            for event in self.ws.events():
+                if isinstance(event, BytesMessage):
+                    self.data += event.data
+                elif isinstance(event, CloseConnection):
+                    self.closed = True
+            if self.data or self.closed:
+                out, self.data = self.data, b""
+                return out
+            chunk = await self.stream.receive_some()
+            if not chunk:
+                self.closed = True
+                return b""
+            self.ws.receive_data(chunk)
+
+    async def answer(self) -> CleanPathPdu:
+        got = b""
+        while (parsed := parse_pdu(got, max_size=1 << 16)) is None:
+            more = await self.receive()
+            assert more, "the gateway closed without an answer"
+            got += more
+        return parsed[0]
+
+    async def close(self) -> None:
+        await self.stream.send_all(self.ws.send(CloseConnection(1000)))
+
+
+@contextlib.asynccontextmanager
+async def _farm(tmp_path, nursery, *, pin: str | None = None, **options: object):  # type: ignore[no-untyped-def]
+    async with memory_farm(tmp_path, nursery, **options) as mf:
+        cert, key = mf.pki.ensure_self_signed("rdp1", ("rdp1.test",))
+        host = RdpHost(server_context(cert, key))
+        der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+        mf.net.listen(HOST, host.serve)
+        decoy = RdpHost(server_context(cert, key))
+        mf.net.listen(DECOY, decoy.serve)
+        agent = await mf.dial_broker("host1", Role.AGENT, port=20003)
+        reported = hashlib.sha256(der).hexdigest() if pin is None else pin
+        reply = await agent.request(
+            AgentRegister("host1", HostKind.RDSH, *HOST, 10, rdp_cert_sha256=reported)
+        )
+        assert isinstance(reply, Registered)
+        await agent.send(LoadReport(1.0, 10.0, 0, 0))
+        gw = mf.gateway()
+        yield mf, gw, host, decoy, der
+
+
+async def _token(mf: MemoryFarm, *, client: str = BROWSER, mode: Mode = Mode.WEB) -> str:
+    """What the portal does for a browser at ``client``: log in, launch in mode web."""
+    async with mf.session("gateway", client) as chan:
+        assert isinstance(await reply_to(chan, Authenticate(USER, PASSWORD)), AuthOk)
+        launched = await reply_to(chan, Launch("desktop", mode))
+    assert isinstance(launched, LaunchOk)
+    return launched.ticket
+
+
+async def _connect(
+    gw: Gateway, nursery: trio.Nursery, request: bytes, *, client: str = BROWSER
+) -> Browser:
+    """A browser at ``client`` opens the WebSocket and sends ``request``."""
+    mine, theirs = trio.testing.memory_stream_pair()
+    now = trio.current_time()
+    conn = Conn(Port.TLS, (client, 50000), (client, 50000), now + 60, now + 10, set(), tls=True)
+
+    async def serve() -> None:  # as the gateway's listener does: the stream closed after
+        assert gw.web is not None
+        try:
+            await gw.web.serve(theirs, Upgrade(WEBSOCKET_PATH, WS_HEADERS, b""), conn)
+        finally:
+            await theirs.aclose()
+
+    nursery.start_soon(serve)
+    browser = Browser(mine)
+    await browser.start()
+    await browser.send(request)
+    return browser
+
+
+def _request(token: str, destination: str = "rdp1.test:3389") -> bytes:
+    return encode_pdu(CleanPathPdu.request(X224, destination, token))
+
+
+async def test_a_token_opens_its_host_and_the_bytes_flow(tmp_path, nursery, autojump_clock):
+    async with _farm(tmp_path, nursery) as (mf, gw, host, decoy, der):
+        token = await _token(mf)
+        # the destination the browser names is ignored: only the token's host is dialled
+        browser = await _connect(gw, nursery, _request(token, "decoy.test:3389"))
+        answer = await browser.answer()
+        assert answer.error is None
+        assert (answer.x224, answer.cert_chain, answer.server_addr) == (CONFIRM, (der,), HOST[0])
+        assert host.requests == [X224]  # forwarded unchanged
+        # the browser's TLS client speaks through the gateway's TLS to the host: here, bytes
+        await browser.send(b"rdp bytes")
+        assert await browser.receive() == b"rdp bytes"
+        (tunnel,) = gw.tunnels
+        assert (tunnel.info.via, tunnel.info.user, tunnel.info.target) == ("web", USER, HOST)
+        assert decoy.connections == 0
+        await browser.close()  # the tab closed: the tunnel ends
+        with trio.fail_after(30):
+            while len(gw.tunnels):  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        (session,) = mf.broker.sessions.list()
+        assert session.kind == "web"
+
+
+def _edited(token: str) -> str:
+    """The token with its claims naming the decoy (the signature left as it was)."""
+    prefix, body, mac = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    claims["host"] = DECOY[0]
+    raw = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{prefix}.{raw}.{mac}"
+
+
+@pytest.mark.parametrize("case", ["replayed", "edited", "expired", "other address", "native"])
+async def test_a_bad_token_reaches_nothing(tmp_path, nursery, autojump_clock, case):
+    async with _farm(tmp_path, nursery, ticket_ttl_s=30.0) as (mf, gw, host, decoy, _):
+        token = await _token(mf, mode=Mode.GATEWAY if case == "native" else Mode.WEB)
+        client = BROWSER
+        if case == "replayed":
+            first = await _connect(gw, nursery, _request(token))
+            assert (await first.answer()).error is None
+            await first.close()
+        elif case == "edited":
+            token = _edited(token)
+        elif case == "expired":  # genuine, signed by the broker, but its time is over
+            claims = mf.broker.launches.web_tickets.verify(token, now=time.time())
+            token, _ = mf.broker.launches.web_tickets.issue(
+                user=claims.user, resource=claims.resource, host=claims.host, port=claims.port,
+                gateway=claims.gateway, client=claims.client, now=time.time() - 60, ttl_s=30,
+            )  # fmt: skip
+        elif case == "other address":
+            client = "198.51.100.9"
+        before = host.connections
+        browser = await _connect(gw, nursery, _request(token), client=client)
+        answer = await browser.answer()
+        assert answer.error is not None
+        assert answer.error.http_status == 403
+        assert await browser.receive() == b""  # and the WebSocket is closed
+        assert (host.connections - before, decoy.connections) == (0, 0)
+        assert DECOY not in mf.net.dialled
+
+
+async def test_a_host_with_another_certificate_is_refused(tmp_path, nursery, autojump_clock):
+    async with _farm(tmp_path, nursery, pin="0" * 64) as (mf, gw, host, _, _):
+        browser = await _connect(gw, nursery, _request(await _token(mf)))
+        answer = await browser.answer()
+        assert answer.error is not None
+        assert answer.error.tls_alert == 42  # bad certificate
+        assert len(gw.tunnels) == 0
+        assert host.received == b""  # nothing of the browser's reached it
+
+
+async def test_not_a_request_is_a_bad_request(tmp_path, nursery, autojump_clock):
+    async with _farm(tmp_path, nursery) as (_mf, gw, host, _, _):
+        browser = await _connect(gw, nursery, b"\x30\x03\x02\x01\x00")  # not version 3390
+        answer = await browser.answer()
+        assert answer.error is not None
+        assert answer.error.http_status == 400
+        assert host.connections == 0
+
+
+async def test_a_silent_browser_loses_the_connection_at_the_deadline(
+    tmp_path, nursery, autojump_clock
+):
+    async with _farm(tmp_path, nursery) as (_, gw, host, _, _):
+        browser = await _connect(gw, nursery, b"\x30")  # the start of a request, then nothing
+        with trio.fail_after(120):
+            assert await browser.receive() == b""
+        assert host.connections == 0
