@@ -216,3 +216,44 @@ async def test_launch_and_rdp_token_carry_the_program_and_the_hosts_way(
     assert settings["remoteapplicationprogram"] == "xclock"
     assert isinstance(refused, Error)
     assert refused.code is ErrorCode.NOT_FOUND
+
+
+# -- the host's guard: only the programs it allows ------------------------------------------------
+
+
+def test_only_allowed_programs_and_one_quoted_file_pass_the_guard():
+    programs = ["xclock -bg rgb:20/40/c0", "xmessage -file"]
+    assert xrdp.allowed("xclock -bg rgb:20/40/c0", programs)
+    assert xrdp.allowed("xmessage -file '/srv/it'\"'\"'s notes.txt'", programs)
+    assert xrdp.allowed("xmessage -file /srv/notes.txt", programs)
+    for line in (
+        "xterm",
+        "xclock -bg red",
+        "xclock -bg rgb:20/40/c0; xterm",  # sh -c would run both
+        "xmessage -file /srv/a /srv/b",
+        "xmessage -file $(xterm)",
+        'xmessage -file "$(xterm)"',
+        "xmessage -file '/srv/a' && xterm",
+        "xmessage -filex",
+    ):
+        assert not xrdp.allowed(line, programs), line
+
+
+def test_the_session_program_is_the_x_servers_sibling(tmp_path):
+    proc = _fake_proc(tmp_path, connected={101})
+    for pid, ppid, argv in (
+        (4101, 4000, None),  # the X server of display 101 (cmdline written by _fake_proc)
+        (4103, 4000, ["/usr/sbin/xrdp-chansrv"]),
+        (4104, 4000, ["sh", "-c", "xclock -bg rgb:20/40/c0"]),
+        (4105, 4104, ["xclock", "-bg", "rgb:20/40/c0"]),
+    ):
+        (proc / str(pid)).mkdir(exist_ok=True)
+        (proc / str(pid) / "stat").write_text(f"{pid} (x y) S {ppid} 1 1 0\n")
+        if argv:
+            (proc / str(pid) / "cmdline").write_bytes("\0".join(argv).encode() + b"\0")
+    (proc / "4102" / "stat").write_text("4102 (Xorg) S 4999 1 1 0\n")
+    session, _ = xrdp.xrdp_sessions(proc)
+    assert xrdp.session_program(session, proc) == "xclock -bg rgb:20/40/c0"
+    # before sesman's child execs the program (it waits for the X server), it is sesman
+    (proc / "4104" / "cmdline").write_bytes(b"xrdp-sesman\0--nodaemon\0")
+    assert xrdp.session_program(session, proc) is None

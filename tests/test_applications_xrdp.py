@@ -60,16 +60,24 @@ class Launched:
 
 
 async def _launch(
-    f: Farm, nursery: trio.Nursery, user: TestUser, resource: str, display: str, tmp: Path
+    f: Farm,
+    nursery: trio.Nursery,
+    user: TestUser,
+    resource: str,
+    display: str,
+    tmp: Path,
+    *,
+    own: Program | None = None,
 ) -> Launched:
-    """What ``ras client launch RESOURCE -- /cert:ignore /sec:tls`` does, with SSO."""
+    """What ``ras client launch RESOURCE -- /cert:ignore /sec:tls`` does, with SSO; ``own``:
+    a client that asks the host for a program of its own instead."""  # fmt: skip
     cfg = dataclasses.replace(f.client_config(), username=user.name, resource=resource)
     session = await ClientSession.connect(cfg)
     await session.authenticate(user.name, user.password)
     first = await session.launch(resource)
     _, port = await nursery.start(partial(serve_forwarder, session, resource, first=first))
     cmd = rdp_command(
-        "xfreerdp", f"127.0.0.1:{port}", Program.from_launch(first, resource),
+        "xfreerdp", f"127.0.0.1:{port}", own or Program.from_launch(first, resource),
         ["/cert:ignore", "/sec:tls"], sso=(user.name, user.password),
     )  # fmt: skip
     assert cmd.stdin is not None
@@ -215,9 +223,9 @@ async def _scenario(tmp_path: Path, display: str, notes: Path, launched: list[La
         ),
     ]  # fmt: skip
     decoy = Listener()
-    with XrdpServer(users=2) as server:
+    with XrdpServer(users=3) as server:
         sockdir = server.logs[0].parent / "run-xrdp" / "sockdir"  # its private /run/xrdp
-        alice, bob = server.users
+        alice, bob, carol = server.users
         async with (
             farm(tmp_path, resources=resources, report_interval_s=0.5) as f,
             trio.open_nursery() as nursery,
@@ -226,7 +234,7 @@ async def _scenario(tmp_path: Path, display: str, notes: Path, launched: list[La
                 f.store.put_user(UserRecord(user.name, hash_password(user.password), ("users",)))
             await add_agent(
                 f, nursery, "xrdp1", server.host, server.port, sessions_from="xrdp",
-                xrdp_sockdir=sockdir,
+                xrdp_sockdir=sockdir, allowed_programs=(f"xclock {CLOCK}", "xmessage -file"),
             )  # fmt: skip
 
             # Only what is published starts: no launch, no ticket, no connection anywhere.
@@ -268,6 +276,19 @@ async def _scenario(tmp_path: Path, display: str, notes: Path, launched: list[La
             with open(f"/proc/{viewer}/cmdline", "rb") as cmdline:  # noqa: ASYNC230 (/proc)
                 argv = cmdline.read().split(b"\0")
             assert argv[:3] == [b"xmessage", b"-file", str(notes).encode()]
+
+            # A client asking the host for a program of its own: xrdp starts it, the host's
+            # guard (the agent's allowed_programs) logs the session off at once.
+            rogue = await _launch(
+                f, nursery, carol, "clock", display, tmp_path,
+                own=Program("xlogo", start="shell"),
+            )  # fmt: skip
+            launched.append(rogue)
+            with trio.fail_after(60):
+                await rogue.proc.wait()
+            assert rogue.proc.returncode == 12  # logged off by the host
+            assert _pid_of(carol, "xlogo") == []
+            assert _pid_of(carol, "Xorg") == []
 
             # Disconnected through the broker: the agent reports the session disconnected.
             await f.broker.agents.session_action(active.id, "disconnect")

@@ -9,6 +9,7 @@ command for that session (xrdp: built in unless configured).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -177,6 +178,8 @@ class Agent:
         watch_certificate("agent", "farm", cfg.cert_file)
         async with trio.open_nursery() as nursery:
             await start_metrics(nursery, cfg.metrics, partial(agent_state, self))
+            if cfg.allowed_programs:
+                nursery.start_soon(self._guard)
             task_status.started()
             async with trio.open_nursery() as links:
                 for address in cfg.broker_list:
@@ -210,6 +213,28 @@ class Agent:
             )
         finally:
             down()
+
+    async def _guard(self) -> None:
+        """Log off every xrdp session whose program the host does not allow."""
+        cfg = self.config
+        ended: set[int] = set()  # X servers already told to go
+        while True:
+            sessions = await trio.to_thread.run_sync(xrdp.xrdp_sessions)
+            ended &= {s.pid for s in sessions}
+            for session in sessions:
+                if session.pid in ended:
+                    continue
+                line = await trio.to_thread.run_sync(xrdp.session_program, session)
+                if line is None or xrdp.allowed(line, cfg.allowed_programs):
+                    continue
+                log.warning(
+                    "session refused id=%d user=%s program=%s (not an allowed program): "
+                    "logging it off", session.display, session.user, line[:200],
+                )  # fmt: skip
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(session.pid, signal.SIGTERM)
+                ended.add(session.pid)
+            await trio.sleep(cfg.guard_interval_s)
 
     async def _rdp_certificate(self) -> str:
         """The SHA-256 of the RDP server's TLS certificate, reported at each registration so

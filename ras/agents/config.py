@@ -57,6 +57,12 @@ class AgentConfig:
     # How the host starts published applications: "shell" (xrdp's alternate shell) or
     # "remoteapp" (a Windows host's RemoteApp).
     apps: AppStart = AppStart.SHELL
+    # xrdp hosts: the programs a session may run (what `ps` shows sesman started: the
+    # published command lines, the desktop's window manager script). A session running
+    # anything else is logged off at once (xrdp 0.9 runs any alternate shell a client sends).
+    # Empty: no check.
+    allowed_programs: tuple[str, ...] = ()
+    guard_interval_s: float = 0.5
     # Report the host not ready while nothing listens on rdp_port here (a VDI guest booting
     # or being reset takes no session meanwhile).
     ready_check: bool = False
@@ -74,6 +80,9 @@ class AgentConfig:
         check_positive("connect_timeout_s", self.connect_timeout_s)
         check_positive("retry_max_s", self.retry_max_s)
         check_positive("action_timeout_s", self.action_timeout_s)
+        check_positive("guard_interval_s", self.guard_interval_s)
+        if self.allowed_programs and self.sessions_from != "xrdp":
+            raise Invalid("allowed_programs", 'needs sessions_from = "xrdp"')
         if self.sessions_from not in ("tcp", "utmp", "xrdp"):
             raise Invalid("sessions_from", f"{self.sessions_from!r} is not tcp, utmp or xrdp")
         for key in ("logoff_command", "disconnect_command"):

@@ -17,6 +17,13 @@ listening socket. So:
 Disconnecting a session from the host: xrdp listens on a datagram socket
 ``xrdp_disconnect_display_N`` in the same directory, and ends the RDP connection (keeping
 the session) when a datagram arrives, which is what ``xrdp-dis`` does from inside the session.
+
+The session's program: sesman forks once per session; that process starts the X server, the
+channel server (``xrdp-chansrv``) and the session's program: the client's alternate shell (run
+as ``sh -c LINE`` when the line holds a blank, else directly) or the desktop (the window
+manager script). :func:`session_program` finds it as the X server's sibling, and
+:func:`allowed` says whether its command line is one the host allows (the agent's guard ends
+the session if not: xrdp 0.9 itself runs any alternate shell a client sends).
 """
 
 from __future__ import annotations
@@ -24,13 +31,15 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shlex
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ras.protocol import SessionState
 
-__all__ = ["XrdpSession", "disconnect", "xrdp_sessions"]
+__all__ = ["XrdpSession", "allowed", "disconnect", "session_program", "xrdp_sessions"]
 
 _DISPLAY_SOCKET = re.compile(r"/xrdp_display_(\d+)$")
 _CONNECTED = "03"
@@ -105,3 +114,56 @@ def disconnect(display: int, sockdir: Path = Path("/run/xrdp/sockdir")) -> None:
     path = sockdir / f"xrdp_disconnect_display_{display}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.sendto(b"disconnect", os.fspath(path))
+
+
+def _ppid(proc: Path, pid: int) -> int | None:
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def session_program(session: XrdpSession, proc: Path = Path("/proc")) -> str | None:
+    """The command line of the session's program (None while sesman has not started it: the
+    child that will run it is a copy of sesman until the X server is up)."""
+    parent = _ppid(proc, session.pid)
+    if parent is None:
+        return None
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == session.pid:
+            continue
+        if _ppid(proc, int(entry.name)) != parent:
+            continue
+        try:
+            argv = [
+                a.decode("utf-8", "replace") for a in (entry / "cmdline").read_bytes().split(b"\0")
+            ]
+        except OSError:
+            continue
+        argv = argv[:-1] if argv and argv[-1] == "" else argv
+        if not argv or Path(argv[0]).name == "xrdp-chansrv":
+            continue
+        if Path(argv[0]).name == "xrdp-sesman":  # forked, waiting for the X server to exec it
+            return None
+        if len(argv) >= 3 and Path(argv[0]).name == "sh" and argv[1] == "-c":
+            return argv[2]
+        return " ".join(argv)
+    return None
+
+
+def allowed(line: str, programs: Iterable[str]) -> bool:
+    """Whether ``line`` is one of ``programs``, or one of them followed by one file as the
+    client writes it (a single POSIX-shell-quoted word: nothing else the shell would run)."""
+    for program in programs:
+        if line == program:
+            return True
+        if line.startswith(program + " "):
+            rest = line[len(program) + 1 :]
+            try:
+                words = shlex.split(rest)
+            except ValueError:
+                continue
+            if len(words) == 1 and rest == shlex.quote(words[0]):
+                return True
+    return False
