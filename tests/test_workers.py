@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import trio
 from farmkit import Farm, farm
+from prometheus_client.parser import text_string_to_metric_families
 from test_gateway_limits import _echo, _gateway_toml, _tunnel_through, host  # noqa: F401
 
 #: Tunnels opened at most while waiting to see both workers (the kernel hashes each new
@@ -100,9 +103,37 @@ async def _start_workers(f: Farm, config: str, n: int) -> tuple[trio.Process, li
     return proc, workers
 
 
+def _two_free_ports() -> int:
+    """A port p with p + 1 free too (each worker's /metrics: port + its index)."""
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+            return int(p)
+    raise AssertionError("no two free ports in a row")
+
+
+def _tunnels_counted(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "ras_gateway_tunnels_total" and s.labels.get("mode") == "ticket"
+    )
+
+
 async def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path, host):  # noqa: F811
     async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)], gateways=()) as f:
         config, port = _gateway_toml(f, tmp_path, drain_timeout_s=5)
+        metrics = _two_free_ports()
+        with open(config, "a") as toml:  # noqa: ASYNC230 (a few bytes, before anything runs)
+            toml.write(f"[metrics]\nport = {metrics}\n")
         proc, workers = await _start_workers(f, config, 2)
         assert len(workers) == 2
         stderr = bytearray()
@@ -126,6 +157,14 @@ async def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path, host):  
                         worker = _worker_of(workers, port, tunnel)
                         serving[worker] = serving.get(worker, 0) + 1
                     assert sorted(serving) == sorted(workers), serving
+                    # each worker serves its own /metrics, on port + its index: both counted
+                    # tunnels, and together every one
+                    counted = [
+                        await trio.to_thread.run_sync(_tunnels_counted, metrics + i)
+                        for i in range(2)
+                    ]
+                    assert all(n > 0 for n in counted), counted
+                    assert sum(counted) == len(tunnels)
                     for tunnel in tunnels:
                         await tunnel.aclose()
                     proc.send_signal(signal.SIGTERM)
