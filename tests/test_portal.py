@@ -21,7 +21,7 @@ from ras.broker.store import UserRecord
 from ras.broker.totp import totp
 from ras.client.rdpfile import parse_rdp_file
 from ras.config import Invalid
-from ras.portal import LaunchMethod, Portal, PortalSettings, WebSession, serve_portal
+from ras.portal import LaunchMethod, Portal, PortalSettings, serve_portal
 from ras.portal.web import MAX_BODY, Request, Response
 
 pytestmark = pytest.mark.usefixtures("inline_threads")
@@ -73,22 +73,12 @@ class Browser:
         )
 
 
-async def web_page(session: WebSession, resource: str, request: Request) -> Response:
-    """Stands in for the web client's launch where a gateway has none (the buttons' tests)."""
-    return Response(200, f"web client for {resource}".encode())
-
-
-def with_web_client(portal: Portal) -> Portal:
-    if portal.web_launch is None:
-        portal.web_launch = web_page
-    return portal
-
-
 def _portal(f: MemoryFarm, *, rdp: bool = True, **settings: object) -> Portal:
     portal = f.gateway(rdp_lb_enabled=rdp, public_host="gw.example.com").portal
     assert portal is not None
     portal.settings = PortalSettings(**settings)  # type: ignore[arg-type]
-    return with_web_client(portal)
+    assert portal.web_launch is not None  # the gateway's web client (ras.portal.weblaunch)
+    return portal
 
 
 async def test_login_lists_resources_and_logout_ends_the_session(tmp_path, nursery, autojump_clock):
@@ -278,6 +268,11 @@ async def test_only_what_the_gateway_can_do_is_offered(tmp_path, nursery, autoju
         browser.portal.settings = PortalSettings(alternate_rdp_port=3389)
         await browser.request("GET", "/resources")
         assert _methods(browser.page) == ["native", "browser"]
+        # applications (and desktops) in the browser: a new tab, or this one
+        assert '<form method="post" action="/launch" target="_blank">' in browser.page
+        browser.portal.settings = PortalSettings(alternate_rdp_port=3389, open_in_new_tab=False)
+        await browser.request("GET", "/resources")
+        assert 'target="_blank"' not in browser.page
         # neither: the list says so
         browser.portal.web_launch = None
         browser.portal.settings = PortalSettings(launch_method=LaunchMethod.BROWSER)

@@ -18,7 +18,6 @@ import trio
 from chromium import Chromium, chromium_missing
 from conftest import SHADOW_PASSWORD, SHADOW_USER
 from farmkit import PASSWORD, USER, Farm, add_gateway, farm, until
-from test_portal import with_web_client
 
 from ras.broker.passwords import hash_password
 from ras.broker.store import UserRecord
@@ -39,7 +38,6 @@ SHOTS = os.environ.get("RAS_PORTAL_SCREENSHOTS")
 async def _portal_farm(f: Farm, nursery: trio.Nursery) -> tuple[Gateway, str]:
     gw = await add_gateway(f, nursery, "gateway", rdp_lb_enabled=True, rdp_port=0)
     assert gw.portal is not None
-    with_web_client(gw.portal)
     await until(gw.registered.is_set)
     _, port = f.gateway_addrs["gateway"]["tls"]
     return gw, f"https://localhost:{port}"
