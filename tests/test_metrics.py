@@ -22,8 +22,9 @@ from ras.cli.common import daemon_options, setup_logging
 from ras.client.session import ClientSession
 from ras.config import from_mapping
 from ras.errors import AuthError, ConfigError
-from ras.gateway.config import GatewayConfig
+from ras.gateway.config import GatewayConfig, GatewayMode, NextHop
 from ras.gateway.limits import Refusal, SourceLimits
+from ras.gateway.server import Gateway
 from ras.halb.config import GatewayRef, HalbConfig
 from ras.halb.daemon import Halb
 from ras.logs import JsonFormatter
@@ -31,7 +32,7 @@ from ras.net.channel import PeerError
 from ras.ops.config import LogFormat, MetricsConfig
 from ras.ops.listener import serve_metrics
 from ras.ops.metrics import limit_reason, ticket_reason
-from ras.ops.sources import halb_state
+from ras.ops.sources import gateway_state, halb_state
 from ras.pki import FarmPKI
 from ras.protocol import Mode
 from ras.protocol.vrrp import VrrpState
@@ -312,3 +313,20 @@ def test_json_logs_by_flag_or_by_the_daemons_config(capsys):
 @dataclasses.dataclass(frozen=True)
 class _Logged:
     log_format: LogFormat = LogFormat.TEXT
+
+
+def test_a_forwarders_next_hops_and_waiting_connections_as_a_scrape_reads_them():
+    config = GatewayConfig(
+        name="fw1", mode=GatewayMode.FORWARDING,
+        next_hops=(NextHop("10.0.0.21", 80, 443), NextHop("10.0.0.22", 80, 443)),
+    )  # fmt: skip
+    gateway = Gateway(config)
+    assert gateway.forwarder is not None
+    gateway.forwarder.hops[1].healthy = True
+    gateway.limits.admit("192.0.2.7")  # one connection waiting to authenticate
+    samples = {(family, labels): v for family, labels, v in gateway_state(gateway)}
+    assert samples == {
+        ("ras_gateway_preauth_connections", ("fw1",)): 1.0,
+        ("ras_gateway_next_hop_up", ("fw1", str(config.next_hops[0]))): 0.0,
+        ("ras_gateway_next_hop_up", ("fw1", str(config.next_hops[1]))): 1.0,
+    }  # a forwarder has no broker link
