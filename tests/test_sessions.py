@@ -77,6 +77,17 @@ def test_a_launch_becomes_the_reported_session_and_ends_with_it():
     assert SessionTable.agent_id(table.list()[0]) == "3"
 
 
+def test_a_web_launch_stays_a_web_session_once_reported():
+    table = SessionTable(launch_timeout_s=60)
+    table.launched(user="alice", host="h1", resource="desk", gateway="gw1", client="192.0.2.7",
+                   now=100.0, kind="web")  # fmt: skip
+    table.reported("h1", [SessionInfo("9", "alice", SessionState.ACTIVE)], now=110.0)
+    session = table.get("h1:9")
+    assert session is not None
+    assert session.kind == "web"
+    assert session.to_json()["kind"] == "web"  # what the admin API and `ras admin sessions` show
+
+
 def test_unconfirmed_launches_expire():
     table = SessionTable(launch_timeout_s=60)
     table.launched(user="a", host="h", resource="r", gateway="g", client="c", now=0.0)
