@@ -47,7 +47,7 @@ from ras.broker.store import Store
 from ras.broker.tickets import new_session_id
 from ras.errors import ErrorCode, TicketError, TransportError
 from ras.net.channel import Channel
-from ras.ops.metrics import BROKER_LAUNCHES
+from ras.ops.metrics import BROKER_LAUNCHES, BROKER_TICKETS, ticket_reason
 from ras.protocol import (
     Message,
     RdpToken,
@@ -258,6 +258,7 @@ class Router:
         except TicketError as exc:
             log.warning("routing token refused user=%s reason=%s", user.name, exc)
             return ErrorCode.FORBIDDEN, str(exc)
+        BROKER_TICKETS.labels("issued", "").inc()
         log.info(
             "routing token issued user=%s resource=%s token_id=%s client=%s gateway=%s "
             "expires_in=%d",
@@ -282,8 +283,10 @@ class Router:
                 claims = self.tokens.verify(msg.token, now=time.time())
                 self.catalog.check_redeeming_gateway(claims.gateway, claims.resource, gateway)
             except TicketError as exc:
+                BROKER_TICKETS.labels("refused", ticket_reason(str(exc))).inc()
                 log.warning("route refused via=token %s reason=%s", where, exc)
                 return ErrorCode.TICKET_INVALID, "routing token is not valid"
+            BROKER_TICKETS.labels("redeemed", "").inc()
             name, via, resource_id = claims.user, f"token token_id={claims.id}", claims.resource
         else:
             if not self.config.mstshash_routing:

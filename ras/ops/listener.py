@@ -53,6 +53,8 @@ async def serve_metrics(
             ip = ipaddress.ip_address(address.split("%")[0])
         except ValueError:
             return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 scraper on a dual-stack listener
         if loopback_only:
             return ip.is_loopback
         return any(ip in net for net in networks)
