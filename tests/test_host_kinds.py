@@ -9,12 +9,13 @@ members are listed by the pool, and a guest that is not ready.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 
 import pytest
 import trio
 import trio.testing
-from farmkit import PASSWORD, USER, login
+from farmkit import PASSWORD, USER, add_agent, login
 from memkit import MemoryFarm, memory_farm
 
 from ras.broker.assignments import Assignments, AssignPolicy, policy_of
@@ -224,7 +225,8 @@ async def test_ras_admin_sets_assignments_pool_members_and_sso(tmp_path):
     from farmkit import farm as real_farm
     from test_admin_api import ras_admin, with_admin
 
-    async with real_farm(tmp_path, rdp_hosts=[("pc1", "127.0.0.1", 3389)]) as f:
+    async with real_farm(tmp_path) as f, trio.open_nursery() as nursery:
+        await add_agent(f, nursery, "pc1", "127.0.0.1", 3389, kind=HostKind.REMOTE_PC)
         with_admin(f)
         for args in (
             ["pool", "add", "office", "--member", "pc1,pc2", "--keep-assignment", "3600"],
@@ -245,6 +247,9 @@ async def test_ras_admin_sets_assignments_pool_members_and_sso(tmp_path):
         assert host is not None
         assert (host.kind, host.assigned_user) == (HostKind.REMOTE_PC, "alice")
         assert f.broker.catalog.assign_policy("pc1").static_user == "alice"
+        code, out, err = await ras_admin(f, tmp_path, "--json", "host", "show", "pc1")
+        assert code == 0, err
+        assert json.loads(out)["assigned_to"] == "alice"
         legacy = next(r for r in f.broker.catalog.resources() if r.id == "legacy")
         assert legacy.single_sign_on is False
         code, _, err = await ras_admin(
@@ -252,3 +257,4 @@ async def test_ras_admin_sets_assignments_pool_members_and_sso(tmp_path):
         )
         assert code == 2
         assert "keep_assignment_s" in err
+        nursery.cancel_scope.cancel()

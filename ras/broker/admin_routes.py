@@ -23,6 +23,7 @@ from ras.broker.admin_api import ApiError, ApiRequest, Handler, Route, bad_field
 from ras.broker.admin_brokers import broker_routes
 from ras.broker.admin_certs import cert_routes
 from ras.broker.admin_reports import report_routes
+from ras.broker.assignments import SINGLE_USER
 from ras.broker.hosts import Host
 from ras.broker.model import (
     FactorRule,
@@ -309,6 +310,11 @@ class _Api:
                 HostRecord(name, kind=host.kind).to_json() | {"configured": False},
             )
             entry.update(_live_host(host, now, self.broker.hosts.timeout_s))
+            if host.kind in SINGLE_USER:  # a Remote PC or VDI guest: whose it is now
+                catalog = self.broker.catalog
+                entry["assigned_to"] = catalog.assignments.owner(
+                    name, catalog.assign_policy(name), now
+                )
         return out
 
     async def hosts_list(self, request: ApiRequest) -> tuple[int, Any]:
