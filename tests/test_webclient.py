@@ -273,3 +273,15 @@ async def test_a_silent_browser_loses_the_connection_at_the_deadline(
         with trio.fail_after(120):
             assert await browser.receive() == b""
         assert host.connections == 0
+
+
+async def test_a_user_has_at_most_max_web_tunnels_per_user(tmp_path, nursery, autojump_clock):
+    async with _farm(tmp_path, nursery) as (mf, _, host, _, _):
+        gw = mf.gateway("gateway", max_web_tunnels_per_user=1)  # the same name: replaces it
+        first = await _connect(gw, nursery, _request(await _token(mf)))
+        assert (await first.answer()).error is None
+        second = await _connect(gw, nursery, _request(await _token(mf)))
+        answer = await second.answer()
+        assert answer.error is not None
+        assert answer.error.http_status == 429
+        assert (len(gw.tunnels), host.connections) == (1, 1)
