@@ -22,6 +22,7 @@ from ras.broker.totp import totp
 from ras.client.rdpfile import parse_rdp_file
 from ras.config import Invalid
 from ras.portal import LaunchMethod, Portal, PortalSettings, serve_portal
+from ras.portal.sessions import MAX_PENDING_PER_IP, PENDING_S
 from ras.portal.web import MAX_BODY, Request, Response
 
 pytestmark = pytest.mark.usefixtures("inline_threads")
@@ -171,6 +172,25 @@ async def test_totp_prompt_then_the_list(tmp_path, nursery, autojump_clock):
         )
         assert stolen.status == 401
         assert "ras_portal" not in thief.cookies
+
+
+async def test_logins_waiting_for_a_code_are_bounded_per_address(tmp_path, nursery, autojump_clock):
+    """Each login waiting for its second factor holds a broker connection: a stranger cannot
+    hold more than MAX_PENDING_PER_IP of them, and they end after PENDING_S."""
+    secret = b"0123456789abcdef0123"
+    async with memory_farm(tmp_path, nursery) as f:
+        f.store.put_user(UserRecord(USER, hash_password(PASSWORD), ("users",), True, secret))
+        portal = _portal(f)
+        nursery.start_soon(portal.run)
+        browser = Browser(portal)
+        for _ in range(MAX_PENDING_PER_IP):
+            assert (await browser.log_in()).status == 200  # the prompt
+        refused = await browser.log_in()
+        assert refused.status == 429
+        assert "Too many logins in progress" in browser.page
+        assert (await Browser(portal, "192.0.2.77").log_in()).status == 200  # another address
+        await trio.sleep(PENDING_S + 1)
+        assert (await browser.log_in()).status == 200  # the old ones expired
 
 
 async def test_csrf_token_missing_or_wrong_is_refused(tmp_path, nursery, autojump_clock):
