@@ -141,8 +141,8 @@ class Catalog:
         wanted = None if names is None else {n.casefold() for n in names}
         taken: list[str] = []
         mine: list[tuple[str, str]] = []
-        for name, kind in self.hosts.kinds.items():
-            if kind not in SINGLE_USER or (wanted is not None and name.casefold() not in wanted):
+        for name, kind in self.hosts.single_user.items():
+            if wanted is not None and name.casefold() not in wanted:
                 continue
             owner = self.assignments.owner(name, self.assign_policy(name), now)
             if owner.casefold() == user.casefold():

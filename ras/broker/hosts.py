@@ -190,6 +190,8 @@ class HostRegistry:
         self._turn: dict[str, str] = {}  # round robin: the last host picked, per pool
         self._named_cache: dict[tuple[str, ...] | None, tuple[list[Host], dict[str, Host]]] = {}
         self.kinds: dict[str, HostKind] = {}  # host name -> kind, for session affinity
+        # the Remote PCs and VDI guests among them (a launch checks their assignments only)
+        self.single_user: dict[str, HostKind] = {}
 
     def register(
         self,
@@ -209,6 +211,10 @@ class HostRegistry:
         host.refresh()
         self.hosts[name] = host
         self.kinds[name] = kind
+        if kind in SINGLE_USER:
+            self.single_user[name] = kind
+        else:
+            self.single_user.pop(name, None)
         self._named_cache.clear()
         return host
 
