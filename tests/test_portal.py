@@ -342,6 +342,7 @@ async def test_security_headers_embedding_and_cors(tmp_path, nursery, autojump_c
         assert allowed.header("access-control-max-age") == "600"
         other = await browser.request("OPTIONS", "/login", origin="https://evil.example")
         assert not [k for k, _ in other.headers if k.startswith("access-control-")]
+        assert other.header("vary") == "Origin"  # a cache keeps the two apart
         # embedding allowed, HSTS off
         browser.portal.settings = PortalSettings(allow_embedding=True, hsts=False)
         browser = Browser(browser.portal, "192.0.2.44")

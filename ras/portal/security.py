@@ -121,14 +121,17 @@ def origin_allowed(settings: PortalSettings, request: Request, own: str) -> bool
 
 
 def cors_headers(settings: PortalSettings, request: Request) -> list[tuple[str, str]]:
-    """``Access-Control-*`` for an allowed ``Origin``; nothing for any other."""
+    """``Access-Control-*`` for an allowed ``Origin``; nothing for any other (but ``Vary:
+    Origin`` whenever some origin is allowed, so that a cache never hands one origin's answer
+    to another)."""
     origin = request.header("origin")
+    vary = [("vary", "Origin")] if settings.cors_origins else []
     if origin is None or origin not in settings.cors_origins:
-        return []
+        return vary
     headers = [
         ("access-control-allow-origin", origin),
         ("access-control-allow-credentials", "true"),
-        ("vary", "Origin"),
+        *vary,
     ]
     if request.method == "OPTIONS":
         headers += [
