@@ -96,7 +96,7 @@ class Roles:
         self.me = BrokerInfo(name, config.priority, config.admin_url or admin_url)
         self.primary = ""  # the primary's name as last seen ("" none)
         self.is_primary = False
-        self.changed = trio.Event()  # set (and replaced) whenever the role changes
+        self.changed = trio.Event()  # set (and replaced) by ``run`` whenever the role changes
         self._lease = 0
         self._member_lease = 0
         self._vacant_since: float | None = None
@@ -159,26 +159,30 @@ class Roles:
         every = self.config.primary_lease_s / 3
         try:
             while True:
+                before = (self.is_primary, self.primary)
                 try:
                     await trio.to_thread.run_sync(self._tick, trio.current_time())
                 except RasError as exc:  # lost the cluster: no longer primary, whatever we hold
                     log.warning("roles: etcd unavailable reason=%s", exc)
                     self._lost()
                     self._member_lease = 0
+                if (self.is_primary, self.primary) != before:
+                    self.changed.set()  # here, on the trio thread (the tick ran in a worker)
+                    self.changed = trio.Event()
                 await trio.sleep(every)
         finally:
             with trio.CancelScope(shield=True):
                 if self.is_primary:
                     await trio.to_thread.run_sync(self._resign)
                 self._set(False, "")
+                self.changed.set()
+                self.changed = trio.Event()
 
     def _set(self, primary: bool, name: str) -> None:
         if (primary, name) != (self.is_primary, self.primary):
             self.is_primary, self.primary = primary, name
             role = "primary" if primary else "secondary"
             log.warning("broker role=%s name=%s primary=%s", role, self.name, name or "-")
-            self.changed.set()
-            self.changed = trio.Event()
 
     def _lost(self) -> None:
         """Our lease is gone: writes are fenced already (the key's revision moved)."""

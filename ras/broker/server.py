@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
@@ -138,7 +138,7 @@ class Broker:
                 partial(listen, self.handle_agent, port=cfg.agent_port, what="agents")
             )
             addrs = {"gateways": gw[0], "agents": ag[0]}
-            nursery.start_soon(self.certificates.run)  # ACME orders and renewals
+            nursery.start_soon(self._on_the_primary, self.certificates.run)  # ACME, renewals
             nursery.start_soon(self.store.follow)  # other brokers' changes (a shared store)
             nursery.start_soon(self.history.run)
             metrics = await start_metrics(nursery, cfg.metrics, partial(broker_state, self))
@@ -150,6 +150,22 @@ class Broker:
                 addrs["admin"] = await nursery.start(partial(serve_admin, self))
             log.info("broker ready name=%s resources=%d", cfg.name, len(cfg.resources))
             task_status.started(addrs)
+
+    async def _on_the_primary(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run ``task`` while this broker is the primary (always, for a broker alone): what
+        writes farm settings on its own, as ACME renewals do, runs on one broker at a time."""
+        roles = self.roles
+        if roles is None:
+            await task()
+            return
+        while True:
+            while not roles.is_primary:
+                await roles.changed.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(task)
+                while roles.is_primary:
+                    await roles.changed.wait()
+                nursery.cancel_scope.cancel()
 
     async def _accept(self, stream: trio.abc.Stream, *roles: Role) -> tuple[Channel, str, Role]:
         """TLS handshake, the peer's certificate name, hello/welcome; ``roles`` this port serves."""
