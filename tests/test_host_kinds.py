@@ -41,8 +41,6 @@ from ras.protocol import (
     SessionState,
 )
 
-pytestmark = pytest.mark.usefixtures("inline_threads")
-
 BOB, CAROL = "bob", "carol"
 
 # -- the rules, as transcripts --------------------------------------------------------------------
@@ -132,7 +130,7 @@ async def _launch(chan: Channel, resource: str) -> Message:
 
 
 @pytest.fixture
-async def farm(tmp_path, nursery):
+async def farm(tmp_path, nursery, inline_threads):
     resources = (
         ResourceConfig("pc", "My PC", hosts=("pc1",)),
         ResourceConfig("vdi", "My desktop", pools=("vdi",)),
@@ -221,40 +219,45 @@ async def test_a_vdi_guest_that_is_not_ready_takes_no_session(farm, autojump_clo
 # -- the settings through `ras admin` -------------------------------------------------------------
 
 
-async def test_ras_admin_sets_assignments_pool_members_and_sso(tmp_path):
+async def test_ras_admin_sets_assignments_pool_members_and_sso(tmp_path, capsys):
+    """The command's options, run in this process (a ``python -m ras`` start costs seconds)."""
     from farmkit import farm as real_farm
-    from test_admin_api import ras_admin, with_admin
+    from test_admin_api import ADMIN, ADMIN_PASSWORD, with_admin
+
+    from ras.cli.main import main
 
     async with real_farm(tmp_path) as f, trio.open_nursery() as nursery:
         await add_agent(f, nursery, "pc1", "127.0.0.1", 3389, kind=HostKind.REMOTE_PC)
         with_admin(f)
+        host, port = f.broker_addrs["admin"]
+        pw = tmp_path / "admin.password"
+        pw.write_text(ADMIN_PASSWORD + "\n")
+        common = ["admin", "--url", f"https://{host}:{port}", "--ca-file", str(f.pki.ca_path)]
+        common += ["--user", ADMIN, "--password-file", str(pw)]
+
+        async def ras_admin(*args: str) -> int:
+            return await trio.to_thread.run_sync(main, [*common, *args])
+
         for args in (
             ["pool", "add", "office", "--member", "pc1,pc2", "--keep-assignment", "3600"],
             ["pool", "add", "vdi", "--member", "vdi1", "--persistent"],
             ["host", "set", "pc1", "--kind", "remote_pc", "--assigned-user", "alice"],
             ["resource", "add", "legacy", "--no-sso", "--pools", "office"],
         ):
-            code, _, err = await ras_admin(f, tmp_path, *args)
-            assert code == 0, (args, err)
+            assert await ras_admin(*args) == 0, (args, capsys.readouterr().err)
         office, vdi = sorted(f.store.list_objects(PoolRecord), key=lambda p: p.name)
         assert (office.members, office.keep_assignment_s, office.persistent) == (
-            ("pc1", "pc2"),
-            3600,
-            False,
-        )
+            ("pc1", "pc2"), 3600, False,
+        )  # fmt: skip
         assert (vdi.members, vdi.persistent) == (("vdi1",), True)
-        host = f.store.get_object(HostRecord, "pc1")
-        assert host is not None
-        assert (host.kind, host.assigned_user) == (HostKind.REMOTE_PC, "alice")
-        assert f.broker.catalog.assign_policy("pc1").static_user == "alice"
-        code, out, err = await ras_admin(f, tmp_path, "--json", "host", "show", "pc1")
-        assert code == 0, err
-        assert json.loads(out)["assigned_to"] == "alice"
+        record = f.store.get_object(HostRecord, "pc1")
+        assert record is not None
+        assert (record.kind, record.assigned_user) == (HostKind.REMOTE_PC, "alice")
         legacy = next(r for r in f.broker.catalog.resources() if r.id == "legacy")
         assert legacy.single_sign_on is False
-        code, _, err = await ras_admin(
-            f, tmp_path, "host", "set", "pc1", "--keep-assignment=99999999999"
-        )
-        assert code == 2
-        assert "keep_assignment_s" in err
+        capsys.readouterr()
+        assert await ras_admin("--json", "host", "show", "pc1") == 0
+        assert json.loads(capsys.readouterr().out)["assigned_to"] == "alice"
+        assert await ras_admin("host", "set", "pc1", "--keep-assignment=99999999999") == 2
+        assert "keep_assignment_s" in capsys.readouterr().err
         nursery.cancel_scope.cancel()
