@@ -27,6 +27,7 @@ from ras.protocol import (
     Mode,
     Ping,
     Pong,
+    PortalSettingsUpdate,
     RedeemTicket,
     Registered,
     ResourceList,
@@ -154,6 +155,8 @@ async def test_a_silent_gateway_link_goes_offline_and_a_halb_node_sees_it(
         assert isinstance(
             await link.request(GatewayRegister("gw1", "gw1.example", 443)), Registered
         )
+        # the broker pushes a registered gateway its portal settings before anything else
+        assert isinstance(await link.receive(), PortalSettingsUpdate)
         halb = await f.dial_broker("halb1", Role.HALB)
         listed = await halb.request(ListGateways())
         assert listed == GatewayList((GatewayEntry("gw1", "gw1.example", 443),))

@@ -388,7 +388,7 @@ active_directory = true
 def test_the_commented_ldap_example_loads(tmp_path):
     example = Path(__file__).parent.parent / "deploy" / "examples" / "broker.toml"
     text = example.read_text()
-    block = text[text.index("# [ldap]") :].splitlines()
+    block = text[text.index("# [ldap]") :].split("\n\n")[0].splitlines()  # to its blank line
     path = tmp_path / "broker.toml"
     path.write_text(BROKER_TOML + "\n".join(re.sub(r"^# ?", "", line) for line in block))
     ldap = load(BrokerConfig, path).ldap
