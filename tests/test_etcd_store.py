@@ -86,7 +86,9 @@ def test_users_secrets_and_single_use_behave_alike_on_both_stores(store: Store) 
     assert store.secret("ticket-key") == key
     # a ticket is redeemed once
     expires = time.time() + 60
+    assert not store.was_redeemed("t1")
     assert store.redeem_once("t1", expires)
+    assert store.was_redeemed("t1")  # a logged-out resume token is looked up so
     assert not store.redeem_once("t1", expires)
     assert store.redeem_once("t2", expires)
 

@@ -421,6 +421,37 @@ async def test_another_gateway_takes_the_session_over(tmp_path, nursery, autojum
         assert got.header("location") == "/login?expired=1"
 
 
+async def test_logout_at_one_gateway_ends_the_session_at_every_gateway(
+    tmp_path, nursery, autojump_clock
+):
+    """The broker revokes the login at logout: the gateway that logged the browser in (which
+    still holds the session) and a third gateway (which would take a copied cookie over) both
+    send the copy to the login page."""
+    async with memory_farm(tmp_path, nursery) as f:
+        first = Browser(_portal(f))
+        second_gw = f.gateway("gateway2", rdp_lb_enabled=True).portal
+        third_gw = f.gateway("gateway3", rdp_lb_enabled=True).portal
+        assert second_gw is not None
+        assert third_gw is not None
+        await first.log_in()
+        assert (await first.request("GET", "/resources")).status == 200
+        copied = dict(first.cookies)
+        other = Browser(second_gw)
+        other.cookies = dict(copied)
+        assert (await other.request("GET", "/resources")).status == 200
+        assert (await other.request("POST", "/logout", {"csrf": other.field("csrf")})).status == 303
+        for portal in (first.portal, third_gw):
+            replay = Browser(portal)
+            replay.cookies = dict(copied)
+            got = await replay.request("GET", "/resources")
+            assert got.status == 303
+            assert got.header("location") == "/login?expired=1"
+            assert 'data-id="desktop"' not in replay.page
+        assert len(first.portal.sessions) == 0
+        again = Browser(first.portal)  # a new login is a new login: it works
+        assert (await again.log_in()).header("location") == "/resources"
+
+
 async def test_a_lost_broker_connection_is_resumed(tmp_path, nursery, autojump_clock):
     async with memory_farm(tmp_path, nursery) as f:
         browser = Browser(_portal(f))

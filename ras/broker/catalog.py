@@ -45,6 +45,8 @@ class User:
 
     name: str
     groups: tuple[str, ...]
+    # the login this is: the id its resume tokens share, revoked at logout ("" without resume)
+    login: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -205,6 +205,10 @@ class EtcdStore:
                     self._lease = 0
         raise StateError("no lease for redeemed tickets")
 
+    def was_redeemed(self, ticket_id: str) -> bool:
+        """Whether ``redeem_once`` recorded ``ticket_id`` on any broker (until its lease ends)."""
+        return self.etcd.get(self._key("tickets", ticket_id)) is not None
+
     # -- configured objects (ras.broker.model records) --------------------------------------
 
     def _changed(self) -> dict[str, Any]:

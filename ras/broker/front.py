@@ -23,7 +23,7 @@ from ras.broker.gatewaylink import GatewayLinks
 from ras.broker.launches import Launches
 from ras.broker.login import Login
 from ras.broker.routing import Router
-from ras.errors import ErrorCode
+from ras.errors import ErrorCode, RasError
 from ras.net.channel import Channel
 from ras.protocol import (
     Authenticate,
@@ -35,6 +35,8 @@ from ras.protocol import (
     Launch,
     ListGateways,
     ListResources,
+    LoggedOut,
+    Logout,
     Message,
     Ping,
     Pong,
@@ -203,14 +205,23 @@ class GatewayFront:
                 else:
                     result = await self.login.resume(msg, client, gateway)
                 if isinstance(result, User):
-                    user = result
-                    await chan.send(
-                        AuthOk(user.name, user.groups, self.login.resume_token(user, client))
-                    )
+                    token, user = self.login.resume_token(result, client)
+                    await chan.send(AuthOk(user.name, user.groups, token))
                 else:
                     user = None
                     await chan.refuse(*result)
                 continue
+            if user is not None and isinstance(msg, (ListResources, Launch, Route, RdpToken)):
+                try:
+                    ended = await self.login.logged_out(user)
+                except RasError as exc:  # a shared store (etcd) out of reach: deny
+                    log.error("request refused user=%s reason=state: %s", user.name, exc)
+                    await chan.refuse(ErrorCode.UNAVAILABLE, "the farm's state cannot be reached")
+                    continue
+                if ended:  # logged out through another connection (another gateway's portal)
+                    user = None
+                    await chan.refuse(ErrorCode.AUTH_REQUIRED, "logged out; log in again")
+                    continue
             if isinstance(msg, (Route, RdpToken)):  # RDP load balancing: ras/broker/routing.py
                 if await self.router.handle(chan, msg, user, client, gateway):
                     return  # a route holds the connection for the RDP connection's life
@@ -230,6 +241,11 @@ class GatewayFront:
                             await chan.refuse(ErrorCode.AUTH_REQUIRED, "authenticate first")
                         else:
                             await chan.answer(self.launches.launch(msg, user, client, gateway))
+                    case Logout():
+                        if user is not None:
+                            await self.login.logout(msg, user, client, gateway)
+                        user = None
+                        await chan.send(LoggedOut())
                     case RedeemTicket():
                         if msg.client and msg.client != client:
                             await chan.fail(

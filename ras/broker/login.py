@@ -9,6 +9,7 @@ knows the user.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -26,10 +27,10 @@ from ras.broker.store import Store
 from ras.broker.throttle import Throttle, wait_text
 from ras.broker.tickets import ResumeTokens
 from ras.broker.totp import verify_totp
-from ras.errors import ErrorCode, RemoteProtocolError, TicketError
+from ras.errors import ErrorCode, RasError, RemoteProtocolError, TicketError
 from ras.net.channel import Channel
 from ras.ops.metrics import BROKER_LOGINS
-from ras.protocol import AuthChallenge, Authenticate, AuthResponse, Resume
+from ras.protocol import AuthChallenge, Authenticate, AuthResponse, Logout, Resume
 
 __all__ = ["MAX_CHALLENGE_ROUNDS", "Login"]
 
@@ -144,14 +145,25 @@ class Login:
         )  # fmt: skip
         return User(identity.name, groups)
 
-    def resume_token(self, user: User, client: str) -> str:
-        """A token to log in again after a lost connection ("" when resume is off)."""
+    def resume_token(self, user: User, client: str) -> tuple[str, User]:
+        """A token to log in again after a lost connection ("" when resume is off), and the
+        user bound to its login (a resumed login keeps its id: one logout revokes them all)."""
         if self.config.resume_ttl_s <= 0:
-            return ""
-        token, _ = self.resume_tokens.issue(
-            user=user.name, client=client, now=time.time(), ttl_s=self.config.resume_ttl_s
+            return "", user
+        token, claims = self.resume_tokens.issue(
+            user=user.name,
+            client=client,
+            now=time.time(),
+            ttl_s=self.config.resume_ttl_s,
+            login=user.login,
         )
-        return token
+        return token, dataclasses.replace(user, login=claims.id)
+
+    async def logged_out(self, user: User) -> bool:
+        """Whether ``user``'s login has ended at a logout (on any broker sharing the store)."""
+        if not user.login:
+            return False
+        return await trio.to_thread.run_sync(self.store.was_redeemed, _revoked(user.login))
 
     async def resume(self, msg: Resume, client: str, gateway: str) -> User | tuple[ErrorCode, str]:
         """Log in again with a resume token: genuine, unexpired, from the same client address,
@@ -166,6 +178,8 @@ class Login:
             claims = self.resume_tokens.verify(msg.token, now=time.time())
             if claims.client != client:
                 raise TicketError(f"it was issued to client {claims.client}")
+            if await trio.to_thread.run_sync(self.store.was_redeemed, _revoked(claims.id)):
+                raise TicketError("it was revoked at logout")
             with trio.fail_after(self.config.request_timeout_s):
                 identity = await self.directory.lookup(claims.user)
             if identity is None:
@@ -177,11 +191,41 @@ class Login:
             why = str(exc) if isinstance(exc, DirectoryUnavailable) else "no answer in time"
             log.error("resume unavailable user=%s %s reason=directory: %s", claims.user, where, why)
             return ErrorCode.UNAVAILABLE, "the directory cannot be reached; try again later"
+        except RasError as exc:  # a shared store (etcd) out of reach: deny, never allow
+            log.error("resume unavailable user=%s %s reason=state: %s", claims.user, where, exc)
+            return ErrorCode.UNAVAILABLE, "the farm's state cannot be reached; try again later"
         groups = policy.groups_of(identity.name, identity.groups, self.catalog.configured().groups)
         log.info(
             "auth ok user=%s %s factors=resume source=%s", identity.name, where, identity.source
         )
-        return User(identity.name, groups)
+        return User(identity.name, groups, login=claims.id)
+
+    async def logout(self, msg: Logout, user: User, client: str, gateway: str) -> None:
+        """End a login: its resume token, if named and genuinely this user's from this client,
+        is revoked on every broker sharing the store (until it would have expired anyway)."""
+        where = f"client={client} gateway={gateway}"
+        if msg.resume_token:
+            try:
+                claims = self.resume_tokens.verify(msg.resume_token, now=time.time())
+            except TicketError as exc:  # forged or expired: nothing to revoke
+                log.info("logout user=%s %s resume_token=not revoked (%s)", user.name, where, exc)
+            else:
+                if (claims.user, claims.client) != (user.name, client):
+                    log.warning(
+                        "logout user=%s %s resume_token=not revoked (another login's)",
+                        user.name, where,
+                    )  # fmt: skip
+                else:
+                    try:
+                        await trio.to_thread.run_sync(
+                            self.store.redeem_once, _revoked(claims.id), claims.expires
+                        )
+                    except RasError as exc:  # etcd out of reach: say so, the login still ends
+                        log.error(
+                            "logout user=%s %s resume_token=not revoked (state: %s)",
+                            user.name, where, exc,
+                        )  # fmt: skip
+        log.info("logout user=%s %s", user.name, where)
 
     def _failed(self, user: str, where: str, why: str, client: str) -> tuple[ErrorCode, str]:
         lock = self.throttle.failed(user, client)
@@ -228,3 +272,8 @@ class Login:
             answer = await self._answer(chan, result.prompt, result.echo)
             state = result.state
         return f"more than {MAX_CHALLENGE_ROUNDS} RADIUS challenge rounds"
+
+
+def _revoked(resume_id: str) -> str:
+    """The id under which a logged-out resume token is recorded (beside redeemed tickets)."""
+    return f"resume-revoked.{resume_id}"

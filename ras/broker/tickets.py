@@ -134,9 +134,11 @@ class ResumeTokens:
         self._key = key
 
     def issue(
-        self, *, user: str, client: str, now: float, ttl_s: float
+        self, *, user: str, client: str, now: float, ttl_s: float, login: str = ""
     ) -> tuple[str, ResumeClaims]:
-        claims = ResumeClaims(_b64(os.urandom(12)), user, client, round(now + ttl_s, 3))
+        """A token for ``user`` at ``client``; ``login`` (a resumed login's id) is kept as the
+        new token's id, so that revoking it at logout covers every token of the login."""
+        claims = ResumeClaims(login or _b64(os.urandom(12)), user, client, round(now + ttl_s, 3))
         return _sign(self._key, _RESUME_PREFIX, asdict(claims)), claims
 
     def verify(self, token: str, *, now: float) -> ResumeClaims:

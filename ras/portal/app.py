@@ -55,6 +55,8 @@ from ras.protocol import (
     AuthResponse,
     Error,
     ListResources,
+    LoggedOut,
+    Logout,
     Message,
     RdpToken,
     RdpTokenOk,
@@ -496,6 +498,16 @@ class Portal:
             return self._expired(request)
         if not check_token(session.csrf, form.get("csrf")):
             return self._csrf_refused(request)
+        try:  # the broker revokes the resume token: no gateway takes a copied cookie over
+            if not isinstance(await self._ask(session, Logout(session.resume_token)), LoggedOut):
+                raise BrokerDown
+        except (SessionLost, BrokerDown):
+            log.warning(
+                "portal logout user=%s client=%s: the broker was not told; the session's "
+                "resume token stays valid until it expires",
+                session.user,
+                session.client,
+            )
         self.sessions.end(session)
         log.info("portal logout user=%s client=%s", session.user, session.client)
         return self._forget(redirect("/login?out=1"))
@@ -514,13 +526,21 @@ class Portal:
                 try:
                     with trio.fail_after(self.site.broker_timeout_s):
                         await session.chan.send(msg)
-                        return await session.chan.receive_reply()
+                        reply = await session.chan.receive_reply()
                 except (TransportError, trio.TooSlowError) as exc:
                     # a late answer would be read as the next request's: never reuse it
                     self.sessions.close_later(session.chan)
                     session.chan = None
                     if attempt or isinstance(exc, trio.TooSlowError):
                         raise BrokerDown from None
+                    continue
+                if isinstance(reply, Error) and reply.code is ErrorCode.AUTH_REQUIRED:
+                    # logged out elsewhere (another gateway of the farm): the session is over
+                    self.sessions.close_later(session.chan)
+                    session.chan = None
+                    self.sessions.end(session)
+                    raise SessionLost
+                return reply
         raise AssertionError("unreachable")
 
     async def _resume(self, session: WebSession) -> tuple[Channel, str]:

@@ -47,6 +47,8 @@ __all__ = [
     "ListGateways",
     "ListResources",
     "LoadReport",
+    "LoggedOut",
+    "Logout",
     "Message",
     "MessageType",
     "Mode",
@@ -99,6 +101,8 @@ class MessageType(enum.StrEnum):
     AUTH_RESPONSE = "auth_response"
     AUTH_OK = "auth_ok"
     RESUME = "resume"
+    LOGOUT = "logout"
+    LOGGED_OUT = "logged_out"
     LIST_RESOURCES = "list_resources"
     RESOURCE_LIST = "resource_list"
     LAUNCH = "launch"
@@ -349,6 +353,25 @@ class Resume(Message):
 
     def __post_init__(self) -> None:
         _check_str(self, "token", limit=MAX_RESUME_TOKEN)
+
+
+@dataclass(frozen=True, slots=True)
+class Logout(Message):
+    """End this connection's login. The ``resume_token`` its ``auth_ok`` gave, if named, is
+    revoked on every broker of the farm: a copy of it resumes nothing after this (the User
+    Portal's logout, which another gateway could otherwise take over). Answered with
+    ``logged_out``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LOGOUT
+    resume_token: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        _check_str(self, "resume_token", empty=True, limit=MAX_RESUME_TOKEN)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedOut(Message):
+    TYPE: ClassVar[MessageType] = MessageType.LOGGED_OUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -825,7 +848,7 @@ MESSAGE_CLASSES: Mapping[MessageType, type[Message]] = {
         GatewayRegister, ClientSession, Registered, ListGateways, GatewayList, RedeemTicket,
         TicketOk, Ping, Pong, Error, SessionAction, SessionActionOk, Route, RouteOk, RdpToken,
         RdpTokenOk,
-        AcmeChallenge, AcmeWithdraw, PublicCertificate, PortalSettingsUpdate,
+        AcmeChallenge, AcmeWithdraw, PublicCertificate, PortalSettingsUpdate, Logout, LoggedOut,
     )
 }  # fmt: skip
 
