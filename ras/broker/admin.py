@@ -62,6 +62,10 @@ __all__ = [  # the admin_api names are here too, for who imported them from this
 
 log = logging.getLogger("ras.broker.admin")
 
+# Writes a secondary takes too: logging off, promoting (how a farm without a primary gets one)
+# and lifting a login lock (the counters are shared state, not the farm's configuration).
+_ON_ANY_BROKER = (("session", "logoff"), PROMOTE, ("users", "{}", "unlock"))
+
 MAX_BODY = 64 * 1024
 
 
@@ -191,7 +195,7 @@ class AdminServer:
                 raise ApiError(405, "method_not_allowed", f"{method} {url.path}: use {allowed}")
             if route.handler != self._logon:
                 request = dataclasses.replace(request, admin=self._who(cert, request))
-            if method != "GET" and route.pattern not in (("session", "logoff"), PROMOTE):
+            if method != "GET" and route.pattern not in _ON_ANY_BROKER:
                 await self._primary_only(url.path)
             return await route.handler(request)
         except ApiError as exc:

@@ -37,8 +37,10 @@ from ras.broker.parts import BrokerParts
 from ras.broker.passwords import hash_password
 from ras.broker.portal import portal_routes
 from ras.broker.store import UserRecord
+from ras.broker.throttle import call
 from ras.broker.totp import new_secret, otpauth_uri
 from ras.config import Invalid
+from ras.errors import RasError
 
 __all__ = ["routes"]
 
@@ -195,7 +197,14 @@ class _Api:
         """Lift a lock from failed logins (the farm's and the admin API's): any user name, in
         the store or only in the directory."""
         name = request.parts[1]
-        farm = self.broker.throttle.unlock(name)
+        throttle = self.broker.throttle
+        try:  # on etcd: every broker's lock at once
+            farm = await call(throttle, throttle.unlock, name)
+        except RasError as exc:
+            log.error("admin unlock user=%s unavailable reason=%s", name, exc)
+            raise ApiError(
+                503, "unavailable", "the farm's failed-login counters (etcd) cannot be reached"
+            ) from None
         admin = self._unlock_admin(name)
         log.info("admin unlock user=%s by=%s was_locked=%s", name, request.admin, farm or admin)
         return 200, {"user": name, "unlocked": farm or admin}

@@ -111,6 +111,7 @@ class EtcdStore:
 
     def __init__(self, config: EtcdConfig, *, poll_s: float = 1.0) -> None:
         self.etcd = Etcd(config)
+        self.prefix = config.prefix  # this farm's keys start with it
         self._prefix = config.prefix.encode()
         self.poll_s = poll_s
         self.generation = 0

@@ -24,7 +24,7 @@ from ras.broker.history import History
 from ras.broker.model import Factor
 from ras.broker.radius import Accept, Challenge, RadiusClient, RadiusUnavailable
 from ras.broker.store import Store
-from ras.broker.throttle import Throttle, wait_text
+from ras.broker.throttle import LoginThrottle, call, wait_text
 from ras.broker.tickets import ResumeTokens
 from ras.broker.totp import verify_totp
 from ras.errors import ErrorCode, RasError, RemoteProtocolError, TicketError
@@ -51,7 +51,7 @@ class Login:
         store: Store,
         catalog: Catalog,
         directory: Directory,
-        throttle: Throttle,
+        throttle: LoginThrottle,
         radius: RadiusClient | None,
         resume: ResumeTokens,
         history: History | None = None,
@@ -90,7 +90,13 @@ class Login:
         self, chan: Channel, msg: Authenticate, client: str, gateway: str, used: list[str]
     ) -> User | tuple[ErrorCode, str]:
         where = f"client={client} gateway={gateway}"
-        lock = self.throttle.check(msg.username, client)
+        try:
+            lock = await call(self.throttle, self.throttle.check, msg.username, client)
+        except RasError as exc:  # the farm's counters (etcd) out of reach: deny, never allow
+            log.error("auth unavailable user=%s %s reason=throttle: %s", msg.username, where, exc)
+            return ErrorCode.UNAVAILABLE, (
+                "the farm's failed-login counters cannot be reached; try again later"
+            )
         if lock is not None:  # refused before the directory is asked anything
             log.warning(
                 "auth throttled user=%s %s locked=%s retry_in=%.0fs",
@@ -107,7 +113,7 @@ class Login:
             log.error("auth unavailable user=%s %s reason=directory: %s", msg.username, where, why)
             return ErrorCode.UNAVAILABLE, "the directory cannot be reached; try again later"
         if identity is None:
-            return self._failed(msg.username, where, "unknown user or wrong password", client)
+            return await self._failed(msg.username, where, "unknown user or wrong password", client)
         cfg = self.catalog.configured()
         groups = policy.groups_of(identity.name, identity.groups, cfg.groups)
         record = await trio.to_thread.run_sync(self.store.get_user, identity.name)
@@ -120,7 +126,7 @@ class Login:
             used[0] = str(factor)
         if factor is Factor.TOTP:
             if secret is None:
-                return self._failed(
+                return await self._failed(
                     identity.name, where, f"needs TOTP ({rule}), none enrolled", client
                 )
             why = await self._totp(chan, identity.name, secret)
@@ -135,9 +141,12 @@ class Login:
         else:
             why = ""
         if why:
-            return self._failed(identity.name, where, why, client)
-        self.throttle.succeeded(msg.username)
-        self.throttle.succeeded(identity.name)
+            return await self._failed(identity.name, where, why, client)
+        try:
+            await call(self.throttle, self.throttle.succeeded, msg.username)
+            await call(self.throttle, self.throttle.succeeded, identity.name)
+        except RasError as exc:  # the failures stay counted until their window ends
+            log.warning("auth failures not cleared user=%s %s reason=%s", identity.name, where, exc)
         factors = "password" if factor is Factor.NONE else f"password+{factor}"
         log.info(
             "auth ok user=%s %s factors=%s source=%s rule=%s",
@@ -227,8 +236,12 @@ class Login:
                         )  # fmt: skip
         log.info("logout user=%s %s", user.name, where)
 
-    def _failed(self, user: str, where: str, why: str, client: str) -> tuple[ErrorCode, str]:
-        lock = self.throttle.failed(user, client)
+    async def _failed(self, user: str, where: str, why: str, client: str) -> tuple[ErrorCode, str]:
+        try:
+            lock = await call(self.throttle, self.throttle.failed, user, client)
+        except RasError as exc:  # refused anyway; say the failure went uncounted
+            log.error("auth failure not counted user=%s %s reason=%s", user, where, exc)
+            lock = None
         locked = f" now locked={lock.what} for={lock.retry_after_s:.0f}s" if lock else ""
         log.warning("auth failed user=%s %s reason=%s%s", user, where, why, locked)
         return ErrorCode.AUTH_FAILED, "wrong user name or password"

@@ -21,7 +21,7 @@ from ras.broker.launches import Launches
 from ras.broker.roles import Roles
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
-from ras.broker.throttle import Throttle
+from ras.broker.throttle import LoginThrottle
 
 __all__ = ["BrokerParts"]
 
@@ -32,7 +32,7 @@ class BrokerParts(Protocol):
     config: BrokerConfig
     store: Store
     directory: Directory
-    throttle: Throttle  # the farm's failed logins (the admin API counts its own apart)
+    throttle: LoginThrottle  # the farm's failed logins (the admin API counts its own apart)
     hosts: HostRegistry
     sessions: SessionTable
     catalog: Catalog

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import trio
 
@@ -29,6 +30,7 @@ from ras.broker.certs import FarmCertificates
 from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory, open_directory
 from ras.broker.etcdstore import EtcdStore
+from ras.broker.etcdthrottle import EtcdThrottle
 from ras.broker.front import GatewayFront, GatewayInfo
 from ras.broker.gatewaylink import GatewayLinks
 from ras.broker.history import History
@@ -40,7 +42,7 @@ from ras.broker.roles import Roles
 from ras.broker.routing import Router
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
-from ras.broker.throttle import Throttle
+from ras.broker.throttle import LoginThrottle, Throttle
 from ras.broker.tickets import ResumeTokens, TicketAuthority
 from ras.errors import ErrorCode, TransportError
 from ras.net.channel import Channel
@@ -85,12 +87,17 @@ class Broker:
         )
         self.sessions = SessionTable(launch_timeout_s=max(120.0, 2 * config.ticket_ttl_s))
         self.directory: Directory = directory or open_directory(config, store)
-        self.throttle = Throttle(
-            max_failures_per_user=config.max_failures_per_user,
-            max_failures_per_address=config.max_failures_per_address,
-            window_s=config.failure_window_s,
-            lockout_s=config.lockout_s,
-            clock=clock,
+        limits: dict[str, Any] = {
+            "max_failures_per_user": config.max_failures_per_user,
+            "max_failures_per_address": config.max_failures_per_address,
+            "window_s": config.failure_window_s,
+            "lockout_s": config.lockout_s,
+        }
+        # several brokers on etcd count failed logins together: a lockout holds on all of them
+        self.throttle: LoginThrottle = (
+            EtcdThrottle(store.etcd, store.prefix, **limits)
+            if isinstance(store, EtcdStore)
+            else Throttle(**limits, clock=clock)
         )
         # made now, so a bad [radius] (its secret file) stops the broker at start, not a login
         radius = radius or (RadiusClient(config.radius) if config.radius else None)

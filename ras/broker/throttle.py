@@ -20,8 +20,13 @@ import collections
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
-__all__ = ["Lockout", "Throttle", "wait_text"]
+import trio
+
+__all__ = ["Lockout", "LoginThrottle", "Throttle", "call", "wait_text"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +76,30 @@ class _Table:
         self.entries.pop(key, None)
 
 
+class LoginThrottle(Protocol):
+    """The farm's failed logins: :class:`Throttle` in memory (one broker), or
+    :class:`ras.broker.etcdthrottle.EtcdThrottle`, shared by the brokers of a farm on etcd,
+    whose calls block (``blocking``) and raise :class:`ras.errors.RasError` when etcd is away."""
+
+    blocking: bool
+
+    def check(self, user: str, address: str) -> Lockout | None: ...
+    def failed(self, user: str, address: str) -> Lockout | None: ...
+    def succeeded(self, user: str) -> None: ...
+    def unlock(self, user: str) -> bool: ...
+
+
+async def call(throttle: LoginThrottle, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)``, a method of ``throttle``: in a worker thread if it blocks (etcd)."""
+    if throttle.blocking:
+        return await trio.to_thread.run_sync(fn, *args)
+    return fn(*args)
+
+
 class Throttle:
     """Counts failed logins; ``check`` before trying one, ``failed`` / ``succeeded`` after."""
+
+    blocking = False  # in memory: calls never wait
 
     def __init__(
         self,
