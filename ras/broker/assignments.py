@@ -22,8 +22,14 @@ hosts naming their pools.
 
 Races. Two users launching the same PC at once: the broker handles launches one at a time
 (the choice and the claim run without an ``await`` between them), so the first claims it and
-the second finds it owned ("in use"). Several brokers sharing state do not share assignments
-(they are in memory): see docs/broker.md.
+the second finds it owned ("in use"). Brokers sharing their state on etcd also claim the host
+in the store (``Store.claim_host``, a transaction, see :class:`ras.broker.etcdstore.EtcdStore`)
+before answering: a claim another broker won is *adopted* here (:meth:`Assignments.adopt`) and
+the launch goes elsewhere or gets "in use". Every broker gets every agent's reports, so each
+sees the owner's logoff and releases the host, in memory and in the store (:attr:`released`,
+which :class:`ras.broker.catalog.Catalog` hands to the store); a claim of a host this broker
+saw released replaces the stored owner only if the store still holds that very claim (its
+etcd revision, ``freed``): a claim made since, even the same user's, stands.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class _Owner:
     since: float
     seen: bool = False  # a session of the owner was reported since the claim
     free_at: float | None = None  # when the host is released; None while the owner is on it
+    revision: int = 0  # the claim's revision in a shared store (0: none)
 
 
 class Assignments:
@@ -78,6 +85,9 @@ class Assignments:
     def __init__(self, launch_grace_s: float = 120.0) -> None:
         self.launch_grace_s = launch_grace_s
         self._owners: dict[str, _Owner] = {}
+        # (host, claim revision) released here, for the store to release too (the catalog's)
+        self.released: list[tuple[str, int]] = []
+        self.freed: dict[str, int] = {}  # host -> the revision of the claim released here last
 
     def owner(self, host: str, policy: AssignPolicy, now: float) -> str:
         """Who ``host`` belongs to now ("" : nobody)."""
@@ -91,8 +101,15 @@ class Assignments:
             held.free_at = held.since + self.launch_grace_s + policy.keep_s  # never connected
         if held.free_at is not None and now >= held.free_at:
             del self._owners[key]
+            if held.revision:
+                self.released.append((key, held.revision))
+                self.freed[key] = held.revision
             return ""
         return held.user
+
+    def holding(self) -> list[str]:
+        """The hosts assigned on first use now (case-folded), released or not yet."""
+        return list(self._owners)
 
     def free_for(self, host: str, user: str, policy: AssignPolicy, now: float) -> bool:
         owner = self.owner(host, policy, now)
@@ -111,6 +128,19 @@ class Assignments:
             held.free_at = None
             held.since, held.seen = now, False
         return True
+
+    def stored(self, host: str, revision: int) -> None:
+        """The claim just made here is the shared store's claim of ``revision``."""
+        held = self._owners.get(host.casefold())
+        if held is not None:
+            held.revision = revision
+        self.freed.pop(host.casefold(), None)
+
+    def adopt(self, host: str, user: str, revision: int, now: float) -> None:
+        """``host`` was claimed by ``user`` through another broker (the shared store said so,
+        claim ``revision``): theirs here too, released as if launched here now."""
+        self._owners[host.casefold()] = _Owner(user, now, revision=revision)
+        self.freed.pop(host.casefold(), None)
 
     def reported(self, host: str, users: Iterable[str], policy: AssignPolicy, now: float) -> None:
         """The users with a session on ``host`` now, from its agent's report."""

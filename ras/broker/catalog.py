@@ -31,12 +31,15 @@ from ras.broker.model import (
 )
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
-from ras.errors import TicketError
+from ras.errors import RasError, TicketError
 from ras.protocol import AppStart
 
 __all__ = ["Catalog", "Configured", "User"]
 
 log = logging.getLogger("ras.broker")
+
+_CLAIM_ROUNDS = 4  # choices made again when other brokers won the chosen host's claim
+_RELEASE_EVERY_S = 2.0
 
 
 @dataclass(slots=True)
@@ -171,6 +174,51 @@ class Catalog:
         if not dry_run and host is not None and host.kind in SINGLE_USER:
             self.assignments.claim(host.name, user, self.assign_policy(host.name), now)
         return choice
+
+    async def launch_host(self, resource: ResourceRecord, user: str) -> Choice:
+        """:meth:`choose_host` for a launch, with a Remote PC's or VDI guest's claim made for
+        the whole farm: the store decides between brokers (``Store.claim_host``; one broker
+        alone, its memory). A host another broker gave someone else meanwhile is adopted as
+        theirs and the choice made again, so the user gets another host or "in use"."""
+        await self.release_hosts()
+        for _ in range(_CLAIM_ROUNDS):
+            choice = self.choose_host(resource, user)
+            host = choice.host
+            if host is None or host.kind not in SINGLE_USER:
+                return choice
+            name = host.name
+            if self.assign_policy(name).static_user:
+                return choice
+            stale = self.assignments.freed.get(name.casefold(), 0)
+            owner, revision = await trio.to_thread.run_sync(
+                self.store.claim_host, name, user, stale
+            )
+            if owner.casefold() == user.casefold():
+                self.assignments.stored(name, revision)
+                return choice
+            log.info("host claimed through another broker host=%s owner=%s", name, owner)
+            self.assignments.adopt(name, owner, revision, time.monotonic())
+            if choice.method != "affinity":
+                host.pending = max(0, host.pending - 1)
+        return Choice(None, "in_use", "in use: every candidate is another user's", [])
+
+    async def release_hosts(self) -> None:
+        """Release in the store the hosts this broker saw released (best effort: a release
+        that fails is left for a later claim, which replaces the owner it saw released)."""
+        released, self.assignments.released = self.assignments.released, []
+        for name, revision in released:
+            try:
+                await trio.to_thread.run_sync(self.store.release_host, name, revision)
+            except RasError as exc:
+                log.warning("assignment not released host=%s reason=%s", name, exc)
+
+    async def run(self) -> None:
+        """Release hosts whose owners left, every few seconds, until cancelled."""
+        while True:
+            for name in self.assignments.holding():  # frees those whose time is up
+                self.assignments.owner(name, self.assign_policy(name), time.monotonic())
+            await self.release_hosts()
+            await trio.sleep(_RELEASE_EVERY_S)
 
     def start_for(self, resource: ResourceRecord) -> AppStart:
         """How the resource's hosts start programs, for an .rdp file made before a host is

@@ -8,6 +8,7 @@ the farm keeps its state in one etcd cluster instead, under the configured prefi
     totp/<name>              the last TOTP step used (its own key: a login writes it)
     secrets/<name>           a random secret, made by the first broker that needs it
     tickets/<id>             a redeemed ticket, on a lease that ends after the ticket does
+    assigned/<host>          the user a Remote PC or VDI guest is assigned to on first use
     objects/<kind>/<key>     an administrator's record (group, host and its drain state, pool,
                              resource, factor rule, settings), JSON of ras.broker.model
     objects-changed          rewritten with every change of objects/: readers poll its revision
@@ -17,7 +18,9 @@ its spelling. Single use is linearizable: a ticket is redeemed by a transaction 
 ``tickets/<id>`` only if its ``create_revision`` is 0, so of two brokers redeeming the same
 ticket at the same instant exactly one succeeds, whichever member each talks to; a TOTP step
 is used by compare-and-swap on the ``mod_revision`` of ``totp/<name>``. A secret is created
-the same way, so all brokers sign and check tickets with the same key.
+the same way, so all brokers sign and check tickets with the same key. A Remote PC or VDI
+guest is claimed the same way (:meth:`EtcdStore.claim_host`): of two users launched to it
+through two brokers at the same instant, exactly one gets it.
 
 ``generation`` counts changes to the configured objects, as SQLite's does, but other brokers
 change them too: :meth:`EtcdStore.follow` (a task the broker runs) reads the revision of
@@ -209,6 +212,36 @@ class EtcdStore:
     def was_redeemed(self, ticket_id: str) -> bool:
         """Whether ``redeem_once`` recorded ``ticket_id`` on any broker (until its lease ends)."""
         return self.etcd.get(self._key("tickets", ticket_id)) is not None
+
+    # -- Remote PC / VDI assignments (ras.broker.assignments) ---------------------------------
+
+    def claim_host(self, host: str, user: str, stale: int = 0) -> tuple[str, int]:
+        """Make a single-user host ``user``'s, for the whole farm: (its owner afterwards, the
+        revision of that owner's claim). A transaction writes ``assigned/<host>`` if it is
+        absent, or names ``user`` already (a fresh claim), or is still the claim of revision
+        ``stale`` (one this broker saw released), at the revision read: of two brokers claiming
+        at once, one wins and the other reads the winner."""
+        key = self._key("assigned", _fold(host))
+        for _ in range(_CAS_ATTEMPTS):
+            old = self.etcd.get(key)
+            if old is not None:
+                owner = old.value.decode(errors="replace")
+                if owner.casefold() != user.casefold() and old.mod_revision != stale:
+                    return owner, old.mod_revision
+            compare = (
+                [Op.absent(key)] if old is None else [Op.mod_revision_is(key, old.mod_revision)]
+            )
+            got = self.etcd.txn(compare, [Op.put(key, user.encode())])
+            if got.succeeded:
+                return user, got.revision
+        raise StateError(f"the assignment of {host!r} changes too often")
+
+    def release_host(self, host: str, revision: int) -> bool:
+        """The claim of ``revision`` on ``host`` is over: delete ``assigned/<host>`` if it is
+        still that claim (compare and delete: a newer claim, even the same user's, stays)."""
+        key = self._key("assigned", _fold(host))
+        got = self.etcd.txn([Op.mod_revision_is(key, revision)], [Op.delete(key)])
+        return bool(got.succeeded)
 
     # -- configured objects (ras.broker.model records) --------------------------------------
 

@@ -240,7 +240,8 @@ class GatewayFront:
                         if user is None:
                             await chan.refuse(ErrorCode.AUTH_REQUIRED, "authenticate first")
                         else:
-                            await chan.answer(self.launches.launch(msg, user, client, gateway))
+                            launched = await self.launches.launch(msg, user, client, gateway)
+                            await chan.answer(launched)
                     case Logout():
                         if user is not None:
                             await self.login.logout(msg, user, client, gateway)

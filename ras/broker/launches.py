@@ -60,13 +60,13 @@ class Launches:
         self.tickets = tickets
         self.web_tickets = TicketAuthority(store.secret("web-launch-key"), web=True)
 
-    def launch(
+    async def launch(
         self, msg: Launch, user: User, client: str, gateway: str
     ) -> Message | tuple[ErrorCode, str]:
         """A launch, counted (``ras_broker_launches_total``, its latency) and, when it goes
         somewhere, recorded for reports (``ras.broker.history``)."""
         started = time.perf_counter()
-        answer = self._launch(msg, user, client, gateway)
+        answer = await self._launch(msg, user, client, gateway)
         BROKER_LAUNCH_SECONDS.observe(time.perf_counter() - started)
         if isinstance(answer, tuple):
             result = "no_host" if answer[0] is ErrorCode.NO_HOST else "not_found"
@@ -75,7 +75,7 @@ class Launches:
         BROKER_LAUNCHES.labels(result, msg.mode).inc()
         return answer
 
-    def _launch(
+    async def _launch(
         self, msg: Launch, user: User, client: str, gateway: str
     ) -> Message | tuple[ErrorCode, str]:
         resource = next(
@@ -84,7 +84,7 @@ class Launches:
         if resource is None:
             return ErrorCode.NOT_FOUND, f"no resource {msg.resource!r} is published to you"
         now = time.time()
-        choice = self.catalog.choose_host(resource, user.name)
+        choice = await self.catalog.launch_host(resource, user.name)
         host = choice.host
         BROKER_PLACEMENTS.labels(choice.method if host is not None else "none").inc()
         if host is None:

@@ -309,7 +309,7 @@ class Router:
             if msg.token:
                 return ErrorCode.TICKET_INVALID, "routing token is not valid"
             return ErrorCode.FORBIDDEN, "no route for this user"
-        host, sticky = self._pick(record.name, resource)
+        host, sticky = await self._pick(record.name, resource)
         if host is None:
             log.warning(
                 "route failed via=%s user=%s resource=%s %s reason=no host available",
@@ -336,7 +336,7 @@ class Router:
         )
         return RouteOk(host.rdp_host, host.rdp_port, record.name, resource.id, session)
 
-    def _pick(self, user: str, resource: ResourceRecord) -> tuple[Host | None, bool]:
+    async def _pick(self, user: str, resource: ResourceRecord) -> tuple[Host | None, bool]:
         """The host of the user's routed connections if it still serves, else the broker's
         choice for a launch (pools, balancing method, the user's disconnected sessions)."""
         now = time.monotonic()
@@ -353,7 +353,7 @@ class Router:
             if alive:
                 return host, True
             self.affinity.forget(user, resource.id)
-        return self.catalog.choose_host(resource, user).host, False
+        return (await self.catalog.launch_host(resource, user)).host, False
 
     async def _hold(self, chan: Channel, granted: RouteOk, client: str, gateway: str) -> None:
         """Keep the affinity while the gateway keeps this connection (its RDP connection) open."""

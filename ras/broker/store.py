@@ -50,6 +50,8 @@ class Store(Protocol):
     def redeem_once(self, ticket_id: str, expires: float) -> bool: ...
     def was_redeemed(self, ticket_id: str) -> bool: ...
     def use_totp_step(self, name: str, step: int) -> bool: ...
+    def claim_host(self, host: str, user: str, stale: int = 0) -> tuple[str, int]: ...
+    def release_host(self, host: str, revision: int) -> bool: ...
     def get_object(self, cls: type[T], key: str) -> T | None: ...
     def put_object(self, obj: Any) -> None: ...
     def delete_object(self, cls: type[Any], key: str) -> bool: ...
@@ -203,6 +205,18 @@ class SQLiteStore:
                 (step, name, step),
             )
             return bool(cur.rowcount == 1)
+
+    # -- Remote PC / VDI assignments (ras.broker.assignments) ---------------------------------
+
+    def claim_host(self, host: str, user: str, stale: int = 0) -> tuple[str, int]:
+        """Make a single-user host ``user``'s: (its owner afterwards, the revision of that
+        claim). One broker alone: its memory (:class:`ras.broker.assignments.Assignments`) is
+        the whole truth, so this always grants (revision 0: nothing stored)."""
+        return user, 0
+
+    def release_host(self, host: str, revision: int) -> bool:
+        """The claim of ``revision`` on ``host`` is over (one broker alone: nothing stored)."""
+        return False
 
     # -- configured objects (ras.broker.model records) ---------------------------------------
 

@@ -1,0 +1,133 @@
+"""Remote PC assignments across two brokers sharing a real three-member etcd cluster.
+
+Two users launch the same Remote PC through two brokers at the same instant, many rounds:
+exactly one gets it each round, the other a clear "in use"; once the winner has logged off,
+the other gets it through their own broker. The host's reports go to both brokers (as a real
+agent's do: it reports to every broker). Real processes: run under ``flock /tmp/ras-heavy.lock``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from etcdkit import Cluster, etcd_cluster, needs_etcd
+
+from ras.broker.catalog import User
+from ras.broker.config import BrokerConfig, ResourceConfig
+from ras.broker.etcd import EtcdConfig
+from ras.broker.etcdstore import EtcdStore
+from ras.broker.server import Broker
+from ras.errors import ErrorCode
+from ras.pki import FarmPKI
+from ras.protocol import (
+    HostKind,
+    Launch,
+    LaunchOk,
+    LoadReport,
+    Mode,
+    SessionInfo,
+    SessionState,
+)
+
+pytestmark = needs_etcd
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
+        yield c
+
+
+def _store(cluster: Cluster, prefix: str, rotate: int) -> EtcdStore:
+    endpoints = cluster.endpoints[rotate:] + cluster.endpoints[:rotate]
+    return EtcdStore(EtcdConfig(endpoints=endpoints, prefix=prefix))
+
+
+def _broker(tmp: Path, store: EtcdStore, name: str, pki: FarmPKI) -> Broker:
+    cert, key = pki.ensure(name, ("127.0.0.1",))
+    cfg = BrokerConfig(
+        name=name,
+        database=tmp / f"{name}.sqlite3",
+        cert_file=cert,
+        key_file=key,
+        ca_file=pki.ca_path,
+        admin_enabled=False,
+        resources=(ResourceConfig("pc", "My PC", hosts=("pc1",)),),
+    )
+    broker = Broker(cfg, store)
+    broker.hosts.register("pc1", HostKind.REMOTE_PC, "10.0.0.9", 3389, 1, time.monotonic())
+    return broker
+
+
+def _report(brokers: tuple[Broker, ...], users: list[str]) -> None:
+    """pc1's agent reports who is logged on, to every broker (as a real agent does)."""
+    detail = tuple(SessionInfo(str(i + 10), u, SessionState.ACTIVE) for i, u in enumerate(users))
+    for broker in brokers:
+        broker.agents._report("pc1", LoadReport(1.0, 10.0, len(detail), 0, detail, True))
+
+
+def test_the_store_claims_a_host_for_one_user_and_releases_it(cluster: Cluster) -> None:
+    store = _store(cluster, f"/ras-assign-{time.time_ns()}/", 0)
+    owner, first = store.claim_host("PC1", "alice")
+    assert owner == "alice"
+    assert store.claim_host("pc1", "bob") == ("alice", first)  # taken
+    assert store.claim_host("pc1", "bob", stale=first - 1) == ("alice", first)  # not that claim
+    owner, again = store.claim_host("pc1", "ALICE")  # theirs already: a fresh claim
+    assert (owner, again > first) == ("ALICE", True)
+    assert store.claim_host("pc1", "bob", stale=first) == ("ALICE", again)  # not the one freed
+    assert not store.release_host("pc1", first)  # a newer claim stays
+    owner, bobs = store.claim_host("pc1", "bob", stale=again)  # alice's claim was released
+    assert owner == "bob"
+    assert store.claim_host("pc1", "carol")[0] == "bob"
+    assert store.release_host("pc1", bobs)
+    assert store.claim_host("pc1", "carol")[0] == "carol"
+
+
+async def test_two_users_launching_one_remote_pc_through_two_brokers_at_once(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    pki = FarmPKI(tmp_path / "pki")
+    pki.init_ca()
+    prefix = f"/ras-assign-{time.time_ns()}/"
+    a = _broker(tmp_path, _store(cluster, prefix, 0), "broker-a", pki)
+    b = _broker(tmp_path, _store(cluster, prefix, 1), "broker-b", pki)
+    both = (a, b)
+    _report(both, [])
+    wins = {"alice": 0, "bob": 0}
+    rounds = 40
+    for n in range(rounds):
+        # alice and bob swap brokers every round
+        via = {"alice": a, "bob": b} if n % 2 else {"alice": b, "bob": a}
+        replies: dict[str, object] = {}
+
+        async def go(user: str, replies: dict[str, object] = replies, via=via) -> None:
+            msg = Launch("pc", Mode.DIRECT)
+            replies[user] = await via[user].launches.launch(msg, User(user, ()), "10.1.1.1", "")
+
+        async with trio.open_nursery() as race:  # the same instant, through two brokers
+            race.start_soon(go, "alice")
+            race.start_soon(go, "bob")
+        winners = [u for u, r in replies.items() if isinstance(r, LaunchOk)]
+        assert len(winners) == 1, (n, replies)
+        winner = winners[0]
+        loser = "bob" if winner == "alice" else "alice"
+        code, why = replies[loser]  # type: ignore[misc]
+        assert code is ErrorCode.NO_HOST
+        assert why.startswith("in use: pc1 is another user's"), why
+        wins[winner] += 1
+
+        _report(both, [winner])  # the winner connects: still in use for the other
+        again = await via[loser].launches.launch(Launch("pc", Mode.DIRECT), User(loser, ()), "", "")
+        assert isinstance(again, tuple), again
+        assert again[1].startswith("in use: pc1"), again
+        _report(both, [])  # the winner logs off: the other gets it, through their broker
+        got = await via[loser].launches.launch(Launch("pc", Mode.DIRECT), User(loser, ()), "", "")
+        assert isinstance(got, LaunchOk), (n, got)
+        assert got.host == "10.0.0.9"  # pc1
+        _report(both, [loser])
+        _report(both, [])  # and logs off: free for the next round
+    assert sum(wins.values()) == rounds
