@@ -19,6 +19,7 @@ from farmkit import LOOPBACK, PASSWORD, USER, Farm, Listener, add_agent, add_gat
 from ras.broker.config import BrokerConfig, ResourceConfig
 from ras.broker.etcd import EtcdConfig
 from ras.broker.etcdstore import EtcdStore
+from ras.broker.model import SessionRecord
 from ras.broker.passwords import hash_password
 from ras.broker.server import Broker
 from ras.broker.store import UserRecord
@@ -122,22 +123,31 @@ async def test_a_gateway_and_an_agent_fail_over_to_the_other_broker_and_come_bac
     # the preferred broker serves while it is up
     first, long_tunnel = await _launch(f)
     assert len(a.sessions) == 1
-    assert len(b.sessions) == 0
+    await until(lambda: len(b.sessions) == 1)  # the launch in flight is shared through etcd
     assert await _echoes(long_tunnel, b"before")
 
     brokers.stop("broker-a")  # the preferred broker goes away
     second, tunnel = await _launch(f)  # logs in and launches through the other one
-    assert len(b.sessions) == 1  # the host was known there: the agent reports to both
+    assert len(b.sessions) == 2  # the host was known there: the agent reports to both
     assert await _echoes(tunnel, b"through b")
     assert await _echoes(long_tunnel, b"still there")  # the running session is not cut
     await tunnel.aclose()
     await second.aclose()
 
     a2 = await brokers.start("broker-a")  # back, on its address
+    made_here: list[str] = []  # launches made through a2 (it also learns b's from etcd)
+    share = a2.launches.on_launch
+    assert share is not None
+
+    def note(record: SessionRecord) -> None:
+        made_here.append(record.id)
+        share(record)
+
+    a2.launches.on_launch = note
     await until(lambda: "rdsh1" in a2.hosts.hosts)  # the agent registers again
     await until(lambda: bool(a2.gateways.get("gateway")) and a2.gateways["gateway"].online)
     with trio.fail_after(60):  # hang guard: new sessions come back to it once it is up
-        while len(a2.sessions) == 0:
+        while not made_here:
             session, extra = await _launch(f)
             await extra.aclose()
             await session.aclose()

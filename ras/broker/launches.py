@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -19,6 +20,7 @@ from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory, DirectoryUnavailable
 from ras.broker.history import History
 from ras.broker.hosts import HostRegistry
+from ras.broker.model import SessionRecord
 from ras.broker.programs import program_fields
 from ras.broker.sessions import SessionTable
 from ras.broker.store import Store
@@ -59,6 +61,8 @@ class Launches:
         self.directory = directory
         self.tickets = tickets
         self.web_tickets = TicketAuthority(store.secret("web-launch-key"), web=True)
+        # told of each launching session (several brokers: ras.broker.launchshare)
+        self.on_launch: Callable[[SessionRecord], None] | None = None
 
     async def launch(
         self, msg: Launch, user: User, client: str, gateway: str
@@ -116,10 +120,12 @@ class Launches:
                 pin=host.rdp_cert_sha256 if web else "",
             )
         if choice.method != "affinity":
-            self.sessions.launched(
+            record = self.sessions.launched(
                 user=user.name, host=host.name, resource=resource.id, gateway=gateway,
                 client=client, now=now, session=session, kind="web" if web else "native",
             )  # fmt: skip
+            if self.on_launch is not None:
+                self.on_launch(record)
         if self.history is not None:
             self.history.launch(
                 session=session, user=user.name, resource=resource.id, host=host.name,

@@ -36,6 +36,7 @@ from ras.broker.gatewaylink import GatewayLinks
 from ras.broker.history import History
 from ras.broker.hosts import HostRegistry
 from ras.broker.launches import Launches
+from ras.broker.launchshare import SharedLaunches
 from ras.broker.login import Login
 from ras.broker.radius import RadiusClient
 from ras.broker.roles import Roles
@@ -116,6 +117,11 @@ class Broker:
         self.launches = Launches(
             config, store, self.catalog, self.directory, self.tickets, self.history
         )
+        # several brokers on etcd: launches in flight known to all (ras/broker/launchshare.py)
+        self.shared_launches: SharedLaunches | None = None
+        if isinstance(store, EtcdStore):
+            self.shared_launches = SharedLaunches(config.name, store, self.catalog)
+            self.launches.on_launch = self.shared_launches.launched
         watch_certificate("broker", "farm", config.cert_file)
         self.router = Router(config, store, self.catalog)
         self.agents = AgentLinks(
@@ -154,6 +160,8 @@ class Broker:
                 addrs["metrics"] = metrics
             if self.roles is not None:
                 nursery.start_soon(self.roles.run)  # primary or secondary (ras.broker.roles)
+            if self.shared_launches is not None:
+                nursery.start_soon(self.shared_launches.run)
             if cfg.admin_enabled:  # the HTTPS admin API (ras.broker.admin)
                 addrs["admin"] = await nursery.start(partial(serve_admin, self))
             log.info("broker ready name=%s resources=%d", cfg.name, len(cfg.resources))

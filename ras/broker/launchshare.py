@@ -1,0 +1,148 @@
+"""Launches made through one broker, known to the other brokers of a farm on etcd.
+
+Theory of operation. Agents report to every broker, so every broker's view of hosts and
+sessions is complete from the next report on (every few seconds). What a report cannot carry
+is a launch still in flight: the broker sent a user to a host and the client has not logged
+on yet. Until the agent reports that session, only the broker that made the launch knew it:
+another broker would not count it on the host's load (a burst through two brokers piles on
+one host), could send a second user to the same Remote PC or VDI guest, and its admin view
+missed the launch, then showed the session without its resource, gateway and client.
+
+So each launch is also written to etcd, ``launches/<session id>`` (JSON of the
+:class:`ras.broker.model.SessionRecord` and the broker's name), on a lease that ends after
+``launch_timeout_s``. :meth:`SharedLaunches.run` writes this broker's launches as they come
+and reads the others' every ``poll_s``; a launch from another broker enters this broker's
+:class:`ras.broker.sessions.SessionTable` as a launching session (then the agent's report
+takes it over as usual), counts as pending on its host, and claims a single-user host for its
+user. etcd away: launches go on (they do not need it); the others learn them from reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import trio
+
+from ras.broker.assignments import SINGLE_USER
+from ras.broker.catalog import Catalog
+from ras.broker.etcd import Op
+from ras.broker.etcdstore import EtcdStore
+from ras.broker.model import SessionRecord
+from ras.errors import RasError
+
+__all__ = ["SharedLaunches"]
+
+log = logging.getLogger("ras.broker")
+
+_LEASE_SLACK_S = 30
+
+
+class SharedLaunches:
+    """This broker's launches to etcd, the other brokers' into its own tables."""
+
+    def __init__(
+        self, name: str, store: EtcdStore, catalog: Catalog, *, poll_s: float = 1.0
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.catalog = catalog
+        self.poll_s = poll_s
+        self._prefix = store.prefix.encode() + b"launches/"
+        self._outbox: list[SessionRecord] = []
+        self._wake = trio.Event()
+        self._seen: set[str] = set()  # ids of others' launches already taken in
+        self._lease = 0
+        self._lease_until = 0.0  # time.monotonic()
+
+    def launched(self, record: SessionRecord) -> None:
+        """A launch made here (called on the trio thread; written by :meth:`run`)."""
+        self._outbox.append(record)
+        self._wake.set()
+
+    def _lease_for_launch(self) -> int:
+        keep = self.catalog.sessions.launch_timeout_s
+        now = time.monotonic()
+        if self._lease and self._lease_until - now >= keep:
+            return self._lease
+        ttl = math.ceil(keep) + _LEASE_SLACK_S
+        self._lease = self.store.etcd.grant(ttl)
+        self._lease_until = now + ttl
+        return self._lease
+
+    def publish(self, records: list[SessionRecord]) -> None:
+        """Write launches made here (blocking: a worker thread)."""
+        for record in records:
+            body = {"broker": self.name, "session": record.to_json()}
+            value = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            key = self._prefix + record.id.encode()
+            for _ in range(2):
+                try:
+                    self.store.etcd.txn([], [Op.put(key, value, self._lease_for_launch())])
+                    break
+                except RasError as exc:
+                    if "lease not found" not in str(exc):
+                        raise
+                    self._lease = 0  # ended early (the cluster's clock): take a new one
+
+    def read(self) -> list[SessionRecord]:
+        """The launches other brokers made, still in flight (blocking: a worker thread)."""
+        out: list[SessionRecord] = []
+        for kv in self.store.etcd.get_prefix(self._prefix):
+            try:
+                body: dict[str, Any] = json.loads(kv.value)
+                if body["broker"] != self.name:
+                    out.append(SessionRecord.from_json(body["session"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("shared launch unreadable key=%r reason=%s", kv.key, exc)
+        return out
+
+    def take_in(self, records: list[SessionRecord]) -> int:
+        """Add other brokers' launches to this broker's tables; how many were new."""
+        catalog, sessions, hosts = self.catalog, self.catalog.sessions, self.catalog.hosts
+        now = time.time()
+        new = 0
+        for record in records:
+            if record.id in self._seen or now - record.since > sessions.launch_timeout_s:
+                continue
+            new += 1
+            if sessions.get(record.id) is None:
+                sessions.launched(
+                    user=record.user, host=record.host, resource=record.resource,
+                    gateway=record.gateway, client=record.client, now=record.since,
+                    session=record.id, kind=record.kind,
+                )  # fmt: skip
+            host = hosts.hosts.get(record.host)
+            if host is not None:
+                host.pending += 1  # until the agent's next report counts it
+                host.refresh()
+                if host.kind in SINGLE_USER:
+                    policy = catalog.assign_policy(host.name)
+                    catalog.assignments.claim(host.name, record.user, policy, time.monotonic())
+        self._seen = {r.id for r in records}  # forget those whose lease ended
+        return new
+
+    async def run(self) -> None:
+        """Write this broker's launches as they come, read the others', until cancelled."""
+        away = False
+        while True:
+            with trio.move_on_after(self.poll_s):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            outbox, self._outbox = self._outbox, []
+            try:
+                if outbox:
+                    await trio.to_thread.run_sync(self.publish, outbox)
+                others = await trio.to_thread.run_sync(self.read)
+            except RasError as exc:
+                if not away:
+                    log.warning("shared launches unavailable reason=%s", exc)
+                away = True
+                continue
+            if away:
+                log.info("shared launches available again")
+            away = False
+            self.take_in(others)

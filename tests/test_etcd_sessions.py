@@ -1,0 +1,92 @@
+"""Sessions launched through one broker, known to the other brokers of a farm on etcd.
+
+Agents report to every broker, so each broker's view of hosts and sessions is complete from
+the next report on. A launch in flight (the client has not logged on yet) is not in any
+report: it is shared through etcd (``ras/broker/launchshare.py``). Two brokers on a real
+three-member cluster, two real agents reporting to both (every minute: no report comes in
+between to hide what is shared). Real processes: run under ``flock /tmp/ras-heavy.lock``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from etcdkit import Cluster, etcd_cluster, free_ports, needs_etcd
+from farmkit import LOOPBACK, Farm, Listener, add_agent, until
+
+from ras.broker.catalog import User
+from ras.broker.config import BrokerConfig, ResourceConfig
+from ras.broker.etcd import EtcdConfig
+from ras.broker.etcdstore import EtcdStore
+from ras.broker.model import SessionState
+from ras.broker.server import Broker
+from ras.pki import FarmPKI
+from ras.protocol import Launch, LaunchOk, Mode
+
+pytestmark = needs_etcd
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
+        yield c
+
+
+async def test_a_launch_through_one_broker_counts_in_the_others_view_and_placement(
+    cluster: Cluster, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    pki = FarmPKI(tmp_path / "pki")
+    pki.init_ca()
+    etcd = EtcdConfig(endpoints=cluster.endpoints, prefix=f"/ras-sessions-{time.time_ns()}/")
+    brokers: dict[str, Broker] = {}
+    agent_ports: list[tuple[str, int]] = []
+    for name in ("broker-a", "broker-b"):
+        cert, key = pki.ensure(name, LOOPBACK)
+        gw, ag = free_ports(2)
+        cfg = BrokerConfig(
+            name=name, database=tmp_path / f"{name}.sqlite3", cert_file=cert, key_file=key,
+            ca_file=pki.ca_path, gateway_port=gw, agent_port=ag, admin_enabled=False, etcd=etcd,
+            resources=(ResourceConfig("desktop", "Desktop"),),
+            # placement by session count only; reports once a minute
+            weight_memory=0.0, weight_cpu=0.0, report_interval_s=60.0, host_timeout_s=180.0,
+        )  # fmt: skip
+        brokers[name] = Broker(cfg, EtcdStore(etcd))
+        await nursery.start(brokers[name].serve)
+        agent_ports.append(("127.0.0.1", ag))
+    a, b = brokers["broker-a"], brokers["broker-b"]
+    rdp = Listener()
+    rdp_port = await nursery.start(rdp.serve)
+    f = Farm(pki, a, EtcdStore(etcd), {"agents": agent_ports[0]})  # type: ignore[arg-type]
+    both = [f"{h}:{p}" for h, p in agent_ports]
+    for host in ("rdsh1", "rdsh2"):
+        await add_agent(f, nursery, host, "127.0.0.1", rdp_port, brokers=both)
+    await until(lambda: all(len(x.hosts.hosts) == 2 for x in (a, b)))
+
+    alice, bob = User("alice", ("users",)), User("bob", ("users",))
+    first = a.launches.launch(Launch("desktop", Mode.GATEWAY_SSL), alice, "192.0.2.1", "gw1")
+    assert isinstance(first, LaunchOk)
+    [launched] = a.sessions.list()
+    assert launched.host == "rdsh1"  # both idle: the first by name
+
+    # the other broker knows the launch: its admin view (GET /api/sessions lists this table)
+    await until(lambda: b.sessions.get(first.session) is not None)
+    seen = b.sessions.get(first.session)
+    assert seen is not None
+    assert (seen.user, seen.host, seen.resource, seen.gateway, seen.client) == (
+        "alice", "rdsh1", "desktop", "gw1", "192.0.2.1",
+    )  # fmt: skip
+    assert seen.state is SessionState.LAUNCHING
+    assert b.hosts.hosts["rdsh1"].pending == 1  # counted on the host's load there too
+
+    # and its placement: bob's launch through b goes to the host nobody was sent to
+    second = b.launches.launch(Launch("desktop", Mode.GATEWAY_SSL), bob, "192.0.2.2", "gw2")
+    assert isinstance(second, LaunchOk)
+    placed = b.sessions.get(second.session)
+    assert placed is not None
+    assert placed.host == "rdsh2"
+    await until(lambda: a.sessions.get(second.session) is not None)
+    assert {s.id for s in a.sessions.list()} == {s.id for s in b.sessions.list()}
