@@ -24,8 +24,11 @@ from ras.broker.etcd import EtcdConfig
 from ras.broker.etcdstore import EtcdStore
 from ras.broker.model import SessionState
 from ras.broker.server import Broker
+from ras.errors import ErrorCode
 from ras.pki import FarmPKI
-from ras.protocol import Launch, LaunchOk, Mode
+from ras.protocol import HostKind, Launch, LaunchOk, Mode
+
+PC = HostKind.REMOTE_PC
 
 pytestmark = needs_etcd
 
@@ -50,7 +53,10 @@ async def test_a_launch_through_one_broker_counts_in_the_others_view_and_placeme
         cfg = BrokerConfig(
             name=name, database=tmp_path / f"{name}.sqlite3", cert_file=cert, key_file=key,
             ca_file=pki.ca_path, gateway_port=gw, agent_port=ag, admin_enabled=False, etcd=etcd,
-            resources=(ResourceConfig("desktop", "Desktop"),),
+            resources=(
+                ResourceConfig("desktop", "Desktop", hosts=("rdsh1", "rdsh2")),
+                ResourceConfig("pc", "My PC", hosts=("pc1",)),
+            ),
             # placement by session count only; reports once a minute
             weight_memory=0.0, weight_cpu=0.0, report_interval_s=60.0, host_timeout_s=180.0,
         )  # fmt: skip
@@ -62,12 +68,12 @@ async def test_a_launch_through_one_broker_counts_in_the_others_view_and_placeme
     rdp_port = await nursery.start(rdp.serve)
     f = Farm(pki, a, EtcdStore(etcd), {"agents": agent_ports[0]})  # type: ignore[arg-type]
     both = [f"{h}:{p}" for h, p in agent_ports]
-    for host in ("rdsh1", "rdsh2"):
-        await add_agent(f, nursery, host, "127.0.0.1", rdp_port, brokers=both)
-    await until(lambda: all(len(x.hosts.hosts) == 2 for x in (a, b)))
+    for host, kind in (("rdsh1", HostKind.RDSH), ("rdsh2", HostKind.RDSH), ("pc1", PC)):
+        await add_agent(f, nursery, host, "127.0.0.1", rdp_port, brokers=both, kind=kind)
+    await until(lambda: all(len(x.hosts.hosts) == 3 for x in (a, b)))
 
     alice, bob = User("alice", ("users",)), User("bob", ("users",))
-    first = a.launches.launch(Launch("desktop", Mode.GATEWAY_SSL), alice, "192.0.2.1", "gw1")
+    first = await a.launches.launch(Launch("desktop", Mode.GATEWAY_SSL), alice, "192.0.2.1", "gw1")
     assert isinstance(first, LaunchOk)
     [launched] = a.sessions.list()
     assert launched.host == "rdsh1"  # both idle: the first by name
@@ -83,10 +89,21 @@ async def test_a_launch_through_one_broker_counts_in_the_others_view_and_placeme
     assert b.hosts.hosts["rdsh1"].pending == 1  # counted on the host's load there too
 
     # and its placement: bob's launch through b goes to the host nobody was sent to
-    second = b.launches.launch(Launch("desktop", Mode.GATEWAY_SSL), bob, "192.0.2.2", "gw2")
+    second = await b.launches.launch(Launch("desktop", Mode.GATEWAY_SSL), bob, "192.0.2.2", "gw2")
     assert isinstance(second, LaunchOk)
     placed = b.sessions.get(second.session)
     assert placed is not None
     assert placed.host == "rdsh2"
     await until(lambda: a.sessions.get(second.session) is not None)
     assert {s.id for s in a.sessions.list()} == {s.id for s in b.sessions.list()}
+
+    # a Remote PC given to alice through a (claimed in the store, assigned/<host>): the shared
+    # launch is listed on b but does not fill the PC there, so bob is told it is in use
+    pc = await a.launches.launch(Launch("pc", Mode.GATEWAY_SSL), alice, "192.0.2.1", "gw1")
+    assert isinstance(pc, LaunchOk)
+    await until(lambda: b.sessions.get(pc.session) is not None)
+    refused = await b.launches.launch(Launch("pc", Mode.GATEWAY_SSL), bob, "192.0.2.2", "gw2")
+    assert refused == (
+        ErrorCode.NO_HOST,
+        "in use: pc1 is another user's; try again when it is free",
+    )

@@ -5,16 +5,17 @@ sessions is complete from the next report on (every few seconds). What a report 
 is a launch still in flight: the broker sent a user to a host and the client has not logged
 on yet. Until the agent reports that session, only the broker that made the launch knew it:
 another broker would not count it on the host's load (a burst through two brokers piles on
-one host), could send a second user to the same Remote PC or VDI guest, and its admin view
-missed the launch, then showed the session without its resource, gateway and client.
+one host), and its admin view missed the launch, then showed the session without its
+resource, gateway and client.
 
 So each launch is also written to etcd, ``launches/<session id>`` (JSON of the
 :class:`ras.broker.model.SessionRecord` and the broker's name), on a lease that ends after
 ``launch_timeout_s``. :meth:`SharedLaunches.run` writes this broker's launches as they come
 and reads the others' every ``poll_s``; a launch from another broker enters this broker's
 :class:`ras.broker.sessions.SessionTable` as a launching session (then the agent's report
-takes it over as usual), counts as pending on its host, and claims a single-user host for its
-user. etcd away: launches go on (they do not need it); the others learn them from reports.
+takes it over as usual) and counts as pending on its host (a Remote PC or VDI guest is
+claimed in the store at the launch: ``assigned/<host>``, ``Catalog.launch_host``). etcd
+away: launches go on (they do not need it); the others learn them from reports.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class SharedLaunches:
 
     def take_in(self, records: list[SessionRecord]) -> int:
         """Add other brokers' launches to this broker's tables; how many were new."""
-        catalog, sessions, hosts = self.catalog, self.catalog.sessions, self.catalog.hosts
+        sessions, hosts = self.catalog.sessions, self.catalog.hosts
         now = time.time()
         new = 0
         for record in records:
@@ -116,12 +117,10 @@ class SharedLaunches:
                     session=record.id, kind=record.kind,
                 )  # fmt: skip
             host = hosts.hosts.get(record.host)
-            if host is not None:
+            # a Remote PC or VDI guest: its claim in the store decides (Catalog.launch_host)
+            if host is not None and host.kind not in SINGLE_USER:
                 host.pending += 1  # until the agent's next report counts it
                 host.refresh()
-                if host.kind in SINGLE_USER:
-                    policy = catalog.assign_policy(host.name)
-                    catalog.assignments.claim(host.name, record.user, policy, time.monotonic())
         self._seen = {r.id for r in records}  # forget those whose lease ended
         return new
 
