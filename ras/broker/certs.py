@@ -4,7 +4,9 @@ Theory of operation. :class:`FarmCertificates` holds the current record
 (:mod:`ras.broker.certstore`), saves every change to the broker's store and pushes it through
 ``GatewayLinks`` to every gateway and HALB it is assigned to (each also gets it when its link
 comes up). A gateway or HALB writes it over its own certificate files, so it keeps serving the
-last one it had while the broker is away.
+last one it had while the broker is away. Brokers sharing their state (etcd) each follow the
+record (``follow``): a certificate imported or renewed through one broker reaches the gateways
+and HALBs linked to any other within seconds, with no restart.
 
 With ACME configured (``letsencrypt``), ``run`` orders a certificate (:mod:`ras.broker.acme`)
 when none from ACME is in use, and renews it at two thirds of its lifetime, or at once when
@@ -36,7 +38,7 @@ from ras.broker.config import BrokerConfig
 from ras.broker.gatewaylink import GatewayLinks
 from ras.broker.model import CertificateRecord, CertSource
 from ras.broker.store import Store
-from ras.errors import PKIError
+from ras.errors import PKIError, RasError
 from ras.ops.metrics import CERT_EXPIRY
 from ras.pki import KeyPair
 
@@ -109,6 +111,10 @@ class FarmCertificates:
 
     async def _install(self, record: CertificateRecord) -> None:
         await self._run_sync(self._store.save, record)
+        await self._use(record)
+
+    async def _use(self, record: CertificateRecord) -> None:
+        """Serve ``record`` from now on: to the gateways and HALBs if its certificate changed."""
         old = self.record
         self.record = record
         if record.cert_pem and (
@@ -126,6 +132,32 @@ class FarmCertificates:
             await self.links.distribute_certificate(
                 record.cert_pem, record.key_pem, record.assigned
             )
+
+    async def follow(self, poll_s: float = 1.0) -> None:
+        """Serve what another broker of the farm saved (an import, a renewal on the primary):
+        re-read the record whenever the store's objects changed (``Store.generation``, kept up
+        by ``Store.follow``) and push a changed certificate to this broker's gateways and HALBs.
+        Runs until cancelled; a store out of reach keeps the certificate in use."""
+        seen = self._generation()
+        while True:
+            await trio.sleep(poll_s)
+            generation = self._generation()
+            if generation == seen:
+                continue
+            try:
+                record = await self._run_sync(self._store.load)
+            except RasError as exc:
+                log.warning("farm certificate not re-read reason=%s", exc)
+                continue
+            if self._generation() != generation:
+                continue  # changed again meanwhile (maybe by this broker): read it next time
+            seen = generation
+            if record != self.record:
+                log.info("farm certificate changed by another broker")
+                await self._use(record)
+
+    def _generation(self) -> int:
+        return self._store.store.generation
 
     async def self_signed(self, names: Sequence[str], days: int) -> None:
         record = await self._run_sync(certstore.self_signed, self.record, names, days)

@@ -153,7 +153,9 @@ class Broker:
             addrs = {"gateways": gw[0], "agents": ag[0]}
             nursery.start_soon(self._on_the_primary, self.certificates.run)  # ACME, renewals
             nursery.start_soon(self.store.follow)  # other brokers' changes (a shared store)
-            nursery.start_soon(self.catalog.run)  # Remote PCs released: in the store too
+            if self.roles is not None:  # brokers sharing their state (etcd)
+                nursery.start_soon(self.catalog.run)  # Remote PCs released: in etcd too
+                nursery.start_soon(self.certificates.follow)  # one saved by another broker
             nursery.start_soon(self.history.run)
             metrics = await start_metrics(nursery, cfg.metrics, partial(broker_state, self))
             if metrics is not None:
