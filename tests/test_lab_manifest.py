@@ -30,6 +30,7 @@ SCENARIOS = {
     "dmz-one-firewall",
     "dmz-two-firewalls",
     "two-sites",
+    "broker-redundancy",
 }
 
 # Three segments in a row, two firewalls; roles so that the manifest is a farm's, though the
@@ -131,6 +132,40 @@ def test_mistakes_are_refused_naming_the_file_and_key(old, new, wanted):
     message = _error(_broken(CHAIN, old, new))
     assert message.startswith("m.toml: ")
     assert wanted in message
+
+
+# a second broker beside srv's, and what several brokers need
+SECOND = '[hosts.b2]\nrole = "broker"\nsegment = "inside"\n'
+ETCD = "".join(f'[hosts.e{i}]\nrole = "etcd"\nsegment = "inside"\n' for i in range(3))
+
+
+@pytest.mark.parametrize(
+    ("text", "wanted"),
+    [
+        (CHAIN + SECOND, "has 2 brokers and no etcd member"),
+        (CHAIN + SECOND + ETCD.split("[hosts.e2]")[0], "has 2 etcd members: 1, 3 or 5"),
+        (CHAIN + SECOND + ETCD + "priority = 1001\n",
+         "'hosts.e2.priority': only for a host with role broker"),
+        (CHAIN + ETCD + SECOND + "priority = 1001\n", "'hosts.b2.priority': 1001: a whole number"),
+        (CHAIN + SECOND + ETCD + '[hosts.e3]\nrole = ["etcd", "agent"]\nsegment = "inside"\n',
+         "'hosts.e3.role': client, firewall, halb and etcd hosts have one role only"),
+        (_broken(CHAIN, 'role = ["broker", "agent"]', 'role = "agent"') + ETCD,
+         "has etcd members and no broker"),
+    ],
+)  # fmt: skip
+def test_several_brokers_need_etcd_and_priorities_are_checked(text, wanted):
+    message = _error(text)
+    assert message.startswith("m.toml: ")
+    assert wanted in message
+
+
+def test_brokers_are_ordered_by_priority_then_manifest_order():
+    m = parse_manifest(CHAIN + ETCD + SECOND + "priority = 0\n" + SECOND.replace("b2", "b3"),
+                       source="m.toml")  # fmt: skip
+    assert [b.name for b in m.brokers_of("")] == ["srv", "b2", "b3"]  # srv: 0 by default
+    m = load_manifest("broker-redundancy")
+    assert [b.name for b in m.brokers_of("")] == ["broker1", "broker2", "broker3"]
+    assert [e.name for e in m.etcd_of("")] == ["etcd1", "etcd2", "etcd3"]
 
 
 def test_not_toml():

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from etcdkit import needs_etcd
 from labkit import reachable
 
 from ras.lab.deployment import PUBLIC_NAME, RDP_USER, USER, ManifestFarm, deploy
@@ -279,3 +280,22 @@ def test_two_sites(scenario, display):
     assert report["client_reconnects"] >= 1
     _after_kill_login(client, ClientMode.GATEWAY_SSL, re_established=True)
     assert "ticket redeemed" in farm.log("broker-west")
+
+
+@needs_etcd
+def test_broker_redundancy(scenario, display):
+    """Three brokers on three etcd members: the primary broker is SIGKILLed, and launches go
+    on through the next broker by priority, which redeems the tickets."""
+    farm = scenario("broker-redundancy")
+    client = Client(farm, display)
+    _logins_all_pass(client.logins())
+    assert "broker role=primary name=broker1 " in farm.log("broker1")
+    redeemed_before = farm.log("broker2").count("ticket redeemed")
+    _kill_under_harness(client, lambda: farm.kill("broker1"))
+    # the forwarder's session was on broker1 through its gateway: its next launch gets
+    # UNAVAILABLE on a closing connection, and it resumes the session (the resume key is
+    # shared in etcd) and launches again, through broker2
+    _after_kill_login(client, ClientMode.GATEWAY_SSL, re_established=False)
+    log = client.farm.lab.log_of(client.forwarders[ClientMode.GATEWAY_SSL][0]).read_text()
+    assert "session re-established" in log and "cannot forward" not in log, log[-2000:]
+    assert farm.log("broker2").count("ticket redeemed") > redeemed_before

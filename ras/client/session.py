@@ -136,9 +136,11 @@ class ClientSession:
             except PeerError as exc:
                 # a refusal on a connection that stays open is the answer; one that closed it
                 # (the gateway lost its broker, or timed the session out) is a lost session
-                if self.user is None or self._chan.conn.state is State.OPEN:
+                if self.user is None:
                     raise
                 if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.TIMEOUT):
+                    raise
+                if not await self._closes_after_error():
                     raise
                 log.warning("session lost server=%s:%d reason=%s", *self.server, exc)
             except TransportError as exc:
@@ -147,6 +149,18 @@ class ClientSession:
                 log.warning("session lost server=%s:%d reason=%s", *self.server, exc)
             await self._reestablish()
             return await self._ask(self._chan, msg)
+
+    async def _closes_after_error(self) -> bool:
+        """Whether the connection closes right after the error frame it brought: the gateway
+        closes what it fails (its broker died), but the close may arrive after the frame."""
+        if self._chan.conn.state is not State.OPEN:
+            return True
+        with trio.move_on_after(min(2.0, self.config.request_timeout_s)):
+            try:
+                await self._chan.receive()
+            except TransportError:
+                return True
+        return self._chan.conn.state is not State.OPEN
 
     async def _login(
         self, chan: Channel, first: Authenticate | Resume, on_challenge: ChallengeHandler | None

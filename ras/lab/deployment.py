@@ -7,7 +7,8 @@ for each step in the order a real farm comes up, as its logs and probes show it:
 1. each agent host's RDP host: a demo desktop (:mod:`ras.demohost`: Xvfb mirrored by
    freerdp-shadow-cli with NLA, RDP user ``demo``) on port 3389 of the host; every RDP host
    knows the same password (``demo-rdp.password``);
-2. the brokers (one per site), each knowing the farm user (``alice``, password in
+2. the brokers (one per site, or several on the site's etcd members, started by priority so
+   that the first is the primary), each knowing the farm user (``alice``, password in
    ``user.password``) and publishing one desktop on every host of its site;
 3. the agents and the normal gateways, which register with their site's broker;
 4. the forwarding gateways, with their next hops in the manifest's order;
@@ -31,7 +32,13 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from ras.broker.etcd import Etcd, EtcdConfig
+from ras.broker.etcdstore import EtcdStore
+from ras.broker.passwords import hash_password
+from ras.broker.store import UserRecord
+from ras.errors import RasError
 from ras.lab.daemons import Probe, probe
+from ras.lab.etcdcluster import member_argv
 from ras.lab.manifest import PORTS, ClientMode, HostSpec, Manifest, Role
 from ras.lab.netns import Host, Lab
 from ras.lab.network import LabNetwork, build_network, dropped
@@ -206,8 +213,8 @@ class _Starter:
         agents = m.having(Role.AGENT)
         for spec in agents:
             self.start(spec, f"{spec.name}-rdp", self.rdp_host)
-        for spec in m.having(Role.BROKER):
-            self.start(spec, daemon_name(spec, Role.BROKER), self.broker)
+        for site in m.sites or ("",):
+            self.brokers(site)
         for spec in agents:
             self.start(spec, daemon_name(spec, Role.AGENT), self.agent)
         for role, how in ((Role.GATEWAY, self.gateway), (Role.FORWARDER, self.forwarder)):
@@ -251,7 +258,39 @@ class _Starter:
         argv += ["--port", str(PORTS["rdp_host"]), "--bind", "0.0.0.0"]
         self.farm.start(name, argv, spec.name)
 
+    def brokers(self, site: str) -> None:
+        """The site's broker; or its etcd members, then its brokers by priority, the first
+        primary before the others start."""
+        members = self.m.etcd_of(site)
+        for spec in members:
+            self.start(spec, spec.name, self.etcd_member)
+        if members:
+            config = self.etcd_config(site)
+            etcd = Etcd(config)
+            where = self.farm.hosts[self.m.brokers_of(site)[0].name]
+            self.wait(partial(_answers, where, etcd), f"the etcd members {_names(members)}")
+            user = UserRecord(USER, hash_password(self.password), ("users",))
+            where.call(EtcdStore(config).put_user, user)
+        for i, spec in enumerate(self.m.brokers_of(site)):
+            name = daemon_name(spec, Role.BROKER)
+            self.start(spec, name, self.broker)
+            if members and i == 0:
+                line = f"broker role=primary name={name} "
+                self.wait(partial(self.logged, name, line), f"{name} is the primary")
+
+    def etcd_config(self, site: str) -> EtcdConfig:
+        endpoints = [
+            f"{self.farm.address(e.name)}:{PORTS['etcd_client']}" for e in self.m.etcd_of(site)
+        ]
+        return EtcdConfig(endpoints=tuple(endpoints), prefix="/ras/", timeout_s=2.0)
+
+    def etcd_member(self, spec: HostSpec, name: str) -> None:
+        members = {e.name: self.farm.address(e.name) for e in self.m.etcd_of(spec.site)}
+        data = self.farm.tmp / f"{name}.etcd"
+        self.farm.start(name, member_argv(name, data, members[name], members), spec.name)
+
     def broker(self, spec: HostSpec, name: str) -> None:
+        brokers = self.m.brokers_of(spec.site)
         conf = broker_config(
             self.farm.tmp / f"{name}.toml",
             name=name,
@@ -259,11 +298,18 @@ class _Starter:
             address=self.farm.address(spec.name),
             ports=LAB_PORTS,
             users={USER: self.password},
+            etcd=self.etcd_config(spec.site).endpoints if self.m.etcd_of(spec.site) else (),
+            priority=brokers.index(spec),
         )
         self.farm.start_ras(name, "broker", conf, spec.name)
 
     def broker_address(self, spec: HostSpec) -> str:
         return self.farm.address(self.m.broker_of(spec).name)
+
+    def broker_addresses(self, spec: HostSpec) -> list[str]:
+        """Every broker of ``spec``'s site when it has several (by priority), else none."""
+        brokers = self.m.brokers_of(spec.site)
+        return [self.farm.address(b.name) for b in brokers] if len(brokers) > 1 else []
 
     def agent(self, spec: HostSpec, name: str) -> None:
         conf = agent_config(
@@ -273,6 +319,7 @@ class _Starter:
             rdp=(self.farm.address(spec.name), PORTS["rdp_host"]),
             broker=self.broker_address(spec),
             ports=LAB_PORTS,
+            brokers=self.broker_addresses(spec),
         )
         self.farm.start_ras(name, "agent", conf, spec.name)
 
@@ -295,6 +342,7 @@ class _Starter:
             ports=LAB_PORTS,
             trusted=self.trusted(spec),
             rdp_lb=not spec.has(Role.AGENT),  # an RDP host owns 3389
+            brokers=self.broker_addresses(spec),
         )
         self.farm.start_ras(name, "gateway", conf, spec.name)
 
@@ -333,13 +381,16 @@ class _Starter:
         return self.farm.holders_of(vip) == [node]
 
     def wait_registered(self, spec: HostSpec, role: Role) -> None:
-        broker = daemon_name(self.m.broker_of(spec), Role.BROKER)
+        """Until ``spec``'s daemon is registered with its broker (every broker of its site)."""
         name = daemon_name(spec, role)
         if role is Role.GATEWAY:
             line = f"gateway online name={name} "
         else:
             line = f"agent registered host={name} "
-        self.wait(lambda: line in self.farm.log(broker), f"{name} registered with {broker}")
+        for b in self.m.brokers_of(spec.site):
+            broker = daemon_name(b, Role.BROKER)
+            check = partial(self.logged, broker, line)
+            self.wait(check, f"{name} registered with {broker}")
 
     def wait_serves(self, spec: HostSpec, role: Role) -> None:
         host = self.farm.hosts[spec.name]
@@ -370,6 +421,18 @@ class _Starter:
                 f'ca_file = "{farm.public_cert}"\nusername = "{USER}"\nresource = "desktop"\n'
                 "keepalive_s = 1\nconnect_timeout_s = 2\nrequest_timeout_s = 5\n"
             )
+
+
+def _answers(host: Host, etcd: Etcd) -> bool:
+    try:
+        host.call(etcd.revision)
+    except RasError:  # not up yet: the wait says when it gives up
+        return False
+    return True
+
+
+def _names(specs: list[HostSpec]) -> str:
+    return ", ".join(s.name for s in specs)
 
 
 def _secret(path: Path, text: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ras.broker.etcd import Etcd, EtcdConfig, EtcdUnavailable
 
-__all__ = ["ETCD", "Cluster", "etcd_cluster", "free_ports"]
+__all__ = ["ETCD", "Cluster", "etcd_cluster", "free_ports", "member_argv"]
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -33,6 +33,22 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def member_argv(name: str, data_dir: Path, address: str, members: dict[str, str]) -> list[str]:
+    """``etcd`` for member ``name`` of a new cluster on ``address`` (ports 2379 for clients,
+    2380 for peers), ``members`` naming every member's address: a lab host's member."""
+    initial = ",".join(f"{m}=http://{a}:2380" for m, a in members.items())
+    return [
+        ETCD, "--name", name, "--data-dir", str(data_dir),
+        "--listen-client-urls", f"http://{address}:2379",
+        "--advertise-client-urls", f"http://{address}:2379",
+        "--listen-peer-urls", f"http://{address}:2380",
+        "--initial-advertise-peer-urls", f"http://{address}:2380",
+        "--initial-cluster", initial, "--initial-cluster-state", "new",
+        "--initial-cluster-token", "ras-lab", "--heartbeat-interval", "100",
+        "--election-timeout", "1000", "--log-level", "error", "--logger", "zap",
+    ]  # fmt: skip
 
 
 @dataclass

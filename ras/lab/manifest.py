@@ -5,7 +5,7 @@ shipped scenarios). The format, in short::
 
     name = "halb-pair"                       # the lab's name (default: the file's stem)
     summary = "one line for `ras lab list`"
-    sites = ["east", "west"]                 # optional: one broker per site
+    sites = ["east", "west"]                 # optional: each site a farm of its own
 
     [segments]                               # Ethernet segments and their subnets
     office = "10.213.1.0/24"
@@ -18,8 +18,13 @@ shipped scenarios). The format, in short::
 
     [hosts.gw1]
     role = "gateway"                         # broker | gateway | forwarder | halb | agent |
-    segment = "farm"                         # client | firewall; a list for one server with
-                                             # several roles
+    segment = "farm"                         # client | firewall | etcd; a list for one
+                                             # server with several roles
+    [hosts.broker2]                          # several brokers in a site share their state
+    role = "broker"                          # in the site's etcd members (1, 3 or 5 hosts
+    segment = "farm"                         # with role etcd); priority orders them (lower
+    priority = 2                             # first; default: manifest order), the first
+                                             # started is the primary
     [hosts.client]
     role = "client"
     segment = "office"
@@ -73,6 +78,7 @@ class Role(enum.StrEnum):
     AGENT = "agent"  # an RDP host (the demo desktop) with its host agent
     CLIENT = "client"
     FIREWALL = "firewall"
+    ETCD = "etcd"  # a member of the site's etcd cluster, where several brokers keep state
 
 
 class ClientMode(enum.StrEnum):
@@ -94,7 +100,10 @@ PORTS = {
     "broker_gateways": 20002,
     "broker_agents": 20003,
     "rdp_host": 3389,
+    "etcd_client": 2379,
+    "etcd_peer": 2380,
 }
+ETCD_MEMBERS = (1, 3, 5)  # the sizes of a site's etcd cluster
 
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,12}")
 _TOP_KEYS = ("name", "summary", "sites", "segments", "hosts", "vips")
@@ -107,6 +116,7 @@ _HOST_KEYS = {
     "modes": {Role.CLIENT},
     "next_hops": {Role.FORWARDER},
     "allow": {Role.FIREWALL},
+    "priority": {Role.BROKER},
 }
 _VIP_KEYS = ("segment", "nodes", "backends", "front")
 _FLOW_KEYS = ("from", "to", "ports")
@@ -133,6 +143,7 @@ class HostSpec:
     modes: tuple[ClientMode, ...] = (ClientMode.GATEWAY, ClientMode.GATEWAY_SSL)
     next_hops: tuple[str, ...] = ()
     allow: tuple[Flow, ...] = ()
+    priority: int | None = None  # a broker's, among its site's brokers (lower first)
 
     def has(self, role: Role) -> bool:
         return role in self.roles
@@ -167,9 +178,18 @@ class Manifest:
         return [h for h in self.hosts.values() if h.has(role)]
 
     def broker_of(self, host: HostSpec) -> HostSpec:
-        """The broker that ``host``'s gateway or agent registers with: its site's."""
-        (broker,) = (b for b in self.having(Role.BROKER) if b.site == host.site)
-        return broker
+        """The broker that ``host``'s gateway or agent prefers: its site's first."""
+        return self.brokers_of(host.site)[0]
+
+    def brokers_of(self, site: str) -> list[HostSpec]:
+        """The brokers of ``site``, by priority (lower first; default: manifest order)."""
+        brokers = [b for b in self.having(Role.BROKER) if b.site == site]
+        order = {b.name: i for i, b in enumerate(brokers)}
+        return sorted(brokers, key=lambda b: (b.priority or 0, order[b.name]))
+
+    def etcd_of(self, site: str) -> list[HostSpec]:
+        """The etcd members of ``site`` (none: its one broker keeps its state in SQLite)."""
+        return [h for h in self.having(Role.ETCD) if h.site == site]
 
     def site_of(self, name: str) -> str:
         """The site of a host or of a VIP (its nodes')."""
@@ -320,8 +340,10 @@ class _Parser:
                 raise self.error(f"{at}.role[{i}]", f"{text!r} is not one of: {allowed}") from None
         if not roles or len(set(roles)) != len(roles):
             raise self.error(f"{at}.role", "one role, or a list of different roles")
-        if len(roles) > 1 and {Role.CLIENT, Role.FIREWALL, Role.HALB} & set(roles):
-            raise self.error(f"{at}.role", "client, firewall and halb hosts have one role only")
+        if len(roles) > 1 and {Role.CLIENT, Role.FIREWALL, Role.HALB, Role.ETCD} & set(roles):
+            raise self.error(
+                f"{at}.role", "client, firewall, halb and etcd hosts have one role only"
+            )
         for key in table:
             needs = _HOST_KEYS[key]
             if needs is not None and not needs & set(roles):
@@ -353,7 +375,16 @@ class _Parser:
             modes=tuple(modes) if modes else (ClientMode.GATEWAY, ClientMode.GATEWAY_SSL),
             next_hops=self.strings(table.get("next_hops", []), f"{at}.next_hops"),
             allow=allow,
+            priority=self.priority(table, f"{at}.priority"),
         )
+
+    def priority(self, table: Mapping[str, Any], key: str) -> int | None:
+        if "priority" not in table:
+            return None
+        value = table["priority"]
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+            raise self.error(key, f"{value!r}: a whole number from 0 to 1000")
+        return value
 
     def list(self, value: Any, key: str) -> list[Any]:
         if not isinstance(value, list):
@@ -499,8 +530,17 @@ class _Checker:
                 for h in m.hosts.values()
                 if h.site == site and (h.has(Role.GATEWAY) or h.has(Role.AGENT))
             ]
-            if len(brokers) > 1:
-                raise self.p.error("hosts", f"{where} has {len(brokers)} brokers: one each")
+            members = [e.name for e in m.etcd_of(site)]
+            if len(brokers) > 1 and not members:
+                raise self.p.error(
+                    "hosts",
+                    f"{where} has {len(brokers)} brokers and no etcd member: several brokers "
+                    "keep their state in etcd (hosts with role etcd)",
+                )
+            if members and len(members) not in ETCD_MEMBERS:
+                raise self.p.error("hosts", f"{where} has {len(members)} etcd members: 1, 3 or 5")
+            if members and not brokers:
+                raise self.p.error("hosts", f"{where} has etcd members and no broker")
             if served and not brokers:
                 raise self.p.error("hosts", f"{where} has no broker for {', '.join(served)}")
         if not m.having(Role.AGENT):

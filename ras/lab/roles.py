@@ -76,9 +76,13 @@ def broker_config(
     address: str,
     ports: Ports,
     users: Mapping[str, str],
+    etcd: Sequence[str] = (),
+    priority: int = 0,
 ) -> Path:
     """A `ras broker` listening on every address of its host, its SQLite store next to
-    ``path`` holding ``users`` (name -> password), and one desktop on every host."""
+    ``path`` holding ``users`` (name -> password), and one desktop on every host. With
+    ``etcd`` (the members' ``host:port``), its state is there instead (docs/brokers.md: the
+    caller puts the users there), with ``priority`` among the brokers and a 3 s primary lease."""
     cert, key = pki.ensure(name, [address])
     database = path.with_suffix(".sqlite3")
     store = SQLiteStore(database)
@@ -105,6 +109,12 @@ id = "desktop"
 name = "Desktop"
 kind = "desktop"
 """)
+    if etcd:
+        with path.open("a") as out:
+            out.write(
+                f'\n[etcd]\nendpoints = {_toml_list(etcd)}\nprefix = "/ras/"\ntimeout_s = 2\n'
+                f"\n[roles]\npriority = {priority}\nprimary_lease_s = 3\n"
+            )
     return path
 
 
@@ -116,10 +126,14 @@ def agent_config(
     rdp: tuple[str, int],
     broker: str,
     ports: Ports,
+    brokers: Sequence[str] = (),
 ) -> Path:
-    """A `ras agent` for the RDP host at ``rdp`` (host, port), registering with ``broker``."""
+    """A `ras agent` for the RDP host at ``rdp`` (host, port), registering with ``broker``,
+    or with every one of ``brokers`` (addresses, by priority) when there are several."""
     cert, key = pki.ensure(name)
-    path.write_text(f"""
+    every = [f"{b}:{ports.broker_agents}" for b in brokers]
+    listed = f"brokers = {_toml_list(every)}" if brokers else ""
+    path.write_text(f"""{listed}
 name = "{name}"
 kind = "rdsh"
 rdp_host = "{rdp[0]}"
@@ -148,12 +162,16 @@ def normal_gateway_config(
     ports: Ports,
     trusted: Iterable[str],
     rdp_lb: bool = True,
+    brokers: Sequence[str] = (),
 ) -> Path:
     """A normal `ras gateway` on every address of its host: plain, TLS and (``rdp_lb``) RDP
     ports, the farm's shared public certificate ``public`` (cert, key) for ``public_name``,
-    PROXY v2 accepted from ``trusted`` (networks or addresses: HALB nodes, forwarders)."""
+    PROXY v2 accepted from ``trusted`` (networks or addresses: HALB nodes, forwarders). With
+    several ``brokers`` (addresses, by priority), it keeps links to all of them."""
     cert, key = pki.ensure(name, [address])
-    path.write_text(f"""
+    every = [f"{b}:{ports.broker_gateways}" for b in brokers]
+    listed = f"brokers = {_toml_list(every)}\nbroker_failover_s = 2" if brokers else ""
+    path.write_text(f"""{listed}
 name = "{name}"
 listen_host = "0.0.0.0"
 plain_port = {ports.plain}
