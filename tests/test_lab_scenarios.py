@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -153,7 +152,9 @@ def _kill_under_harness(client: Client, kill: Callable[[], None], *, clean: bool
     broker keeps choosing a dead host until its agent falls silent)."""
     out = client.farm.tmp / "failover.json"
     proc = client.harness(out)
-    time.sleep(2.0)  # launches under way (pacing only: the report counts from the kill)
+    log = client.farm.lab.log_of(proc)
+    # launches under way before the kill (a fixed pause raced the kill on a loaded machine)
+    client.farm.wait(lambda: "first launch ok" in log.read_text(), "the harness's first launch")
     kill()
     proc.send_signal(signal.SIGUSR1)
     code = proc.wait(HARNESS_CAP_S + 30)

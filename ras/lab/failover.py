@@ -101,6 +101,8 @@ class _Run:
         r.longest_outage_s = max(r.longest_outage_s, now - self.last_good)
         self.last_good = now
         r.launches += 1
+        if r.launches == 1:  # what a caller waits for before it kills anything
+            log.info("first launch ok at %.3fs", self.now())
         self.durations.append(seconds)
         if r.kill_at_s is not None and r.settled_after_s is None and started >= r.kill_at_s:
             r.settled_after_s = round(self.now() - r.kill_at_s, 3)
