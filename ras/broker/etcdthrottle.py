@@ -153,7 +153,11 @@ class EtcdThrottle:
         return None
 
     def succeeded(self, user: str) -> None:
-        self.etcd.delete(self._key(b"user", self._user(user)))
+        """Forget the user name's failures: a read, and a write only if there were any (a
+        write is a Raft commit, and most logins follow no failure)."""
+        key = self._key(b"user", self._user(user))
+        if self.etcd.get(key) is not None:
+            self.etcd.delete(key)
 
     def unlock(self, user: str) -> bool:
         """Forget the user name's failures and lock, on every broker; True if it was locked."""

@@ -40,6 +40,7 @@ __all__ = ["SharedLaunches"]
 log = logging.getLogger("ras.broker")
 
 _LEASE_SLACK_S = 30
+_BATCH = 100  # puts per transaction (etcd takes at most 128 operations in one)
 
 
 class SharedLaunches:
@@ -75,14 +76,18 @@ class SharedLaunches:
         return self._lease
 
     def publish(self, records: list[SessionRecord]) -> None:
-        """Write launches made here (blocking: a worker thread)."""
-        for record in records:
-            body = {"broker": self.name, "session": record.to_json()}
-            value = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-            key = self._prefix + record.id.encode()
+        """Write launches made here (blocking: a worker thread), up to ``_BATCH`` in one
+        transaction: one Raft commit for the launches of a poll interval, not one each."""
+        for start in range(0, len(records), _BATCH):
+            puts = []
+            for record in records[start : start + _BATCH]:
+                body = {"broker": self.name, "session": record.to_json()}
+                value = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+                puts.append((self._prefix + record.id.encode(), value))
             for _ in range(2):
+                lease = self._lease_for_launch()
                 try:
-                    self.store.etcd.txn([], [Op.put(key, value, self._lease_for_launch())])
+                    self.store.etcd.txn([], [Op.put(k, v, lease) for k, v in puts])
                     break
                 except RasError as exc:
                     if "lease not found" not in str(exc):
@@ -125,23 +130,29 @@ class SharedLaunches:
         return new
 
     async def run(self) -> None:
-        """Write this broker's launches as they come, read the others', until cancelled."""
+        """Write this broker's launches as they come (what came while a write was under way
+        goes in the next one), read the others' every ``poll_s``, until cancelled."""
         away = False
+        next_read = 0.0
         while True:
-            with trio.move_on_after(self.poll_s):
+            with trio.move_on_at(next_read):
                 await self._wake.wait()
             self._wake = trio.Event()
             outbox, self._outbox = self._outbox, []
+            reading = trio.current_time() >= next_read
             try:
                 if outbox:
                     await trio.to_thread.run_sync(self.publish, outbox)
-                others = await trio.to_thread.run_sync(self.read)
+                others = await trio.to_thread.run_sync(self.read) if reading else None
             except RasError as exc:
                 if not away:
                     log.warning("shared launches unavailable reason=%s", exc)
                 away = True
+                next_read = trio.current_time() + self.poll_s
                 continue
             if away:
                 log.info("shared launches available again")
             away = False
-            self.take_in(others)
+            if others is not None:
+                self.take_in(others)
+                next_read = trio.current_time() + self.poll_s

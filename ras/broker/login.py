@@ -143,8 +143,9 @@ class Login:
         if why:
             return await self._failed(identity.name, where, why, client)
         try:
-            await call(self.throttle, self.throttle.succeeded, msg.username)
-            await call(self.throttle, self.throttle.succeeded, identity.name)
+            typed = {msg.username.casefold(): msg.username, identity.name.casefold(): identity.name}
+            for name in typed.values():  # the name as typed and the directory's, once each
+                await call(self.throttle, self.throttle.succeeded, name)
         except RasError as exc:  # the failures stay counted until their window ends
             log.warning("auth failures not cleared user=%s %s reason=%s", identity.name, where, exc)
         factors = "password" if factor is Factor.NONE else f"password+{factor}"
