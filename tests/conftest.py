@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import rdp_peers
 from rdp_peers import ShadowServer, Xvfb
@@ -38,3 +40,20 @@ def shadow(display):
 @pytest.fixture
 def xrdp_peers():
     require_peers(xrdp=True)
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """A test that runs a ``ras`` command in-process (its ``main``) configures logging as the
+    command does: a handler on the stderr pytest captured for that test, the level, no
+    propagation. Put it back, or later tests log to a closed file ("Logging error") and see
+    INFO lines in caplog they did not ask for."""
+    saved = [
+        (log, log.level, list(log.handlers), log.propagate)
+        for log in (logging.getLogger(), logging.getLogger("ras"))
+    ]
+    yield
+    for log, level, handlers, propagate in saved:
+        log.setLevel(level)
+        log.handlers[:] = handlers
+        log.propagate = propagate

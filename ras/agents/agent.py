@@ -30,7 +30,7 @@ from ras.agents.load import (
     rdp_sessions,
     utmp_sessions,
 )
-from ras.errors import ErrorCode, RemoteProtocolError, TransportError
+from ras.errors import ConfigError, ErrorCode, RemoteProtocolError, TransportError
 from ras.net.channel import Channel, greet
 from ras.net.rdptls import probe_certificate
 from ras.net.tasks import fatal_refusal, race, reconnecting
@@ -173,7 +173,17 @@ class Agent:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Stay registered with every broker until cancelled."""
+        """Stay registered with every broker until cancelled. A broker that refuses this agent
+        (its certificate names another host) ends it with that ``ConfigError``, not grouped."""
+        try:
+            await self._stay_registered(task_status)
+        except* ConfigError as group:
+            fatal: BaseException = group
+            while isinstance(fatal, BaseExceptionGroup):
+                fatal = fatal.exceptions[0]
+            raise fatal from None
+
+    async def _stay_registered(self, task_status: trio.TaskStatus[None]) -> None:
         cfg = self.config
         watch_certificate("agent", "farm", cfg.cert_file)
         async with trio.open_nursery() as nursery:
