@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from ras.broker.etcdstore import EtcdStore
 from ras.broker.passwords import hash_password
 from ras.broker.store import SQLiteStore, Store, UserRecord
 from ras.cli.admin import AdminClient
-from ras.lab.etcdcluster import etcd_cluster
+from ras.lab.etcdcluster import etcd_cluster, free_ports
 from ras.net.channel import greet
 from ras.net.tls import connect_tls
 from ras.pki import FarmPKI, client_context
@@ -67,17 +66,6 @@ from ras.protocol import (
 RAS = [sys.executable, "-m", "ras"]
 PASSWORD = "bench password"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,23 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from ras.lab.etcdcluster import free_ports
+
 RAS = [sys.executable, "-m", "ras"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.fixture
 def farm_up(tmp_path: Path):
-    plain, tls, brk, agt, adm = _free_ports(5)
+    plain, tls, brk, agt, adm = free_ports(5)
     state = tmp_path / "state"
     log = tmp_path / "farm.log"
     args = [

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.parse
@@ -27,6 +26,7 @@ from farmkit import Listener
 from ras.client.config import ClientConfig
 from ras.client.session import ClientSession
 from ras.config import load
+from ras.lab.etcdcluster import free_ports
 from ras.ops import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,18 +98,6 @@ def test_the_rules_and_the_dashboard_name_only_exported_metrics():
 # -- a real Prometheus scraping a farm of real processes ---------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class _Processes:
     """Processes started with their output in a log file each; all stopped at the end."""
 
@@ -165,7 +153,7 @@ async def test_a_real_prometheus_sees_the_tunnels_the_client_opened(tmp_path, nu
         pytest.skip("prometheus is not installed (Debian: prometheus; scripts/install-peers)")
     host = Listener()
     await nursery.start(host.serve)
-    plain, tls, brokers, agents, admin, m_broker, m_gateway, m_agent, web = _free_ports(9)
+    plain, tls, brokers, agents, admin, m_broker, m_gateway, m_agent, web = free_ports(9)
     state = tmp_path / "state"
     ras = [sys.executable, "-m", "ras"]
     await trio.run_process(
