@@ -59,6 +59,7 @@ class Client:
         self.display = display
         self.spec = farm.manifest.hosts[self.host.name]
         self.forwarders: dict[ClientMode, tuple[object, int]] = {}
+        self.failures: list[str] = []
 
     def forward(self, mode: ClientMode, port: int):
         """`ras client launch --listen` in ``mode`` on 127.0.0.1:``port``."""
@@ -104,7 +105,10 @@ class Client:
         return [f"/v:127.0.0.1:{self.forwarders[mode][1]}"]
 
     def logins(self) -> dict[str, tuple[int, int]]:
-        """Right and wrong password in every mode of the scenario: {mode: (exit, exit)}."""
+        """Right and wrong password in every mode of the scenario: {mode: (exit, exit)}. The
+        right ones all at once (each RDP connection is a launch of its own), then the wrong
+        ones all at once; a right one that fails leaves its xfreerdp's, its forwarder's and
+        the RDP hosts' last lines in ``self.failures``."""
         modes = [m for m in self.spec.modes if m is not ClientMode.RDP]
         for i, mode in enumerate(modes):
             self.forward(mode, FIRST_PORT + i)
@@ -113,14 +117,24 @@ class Client:
         password = self.farm.rdp_password_file.read_text().strip()
         refused = self.farm.refusals()
         targets = {mode: self.through(mode) for mode in self.spec.modes}
-        started = {  # all at once: each RDP connection is a launch of its own
-            mode.value: (self.start_xfreerdp(t, password), self.start_xfreerdp(t, WRONG))
-            for mode, t in targets.items()
-        }
-        results = {mode: (_exit_code(r), _exit_code(w)) for mode, (r, w) in started.items()}
-        wrong = sum(1 for _, code in results.values() if code == 147)
-        self.farm.wait(lambda: self.farm.refusals() >= refused + wrong, "the RDP hosts' refusals")
-        return results
+        right = {mode: self.start_xfreerdp(t, password) for mode, t in targets.items()}
+        right_codes = {mode: _exit_code(proc) for mode, proc in right.items()}
+        wrong = {mode: self.start_xfreerdp(t, WRONG) for mode, t in targets.items()}
+        wrong_codes = {mode: _exit_code(proc) for mode, proc in wrong.items()}
+        self.failures = [
+            self._why(mode, right[mode], code) for mode, code in right_codes.items() if code
+        ]
+        expected = refused + sum(1 for code in wrong_codes.values() if code == 147)
+        self.farm.wait(lambda: self.farm.refusals() >= expected, "the RDP hosts' refusals")
+        return {mode.value: (right_codes[mode], wrong_codes[mode]) for mode in targets}
+
+    def _why(self, mode: ClientMode, proc, code: int) -> str:
+        lab = self.farm.lab
+        parts = [f"{mode.value}: xfreerdp exit {code}", lab.log_tail(proc, 15)]
+        if mode in self.forwarders:
+            parts.append(lab.log_tail(self.forwarders[mode][0], 15))
+        parts.append(self.farm.rdp_log_tails())
+        return "\n".join(parts)
 
     def harness(self, out: Path, *, interval_ms: int = 50):
         """The failover harness in gateway mode through the client's servers, until
@@ -192,9 +206,11 @@ def _blocked(farm: ManifestFarm, source: str, target: str, port: int, firewall: 
     assert farm.dropped()[firewall] > before
 
 
-def _logins_all_pass(results: dict[str, tuple[int, int]]) -> None:
+def _logins_all_pass(client: Client, results: dict[str, tuple[int, int]]) -> None:
     print(f"\nlogins (right, wrong): {results}")
-    assert all(codes == (0, 147) for codes in results.values()), results
+    assert all(codes == (0, 147) for codes in results.values()), "\n".join(
+        [str(results), *client.failures]
+    )
 
 
 def test_single_server(scenario, display):
@@ -204,7 +220,7 @@ def test_single_server(scenario, display):
     client = Client(farm, display)
     results = client.logins()
     assert set(results) == {"gateway", "gateway_ssl", "direct", "direct_ssl"}
-    _logins_all_pass(results)
+    _logins_all_pass(client, results)
 
     def kill() -> None:
         farm.kill("server-gateway")
@@ -219,7 +235,7 @@ def test_several_rdsh(scenario, display):
     and the broker drops it when its agent falls silent."""
     farm = scenario("several-rdsh")
     client = Client(farm, display)
-    _logins_all_pass(client.logins())
+    _logins_all_pass(client, client.logins())
     _kill_under_harness(client, lambda: farm.crash_host("rdsh1"), clean=False)
     broker = farm.log("broker")
     for host in ("rdsh1", "rdsh2", "rdsh3"):  # the launches spread over every host
@@ -232,7 +248,7 @@ def test_dual_gateways(scenario, display):
     """The client's primary gateway dies: the session moves to its secondary."""
     farm = scenario("dual-gateways")
     client = Client(farm, display)
-    _logins_all_pass(client.logins())
+    _logins_all_pass(client, client.logins())
     report = _kill_under_harness(client, lambda: farm.kill("gw1"))
     assert report["client_reconnects"] >= 1  # its session was on gw1, and moved to gw2
     _after_kill_login(client, ClientMode.GATEWAY_SSL, re_established=True)
@@ -242,7 +258,7 @@ def test_halb_pair(scenario, display):
     """The HALB master crashes: the other node takes the VIP."""
     farm = scenario("halb-pair")
     client = Client(farm, display)
-    _logins_all_pass(client.logins())
+    _logins_all_pass(client, client.logins())
     master = farm.master("front")
     _kill_under_harness(client, lambda: farm.crash_host(master))
     farm.wait(lambda: farm.holders_of("front") == ["halb2"], "halb2 holds the VIP")
@@ -253,7 +269,7 @@ def test_dmz_one_firewall(scenario, display):
     """Gateways in a DMZ, broker and RDP host inside, one firewall: a gateway dies."""
     farm = scenario("dmz-one-firewall")
     client = Client(farm, display)
-    _logins_all_pass(client.logins())
+    _logins_all_pass(client, client.logins())
     _blocked(farm, "client", "rdsh", PORTS["rdp_host"], "fw")  # no way in but the gateways
     _blocked(farm, "gw1", "broker", PORTS["broker_agents"], "fw")  # only 20002 to the broker
     _kill_under_harness(client, lambda: farm.kill("gw1"))
@@ -264,7 +280,7 @@ def test_dmz_two_firewalls(scenario, display):
     """HALB pair and forwarders in the DMZ, normal gateways inside: a forwarder dies."""
     farm = scenario("dmz-two-firewalls")
     client = Client(farm, display)
-    _logins_all_pass(client.logins())
+    _logins_all_pass(client, client.logins())
     _blocked(farm, "client", "fwd1", PORTS["gateway_plain"], "outer")  # only the VIP
     _blocked(farm, "fwd1", "broker", PORTS["broker_gateways"], "inner")  # the DMZ holds nothing
     _kill_under_harness(client, lambda: farm.kill("fwd1"))
@@ -276,7 +292,7 @@ def test_two_sites(scenario, display):
     gateways serve the next RDP connection."""
     farm = scenario("two-sites")
     client = Client(farm, display)
-    _logins_all_pass(client.logins())
+    _logins_all_pass(client, client.logins())
     report = _kill_under_harness(client, lambda: farm.crash_site("east"))
     assert report["client_reconnects"] >= 1
     _after_kill_login(client, ClientMode.GATEWAY_SSL, re_established=True)
@@ -289,7 +305,7 @@ def test_broker_redundancy(scenario, display):
     on through the next broker by priority, which redeems the tickets."""
     farm = scenario("broker-redundancy")
     client = Client(farm, display)
-    _logins_all_pass(client.logins())
+    _logins_all_pass(client, client.logins())
     assert "broker role=primary name=broker1 " in farm.log("broker1")
     redeemed_before = farm.log("broker2").count("ticket redeemed")
     _kill_under_harness(client, lambda: farm.kill("broker1"))

@@ -120,6 +120,14 @@ class ManifestFarm(LabFarm):
         """The demo desktop's log on RDP host ``host`` (freerdp-shadow-cli's output)."""
         return self.tmp / host / "demo-rdp.log"
 
+    def rdp_log_tails(self, lines: int = 15) -> str:
+        """The last lines of every RDP host's log, for an error message."""
+        return "\n".join(
+            f"--- last lines of {h.name}'s RDP server:\n"
+            + "\n".join(_read(self.rdp_log(h.name)).splitlines()[-lines:])
+            for h in self.manifest.having(Role.AGENT)
+        )
+
     def refusals(self) -> int:
         """The logins the RDP hosts themselves refused (their NLA check), as their logs say."""
         return sum(
