@@ -134,6 +134,9 @@ class Client:
         if mode in self.forwarders:
             parts.append(lab.log_tail(self.forwarders[mode][0], 15))
         parts.append(self.farm.rdp_log_tails())
+        for daemon in (d for ds in self.farm.daemons_of.values() for d in ds):
+            warned = [ln for ln in self.farm.log(daemon).splitlines() if " WARNING " in ln]
+            parts.append(f"--- {daemon}'s last warnings:\n" + "\n".join(warned[-8:]))
         return "\n".join(parts)
 
     def harness(self, out: Path, *, interval_ms: int = 50):
