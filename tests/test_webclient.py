@@ -13,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import ssl
 import time
 
@@ -20,13 +21,12 @@ import pytest
 import trio
 from farmkit import PASSWORD, USER
 from memkit import MemoryFarm, memory_farm, reply_to
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection
+from webclientkit import CONFIRM, WS_HEADERS, X224, Browser, RdpHost, cleanpath_request
+from wsproto.events import TextMessage
 
 from ras.gateway.front import Conn, Port
 from ras.gateway.server import Gateway
 from ras.gateway.webclient import WEBSOCKET_PATH
-from ras.net.reasons import BROKEN
 from ras.pki import server_context
 from ras.portal.server import Upgrade
 from ras.protocol import (
@@ -41,93 +41,11 @@ from ras.protocol import (
     Registered,
     Role,
 )
-from ras.protocol.rdcleanpath import CleanPathPdu, encode_pdu, parse_pdu
-from ras.protocol.x224 import encode_connection_request, parse_connection_request
 
 pytestmark = pytest.mark.usefixtures("inline_threads")
 BROWSER = "192.0.2.7"
 HOST = ("rdp1.test", 3389)
 DECOY = ("decoy.test", 3389)
-# what an RDP server that selected CredSSP answers (rdpNegRsp, HYBRID)
-CONFIRM = bytes.fromhex("030000130ed000001234000200080002000000")
-X224 = encode_connection_request("Cookie: mstshash=alice")
-WS_HEADERS = {
-    "upgrade": "websocket",
-    "connection": "Upgrade",
-    "sec-websocket-version": "13",
-    "sec-websocket-key": base64.b64encode(b"0123456789abcdef").decode(),
-}
-
-
-class RdpHost:
-    """Answers the X.224 request with CONFIRM, then TLS with its own certificate, then echoes."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.context = context
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.received = bytearray()
-
-    async def serve(self, stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
-        self.connections += 1
-        data = b""
-        while (request := parse_connection_request(data)) is None:
-            data += await stream.receive_some()
-        self.requests.append(data[: request.length])
-        await stream.send_all(CONFIRM)
-        tls = trio.SSLStream(stream, self.context, server_side=True)
-        with contextlib.suppress(*BROKEN):
-            while got := await tls.receive_some():
-                self.received += got
-                await tls.send_all(got)
-
-
-class Browser:
-    """The browser's side of the WebSocket, after the gateway read the upgrade request."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.ws = Connection(ConnectionType.CLIENT)
-        self.data = b""
-        self.closed = False
-
-    async def start(self) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += await self.stream.receive_some()
-        assert head.startswith(b"HTTP/1.1 101 "), head
-        self.ws.receive_data(head.split(b"\r\n\r\n", 1)[1])
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(self.ws.send(BytesMessage(data=data)))
-
-    async def receive(self) -> bytes:
-        """Payload bytes as they come (b"": the gateway closed)."""
-        while True:
-            for event in self.ws.events():
-                if isinstance(event, BytesMessage):
-                    self.data += event.data
-                elif isinstance(event, CloseConnection):
-                    self.closed = True
-            if self.data or self.closed:
-                out, self.data = self.data, b""
-                return out
-            chunk = await self.stream.receive_some()
-            if not chunk:
-                self.closed = True
-                return b""
-            self.ws.receive_data(chunk)
-
-    async def answer(self) -> CleanPathPdu:
-        got = b""
-        while (parsed := parse_pdu(got, max_size=1 << 16)) is None:
-            more = await self.receive()
-            assert more, "the gateway closed without an answer"
-            got += more
-        return parsed[0]
-
-    async def close(self) -> None:
-        await self.stream.send_all(self.ws.send(CloseConnection(1000)))
 
 
 @contextlib.asynccontextmanager
@@ -181,15 +99,11 @@ async def _connect(
     return browser
 
 
-def _request(token: str, destination: str = "rdp1.test:3389") -> bytes:
-    return encode_pdu(CleanPathPdu.request(X224, destination, token))
-
-
 async def test_a_token_opens_its_host_and_the_bytes_flow(tmp_path, nursery, autojump_clock):
     async with _farm(tmp_path, nursery) as (mf, gw, host, decoy, der):
         token = await _token(mf)
         # the destination the browser names is ignored: only the token's host is dialled
-        browser = await _connect(gw, nursery, _request(token, "decoy.test:3389"))
+        browser = await _connect(gw, nursery, cleanpath_request(token, "decoy.test:3389"))
         answer = await browser.answer()
         assert answer.error is None
         assert (answer.x224, answer.cert_chain, answer.server_addr) == (CONFIRM, (der,), HOST[0])
@@ -217,13 +131,39 @@ def _edited(token: str) -> str:
     return f"{prefix}.{raw}.{mac}"
 
 
+async def test_a_text_message_in_the_tunnel_ends_it_not_the_gateway(
+    tmp_path, nursery, autojump_clock, caplog
+):
+    """A browser breaking the WebSocket's rules inside the tunnel (a text message: binary only)
+    gets a Close; its tunnel ends with its audit line, and the gateway carries on."""
+    caplog.set_level(logging.INFO, logger="ras.gateway")
+    async with _farm(tmp_path, nursery) as (mf, gw, host, _, _):
+        browser = await _connect(gw, nursery, cleanpath_request(await _token(mf)))
+        assert (await browser.answer()).error is None
+        await browser.send(b"rdp bytes")
+        assert await browser.receive() == b"rdp bytes"
+        await browser.stream.send_all(browser.ws.send(TextMessage(data="not RDP")))
+        with trio.fail_after(30):
+            assert await browser.receive() == b""
+            while len(gw.tunnels):  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        assert browser.closed
+        (audit,) = [m for m in caplog.messages if m.startswith("tunnel closed ")]
+        assert " via=web " in audit
+        assert " bytes_up=9 bytes_down=9 " in audit
+        # the gateway still serves the next browser
+        again = await _connect(gw, nursery, cleanpath_request(await _token(mf)))
+        assert (await again.answer()).error is None
+        assert host.connections == 2
+
+
 @pytest.mark.parametrize("case", ["replayed", "edited", "expired", "other address", "native"])
 async def test_a_bad_token_reaches_nothing(tmp_path, nursery, autojump_clock, case):
     async with _farm(tmp_path, nursery, ticket_ttl_s=30.0) as (mf, gw, host, decoy, _):
         token = await _token(mf, mode=Mode.GATEWAY if case == "native" else Mode.WEB)
         client = BROWSER
         if case == "replayed":
-            first = await _connect(gw, nursery, _request(token))
+            first = await _connect(gw, nursery, cleanpath_request(token))
             assert (await first.answer()).error is None
             await first.close()
         elif case == "edited":
@@ -237,7 +177,7 @@ async def test_a_bad_token_reaches_nothing(tmp_path, nursery, autojump_clock, ca
         elif case == "other address":
             client = "198.51.100.9"
         before = host.connections
-        browser = await _connect(gw, nursery, _request(token), client=client)
+        browser = await _connect(gw, nursery, cleanpath_request(token), client=client)
         answer = await browser.answer()
         assert answer.error is not None
         assert answer.error.http_status == 403
@@ -248,7 +188,7 @@ async def test_a_bad_token_reaches_nothing(tmp_path, nursery, autojump_clock, ca
 
 async def test_a_host_with_another_certificate_is_refused(tmp_path, nursery, autojump_clock):
     async with _farm(tmp_path, nursery, pin="0" * 64) as (mf, gw, host, _, _):
-        browser = await _connect(gw, nursery, _request(await _token(mf)))
+        browser = await _connect(gw, nursery, cleanpath_request(await _token(mf)))
         answer = await browser.answer()
         assert answer.error is not None
         assert answer.error.tls_alert == 42  # bad certificate
@@ -256,7 +196,7 @@ async def test_a_host_with_another_certificate_is_refused(tmp_path, nursery, aut
         assert host.received == b""  # nothing of the browser's reached it
 
 
-async def test_not_a_request_is_a_bad_request(tmp_path, nursery, autojump_clock):
+async def test_not_a_request_is_a_badcleanpath_request(tmp_path, nursery, autojump_clock):
     async with _farm(tmp_path, nursery) as (_mf, gw, host, _, _):
         browser = await _connect(gw, nursery, b"\x30\x03\x02\x01\x00")  # not version 3390
         answer = await browser.answer()
@@ -278,9 +218,9 @@ async def test_a_silent_browser_loses_the_connection_at_the_deadline(
 async def test_a_user_has_at_most_max_web_tunnels_per_user(tmp_path, nursery, autojump_clock):
     async with _farm(tmp_path, nursery) as (mf, _, host, _, _):
         gw = mf.gateway("gateway", max_web_tunnels_per_user=1)  # the same name: replaces it
-        first = await _connect(gw, nursery, _request(await _token(mf)))
+        first = await _connect(gw, nursery, cleanpath_request(await _token(mf)))
         assert (await first.answer()).error is None
-        second = await _connect(gw, nursery, _request(await _token(mf)))
+        second = await _connect(gw, nursery, cleanpath_request(await _token(mf)))
         answer = await second.answer()
         assert answer.error is not None
         assert answer.error.http_status == 429

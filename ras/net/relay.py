@@ -5,7 +5,9 @@ of stream pass the half-close on: a TCP FIN for a socket, a TLS close_notify for
 TLS (``ras.net.fastio.TLSStream``), ``send_eof`` for any other half-closeable stream.
 Only a stream that cannot be half-closed (a ``trio.SSLStream``) is closed instead, which ends
 the tunnel. A reset (or any transport failure) on one side aborts the other with a reset too
-(SO_LINGER 0), so neither peer waits on a dead connection.
+(SO_LINGER 0), so neither peer waits on a dead connection. A stream that maps its own I/O
+errors (the web client's ``WebSocketStream``: ``TransportError``, and ``RemoteProtocolError``
+for a bad frame) ends its tunnel the same way.
 
 The loops run on the lean path of ``ras.net.fastio``: raw non-blocking sockets, pooled
 buffers (an idle tunnel holds none; a direction holds at most one, so a slow reader cannot
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ras.errors import RemoteProtocolError, TransportError
 from ras.net.channel import aclose_quietly
 from ras.net.fastio import PIPE_SIZE, PIPES, POOL, Leg, Yielder, leg_for, write_fd
 from ras.net.reasons import BROKEN
@@ -37,6 +40,8 @@ _LINGER_ZERO = struct.pack("ii", 1, 0)
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 #: In splice mode, a splice that moves less than this goes back to read/write.
 _SPLICE_BELOW = 16 * 1024
+#: What ends a tunnel as a reset: a broken transport, whether raw or mapped by the stream.
+_ENDS = (*BROKEN, TransportError, RemoteProtocolError)
 #: Splices done (both directions, all tunnels): the benchmark checks bulk really splices.
 SPLICED = [0]
 
@@ -199,7 +204,7 @@ async def _direction(
             await _plain(src.fd, dst.fd, stats, forward)
         else:
             await _copy(src, dst, stats, forward)
-    except BROKEN:
+    except _ENDS:
         stats.reset = True
         cancel.cancel()
         return
@@ -207,7 +212,7 @@ async def _direction(
     try:
         if await dst.send_eof():
             return
-    except BROKEN:
+    except _ENDS:
         pass
     cancel.cancel()
 
