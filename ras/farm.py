@@ -44,6 +44,7 @@ class FarmPorts:
     broker_gateways: int = 20002
     broker_agents: int = 20003
     broker_admin: int = 20443
+    gateway_rdp: int = 18389  # the gateway's RDP port: native clients with the portal's .rdp files
     demo_rdp: int = 33389  # the demo RDP host (ras.demohost), when no --rdp is given
 
 
@@ -158,6 +159,9 @@ key_file = "pki/gateway.key"
 ca_file = "pki/ca.pem"
 broker_host = "127.0.0.1"
 broker_port = {ports.broker_gateways}
+# Native RDP clients with a routing token: the User Portal's .rdp files name this port.
+rdp_lb_enabled = true
+rdp_port = {ports.gateway_rdp}
 """,
     )
     _write_once(

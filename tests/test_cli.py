@@ -19,6 +19,7 @@ from ras.agents.config import AgentConfig
 from ras.broker.config import BrokerConfig
 from ras.broker.passwords import verify_password
 from ras.broker.store import SQLiteStore
+from ras.cli.farm import _next_steps
 from ras.client.config import ClientConfig
 from ras.config import load
 from ras.farm import init_farm
@@ -57,8 +58,9 @@ HELP = [
     (("client", "launch"), ["--listen", "--rdp-command", "xfreerdp", "resource", "RDP_ARG"]),
     (("pki",), ["init", "issue", "self-signed", "csr", "import", "export", "show"]),
     (("farm",), ["up", "init"]),
+    (("farm",), ["User Portal", ".rdp", "--gateway-rdp-port"]),
     (("farm", "up"), ["--state-dir", "--rdp", "HOST:PORT", "--gateway-port",
-                      "--gateway-tls-port"]),
+                      "--gateway-tls-port", "--gateway-rdp-port"]),
     (("farm", "init"), ["--state-dir", "--rdp"]),
     (("agent",), ["--simulate", "--profile", "--seed", "--pki-dir", "--cert-cache", "--ramp-s"]),
     (("admin",), ["--url", "--ca-file", "--cert", "--key", "--user", "--password-file", "--json",
@@ -272,7 +274,8 @@ def test_farm_init_makes_a_state_directory_that_loads(tmp_path):
     agent = load(AgentConfig, state / "agent.toml")
     assert (agent.rdp_host, agent.rdp_port) == ("10.0.0.5", 3390)
     load(BrokerConfig, state / "broker.toml")
-    load(GatewayConfig, state / "gateway.toml")
+    gateway = load(GatewayConfig, state / "gateway.toml")
+    assert (gateway.rdp_lb_enabled, gateway.rdp_port) == (True, 18389)  # the portal's .rdp files
     load(ClientConfig, state / "client.toml")
     password = (state / "demo.password").read_text()
     assert len(password.strip()) >= 12
@@ -281,6 +284,29 @@ def test_farm_init_makes_a_state_directory_that_loads(tmp_path):
     again = ras("farm", "init", "--state-dir", state)
     assert again.returncode == 0, again.stderr
     assert (state / "demo.password").read_text() == password
+
+
+def test_a_farm_made_before_its_gateway_had_an_rdp_port(tmp_path):
+    """Its gateway.toml is the user's: kept as it is, and what it lacks is said."""
+    state = init_farm(tmp_path / "state")
+    old = [ln for ln in state.gateway_toml.read_text().splitlines() if "rdp" not in ln]
+    state.gateway_toml.write_text("\n".join(old) + "\n")
+    refused = ras("farm", "init", "--state-dir", state.directory, "--gateway-rdp-port", "18389")
+    assert refused.returncode == 2
+    assert "--gateway-rdp-port 18389: gateway.toml has no RDP port (rdp_lb_enabled)" in (
+        refused.stderr
+    )
+    assert ras("farm", "init", "--state-dir", state.directory).returncode == 0
+    assert "rdp" not in state.gateway_toml.read_text()
+    addrs = {"gateway_tls": ("127.0.0.1", 18443)}
+    told = _next_steps(state, addrs)
+    assert "no RDP port: the portal offers no .rdp files (to add one, put rdp_lb_enabled = " in (
+        told
+    )
+    assert "Download .rdp file" not in told
+    told = _next_steps(state, addrs | {"gateway_rdp": ("127.0.0.1", 18389)})
+    assert "127.0.0.1:18389 (RDP: the portal's .rdp files name it)" in told
+    assert "(Open in browser, or Download .rdp file for your RDP client)" in told
 
 
 def test_farm_init_with_a_bad_rdp_address_exits_2(tmp_path):
@@ -311,7 +337,7 @@ def test_a_name_its_certificate_does_not_carry_exits_2_at_start(
     farm_state, which, cert_name, wrong
 ):
     name, _ = DAEMONS[which]
-    ports = {"plain_port": 0, "tls_port": 0} if which == "gateway" else {}
+    ports = {"plain_port": 0, "tls_port": 0, "rdp_port": 0} if which == "gateway" else {}
     config = _edited(farm_state.directory, name, f"{which}-{wrong}.toml", {"name": wrong, **ports})
     # It logged "ready" and retried forever (FORBIDDEN: certificate is for ...).
     result = ras(*command_for(which, config), timeout=30)
@@ -330,7 +356,7 @@ def test_errors_start_with_the_command_before_and_after_the_daemon_starts(farm_s
         port = taken.getsockname()[1]
         config = _edited(
             farm_state.directory, "gateway.toml", "gateway-taken.toml",
-            {"plain_port": port, "tls_port": 0},
+            {"plain_port": port, "tls_port": 0, "rdp_port": 0},
         )  # fmt: skip
         running = ras("gateway", "--config", config, timeout=60)
     # Once trio ran, it said "ras: plain: cannot listen ..."; before, "ras gateway: ...".

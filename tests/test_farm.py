@@ -18,7 +18,7 @@ RAS = [sys.executable, "-m", "ras"]
 
 @pytest.fixture
 def farm_up(tmp_path: Path):
-    plain, tls, brk, agt, adm = free_ports(5)
+    plain, tls, rdp, brk, agt, adm = free_ports(6)
     state = tmp_path / "state"
     log = tmp_path / "farm.log"
     args = [
@@ -33,6 +33,8 @@ def farm_up(tmp_path: Path):
         str(plain),
         "--gateway-tls-port",
         str(tls),
+        "--gateway-rdp-port",
+        str(rdp),
         "--broker-port",
         str(brk),
         "--agent-port",

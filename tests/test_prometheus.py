@@ -153,13 +153,14 @@ async def test_a_real_prometheus_sees_the_tunnels_the_client_opened(tmp_path, nu
         pytest.skip("prometheus is not installed (Debian: prometheus; scripts/install-peers)")
     host = Listener()
     await nursery.start(host.serve)
-    plain, tls, brokers, agents, admin, m_broker, m_gateway, m_agent, web = free_ports(9)
+    plain, tls, rdp, brokers, agents, admin, m_broker, m_gateway, m_agent, web = free_ports(10)
     state = tmp_path / "state"
     ras = [sys.executable, "-m", "ras"]
     await trio.run_process(
         [*ras, "farm", "init", "--state-dir", str(state), "--rdp", f"127.0.0.1:{host.port}",
-         "--gateway-port", str(plain), "--gateway-tls-port", str(tls), "--broker-port",
-         str(brokers), "--agent-port", str(agents), "--admin-port", str(admin)],
+         "--gateway-port", str(plain), "--gateway-tls-port", str(tls), "--gateway-rdp-port",
+         str(rdp), "--broker-port", str(brokers), "--agent-port", str(agents), "--admin-port",
+         str(admin)],
         capture_stdout=True, capture_stderr=True,
     )  # fmt: skip
     rules = tmp_path / "ras-rules.yml"

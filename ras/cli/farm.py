@@ -7,6 +7,7 @@ import contextlib
 import logging
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 import trio
@@ -37,6 +38,7 @@ def _rdp(text: str) -> tuple[str, int]:
 _PORT_FLAGS = {
     "gateway_port": ("gateway_plain", "gateway.toml", "plain_port"),
     "gateway_tls_port": ("gateway_tls", "gateway.toml", "tls_port"),
+    "gateway_rdp_port": ("gateway_rdp", "gateway.toml", "rdp_port"),
     "broker_port": ("broker_gateways", "broker.toml", "gateway_port"),
     "agent_port": ("broker_agents", "broker.toml", "agent_port"),
     "admin_port": ("broker_admin", "broker.toml", "admin_port"),
@@ -64,10 +66,8 @@ def _refuse_conflicts(state: FarmState, given: dict[str, int], rdp: tuple[str, i
     """Flags that an existing state already settles differently: refused, never ignored. The
     files are read as the daemons read them (a key left out is its default)."""
     wrong: list[str] = []
-    configs = {
-        "gateway.toml": load(GatewayConfig, state.gateway_toml),
-        "broker.toml": load(BrokerConfig, state.broker_toml),
-    }
+    gateway = load(GatewayConfig, state.gateway_toml)
+    configs = {"gateway.toml": gateway, "broker.toml": load(BrokerConfig, state.broker_toml)}
     for flag, value in given.items():
         _, name, key = _PORT_FLAGS[flag]
         if not name:  # --demo-rdp-port: the demo host's port is the agent's RDP port
@@ -76,7 +76,9 @@ def _refuse_conflicts(state: FarmState, given: dict[str, int], rdp: tuple[str, i
                 wrong.append(f"--demo-rdp-port {value}: the farm's demo RDP host is on {current}")
             continue
         current = getattr(configs[name], key)
-        if current != value:
+        if key == "rdp_port" and not gateway.rdp_lb_enabled:
+            wrong.append(f"--gateway-rdp-port {value}: {name} has no RDP port (rdp_lb_enabled)")
+        elif current != value:
             wrong.append(f"--{flag.replace('_', '-')} {value}: {name} has {key} = {current}")
     if rdp is not None:
         agent = load(AgentConfig, state.agent_toml)
@@ -130,16 +132,26 @@ def _next_steps(state: FarmState, addrs: dict[str, tuple[str, int]]) -> str:
     else:
         rdp_host = ""
         rdp_login = "/u:<a user of your RDP host>"
+    if "gateway_rdp" in addrs:
+        gateway_rdp = f"           {at('gateway_rdp')} (RDP: the portal's .rdp files name it)\n"
+        portal_rdp = ", or Download .rdp file for your RDP client"
+    else:  # a farm made before the farm's gateway had an RDP port (docs/portal.md)
+        gateway_rdp = (
+            f"           no RDP port: the portal offers no .rdp files (to add one, put "
+            f"rdp_lb_enabled = true and rdp_port = {FarmPorts().gateway_rdp} in "
+            f"{rel}/gateway.toml)\n"
+        )
+        portal_rdp = ""
     return f"""
 RAS farm is up (state in {rel}/):
   gateway  {at("gateway_plain")} (plain)  {at("gateway_tls")} (TLS)
-           its self-signed certificate: {rel}/pki/gateway-public.pem
+{gateway_rdp}           its self-signed certificate: {rel}/pki/gateway-public.pem
   broker   {at("broker_gateways")} (gateways, mTLS)  {at("broker_agents")} (agents, mTLS)
   admin    https://{at("broker_admin")} (the admin API, for `ras admin`; an admin
            certificate: {rel}/pki/admin.pem; admin user: admin, password in {rel}/admin.password)
   user     demo (the farm's), password in {rel}/demo.password
 {rdp_host}The User Portal, in a browser (user demo; the certificate is self-signed):
-  https://{at("gateway_tls")}/
+  https://{at("gateway_tls")}/  (Open in browser{portal_rdp})
 Log in to the desktop through the gateway, in another shell:
   {ras} client --config {rel}/client.toml {pw} launch desktop --listen 127.0.0.1:13389
   xfreerdp /v:127.0.0.1:13389 {rdp_login} /cert:ignore
@@ -182,13 +194,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "farm",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run a one-machine farm (broker, gateway, agent) on loopback",
-        description="A whole farm in one process on 127.0.0.1. The first run makes the state "
-        "directory: the farm CA and the daemons' certificates, the gateway's self-signed "
-        "certificate, config files, the SQLite state and a demo user; later runs reuse it. "
-        "Without --rdp the farm's RDP host is a demo desktop on this machine (Xvfb mirrored by "
-        "freerdp-shadow-cli with NLA, RDP user 'demo'); with --rdp HOST:PORT, your own RDP "
-        "host. Ports and the RDP host are written into the config files on the first run; a "
-        "later run with a flag that differs from them is refused, naming the file and key.",
+        description=textwrap.fill(
+            "A whole farm in one process on 127.0.0.1. The first run makes the state "
+            "directory: the farm CA and the daemons' certificates, the gateway's self-signed "
+            "certificate, config files, the SQLite state and a demo user; later runs reuse it. "
+            "Without --rdp the farm's RDP host is a demo desktop on this machine (Xvfb mirrored by "
+            "freerdp-shadow-cli with NLA, RDP user 'demo'); with --rdp HOST:PORT, your own RDP "
+            "host. The User Portal (https on the gateway's TLS port) opens a desktop in the "
+            "browser or downloads an .rdp file for it: the file names the gateway's RDP port "
+            "(--gateway-rdp-port), where native RDP clients come in with the file's routing token. "
+            "Ports and the RDP host are written into the config files on the first run; a "
+            "later run with a flag that differs from them is refused, naming the file and key.",
+            78,
+            break_on_hyphens=False,
+        ),
         epilog="examples:\n  ras farm up\n  ras farm up --state-dir ./state2 --rdp 10.0.0.5:3389",
     )
     actions = farm.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -207,6 +226,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         for flag, what, default in (
             ("--gateway-port", "gateway plain port", defaults.gateway_plain),
             ("--gateway-tls-port", "gateway TLS port", defaults.gateway_tls),
+            ("--gateway-rdp-port", "gateway RDP port, for .rdp files", defaults.gateway_rdp),
             ("--broker-port", "broker port for gateways", defaults.broker_gateways),
             ("--agent-port", "broker port for agents", defaults.broker_agents),
             ("--admin-port", "broker admin API port, HTTPS", defaults.broker_admin),
