@@ -3,11 +3,14 @@
 Two users launch the same Remote PC through two brokers at the same instant, many rounds:
 exactly one gets it each round, the other a clear "in use"; once the winner has logged off,
 the other gets it through their own broker. The host's reports go to both brokers (as a real
-agent's do: it reports to every broker). Real processes: run under ``flock /tmp/ras-heavy.lock``.
+agent's do: it reports to every broker). The admin view (the API and ``ras admin host``) of
+either broker names whoever holds the host through any broker, and nobody once it is
+released. Real processes: run under ``flock /tmp/ras-heavy.lock``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +18,15 @@ from pathlib import Path
 import pytest
 import trio
 from etcdkit import Cluster, etcd_cluster, needs_etcd
+from farmkit import LOOPBACK
 
 from ras.broker.catalog import User
 from ras.broker.config import BrokerConfig, ResourceConfig
 from ras.broker.etcd import EtcdConfig
 from ras.broker.etcdstore import EtcdStore
 from ras.broker.server import Broker
+from ras.cli.admin import AdminClient
+from ras.cli.main import main
 from ras.errors import ErrorCode
 from ras.pki import FarmPKI
 from ras.protocol import (
@@ -131,3 +137,72 @@ async def test_two_users_launching_one_remote_pc_through_two_brokers_at_once(
         _report(both, [loser])
         _report(both, [])  # and logs off: free for the next round
     assert sum(wins.values()) == rounds
+
+
+async def test_every_brokers_admin_view_names_who_holds_a_remote_pc_through_any_broker(
+    cluster: Cluster, tmp_path: Path, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = FarmPKI(tmp_path / "pki")
+    pki.init_ca()
+    prefix = f"/ras-assign-{time.time_ns()}/"
+    admin_cert, admin_key = pki.ensure("ops-admin")
+    brokers: list[Broker] = []
+    urls: list[str] = []
+    for i, name in enumerate(("broker-a", "broker-b")):
+        cert, key = pki.ensure(name, LOOPBACK)
+        cfg = BrokerConfig(
+            name=name, database=tmp_path / f"{name}.sqlite3", cert_file=cert, key_file=key,
+            ca_file=pki.ca_path, gateway_port=0, agent_port=0, admin_port=0,
+            admin_cert_names=("ops-admin",), etcd=EtcdConfig(cluster.endpoints, prefix),
+            resources=(ResourceConfig("pc", "My PC", hosts=("pc1",)),),
+        )  # fmt: skip
+        broker = Broker(cfg, _store(cluster, prefix, i))
+        broker.hosts.register("pc1", HostKind.REMOTE_PC, "10.0.0.9", 3389, 1, time.monotonic())
+        addrs = await nursery.start(broker.serve)
+        brokers.append(broker)
+        urls.append(f"https://127.0.0.1:{addrs['admin'][1]}")
+    a, b = brokers
+    apis = [AdminClient(u, pki.ca_path, cert_file=admin_cert, key_file=admin_key) for u in urls]
+
+    async def assigned_to() -> list[str]:
+        """pc1's owner in each broker's admin API."""
+        got = [await trio.to_thread.run_sync(api.request, "GET", "hosts/pc1") for api in apis]
+        return [g["assigned_to"] for g in got]
+
+    async def ras_admin(url: str, *args: str) -> str:
+        common = ["admin", "--url", url, "--ca-file", str(pki.ca_path)]
+        common += ["--cert", str(admin_cert), "--key", str(admin_key)]
+        capsys.readouterr()
+        code = await trio.to_thread.run_sync(main, [*common, *args])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    _report((a, b), [])
+    assert await assigned_to() == ["", ""]
+    got = await a.launches.launch(Launch("pc", Mode.DIRECT), User("alice", ()), "10.1.1.1", "")
+    assert isinstance(got, LaunchOk), got
+    # b has not seen alice anywhere yet (no report of her session): the store says she has it
+    assert await assigned_to() == ["alice", "alice"]
+    shown = json.loads(await ras_admin(urls[1], "--json", "host", "show", "pc1"))
+    assert shown["assigned_to"] == "alice"
+    listed = (await ras_admin(urls[1], "host", "list")).splitlines()
+    assert "ASSIGNED_TO" in listed[0].split()
+    assert listed[1].split()[-1] == "alice", listed
+
+    _report((a, b), ["alice"])  # she connects, then logs off: released farm-wide
+    assert await assigned_to() == ["alice", "alice"]
+    _report((a, b), [])
+    with trio.fail_after(30):  # the releasing broker's next round (every 2 s) frees the store
+        while (seen := await assigned_to()) != ["", ""]:  # noqa: ASYNC110 (another broker's loop)
+            await trio.sleep(0.2)
+    assert seen == ["", ""]
+    assert b.store.assigned_hosts() == {}  # type: ignore[attr-defined]
+    listed = (await ras_admin(urls[0], "host", "list")).splitlines()
+    assert listed[1].split()[-1] == "-", listed
+
+    # the other way round: bob through b, named at a
+    got = await b.launches.launch(Launch("pc", Mode.DIRECT), User("bob", ()), "10.1.1.2", "")
+    assert isinstance(got, LaunchOk), got
+    assert await assigned_to() == ["bob", "bob"]
+    nursery.cancel_scope.cancel()

@@ -319,11 +319,11 @@ class _Api:
                 HostRecord(name, kind=host.kind).to_json() | {"configured": False},
             )
             entry.update(_live_host(host, now, self.broker.hosts.timeout_s))
-            if host.kind in SINGLE_USER:  # a Remote PC or VDI guest: whose it is now
-                catalog = self.broker.catalog
-                entry["assigned_to"] = catalog.assignments.owner(
-                    name, catalog.assign_policy(name), now
-                )
+        # Remote PCs and VDI guests: whose each is now (brokers on etcd: the farm's claims)
+        single = [n for n, h in self.broker.hosts.hosts.items() if h.kind in SINGLE_USER]
+        if single:
+            for key, owner in (await self.broker.catalog.owners(single)).items():
+                out[key]["assigned_to"] = owner
         return out
 
     async def hosts_list(self, request: ApiRequest) -> tuple[int, Any]:

@@ -30,6 +30,11 @@ sees the owner's logoff and releases the host, in memory and in the store (:attr
 which :class:`ras.broker.catalog.Catalog` hands to the store); a claim of a host this broker
 saw released replaces the stored owner only if the store still holds that very claim (its
 etcd revision, ``freed``): a claim made since, even the same user's, stands.
+
+Who a host belongs to, as the admin API shows it (:meth:`ras.broker.catalog.Catalog.owners`):
+one broker alone, this memory; brokers sharing a store, the store's claim (so a host claimed
+through broker A is named at broker B), unless this broker saw that very claim released, then
+a session begun without a launch (every broker gets the reports), then nobody.
 """
 
 from __future__ import annotations
@@ -106,6 +111,12 @@ class Assignments:
                 self.freed[key] = held.revision
             return ""
         return held.user
+
+    def claimed(self, host: str) -> bool:
+        """Whether this broker's owner of ``host`` came from a claim in a shared store (a
+        launch here or one adopted), not from a session begun without a launch."""
+        held = self._owners.get(host.casefold())
+        return held is not None and held.revision != 0
 
     def holding(self) -> list[str]:
         """The hosts assigned on first use now (case-folded), released or not yet."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -201,6 +202,34 @@ class Catalog:
             if choice.method != "affinity":
                 host.pending = max(0, host.pending - 1)
         return Choice(None, "in_use", "in use: every candidate is another user's", [])
+
+    async def owners(self, names: Iterable[str]) -> dict[str, str]:
+        """Who each single-user host of ``names`` belongs to now, for the admin view
+        (case-folded name -> owner, "" if free). One broker: its memory. Brokers sharing the
+        store: the farm's claims there (whichever broker made them), except one this broker
+        saw released; a static assignment; else the owner of a session begun without a launch
+        (reported to every broker). Blocks on the store in a worker thread."""
+        now = time.monotonic()
+        names = list(names)
+        # asked first: what this broker's memory lets go (released hosts) happens here
+        local = {n.casefold(): self.assignments.owner(n, self.assign_policy(n), now) for n in names}
+        shared = await trio.to_thread.run_sync(self.store.assigned_hosts)
+        if shared is None:
+            return local
+        out: dict[str, str] = {}
+        for name in names:
+            key = name.casefold()
+            policy = self.assign_policy(name)
+            owner, revision = shared.get(key, ("", 0))
+            if policy.static_user:
+                out[key] = policy.static_user
+            elif owner and revision != self.assignments.freed.get(key):
+                out[key] = owner
+            elif self.assignments.claimed(key):
+                out[key] = ""  # this broker's claim is no longer the store's: released
+            else:
+                out[key] = local[key]
+        return out
 
     async def release_hosts(self) -> None:
         """Release in the store the hosts this broker saw released (best effort: a release

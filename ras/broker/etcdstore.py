@@ -243,6 +243,18 @@ class EtcdStore:
         got = self.etcd.txn([Op.mod_revision_is(key, revision)], [Op.delete(key)])
         return bool(got.succeeded)
 
+    def assigned_hosts(self) -> dict[str, tuple[str, int]]:
+        """Every claim in the store, whichever broker made it: case-folded host -> (owner,
+        the claim's revision), in one read of ``assigned/``."""
+        start = self._key("assigned", b"")
+        return {
+            kv.key[len(start) :].decode(errors="replace"): (
+                kv.value.decode(errors="replace"),
+                kv.mod_revision,
+            )
+            for kv in self.etcd.get_prefix(start)
+        }
+
     # -- configured objects (ras.broker.model records) --------------------------------------
 
     def _changed(self) -> dict[str, Any]:

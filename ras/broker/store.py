@@ -52,6 +52,10 @@ class Store(Protocol):
     def use_totp_step(self, name: str, step: int) -> bool: ...
     def claim_host(self, host: str, user: str, stale: int = 0) -> tuple[str, int]: ...
     def release_host(self, host: str, revision: int) -> bool: ...
+    def assigned_hosts(self) -> dict[str, tuple[str, int]] | None:
+        """The farm-wide claims of single-user hosts: case-folded host -> (owner, revision of
+        the claim); None where nothing is shared (one broker: its memory is the truth)."""
+
     def get_object(self, cls: type[T], key: str) -> T | None: ...
     def put_object(self, obj: Any) -> None: ...
     def delete_object(self, cls: type[Any], key: str) -> bool: ...
@@ -217,6 +221,10 @@ class SQLiteStore:
     def release_host(self, host: str, revision: int) -> bool:
         """The claim of ``revision`` on ``host`` is over (one broker alone: nothing stored)."""
         return False
+
+    def assigned_hosts(self) -> None:
+        """Nothing shared: the broker's memory says who each host belongs to."""
+        return None
 
     # -- configured objects (ras.broker.model records) ---------------------------------------
 

@@ -77,6 +77,7 @@ COLUMNS = {
         "cpu_percent",
         "memory_percent",
         "pools",
+        "assigned_to",
     ],
     "pools": ["name", "balancing", "description"],
     "resources": ["id", "name", "kind", "hosts", "pools", "filter", "enabled", "source"],
