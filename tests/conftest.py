@@ -8,8 +8,9 @@ import pytest
 import rdp_peers
 from rdp_peers import ShadowServer, Xvfb
 
-# the network-namespace lab fixtures (make_lab, lab); the fast level's (inline_threads)
-pytest_plugins = ("labkit", "memkit")
+# the network-namespace lab fixtures (make_lab, lab); the fast level's (inline_threads); a real
+# etcd cluster (cluster)
+pytest_plugins = ("labkit", "memkit", "etcdkit")
 
 SHADOW_USER = "rdpuser"
 SHADOW_PASSWORD = "correct horse 7"

@@ -13,6 +13,9 @@ this before pytest loads it as a plugin, so its assertions cannot be rewritten; 
   CI (``CI`` set) with root and ``ip`` they fail instead (see `ras.lab.lab_unavailable`).
   A test that runs a further program in the lab says so: ``require_lab("ping")``.
 - Wait by polling: `wait_until` / `await_until` (10 ms steps), never by fixed sleeps.
+- TCP in the lab: an echo server (`start_echo_server`, `echo`), `connect`, `reachable`, and a
+  `Bridge` that carries connections made to a lab host on to a server on this machine's
+  loopback (the real RDP server of the lab tests).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import ipaddress
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +38,7 @@ from ras.lab import Host, Lab, lab_unavailable
 
 __all__ = [
     "ECHO_SERVER",
+    "Bridge",
     "WaitTimeout",
     "accepted_from",
     "await_until",
@@ -228,3 +233,51 @@ def reachable(client: Host, address: Address, port: int, timeout: float = 0.3) -
     except OSError:
         return False
     return True
+
+
+class Bridge:
+    """Listens on ``port`` inside a lab host; carries each connection, unchanged both ways, to
+    ``target`` on this machine's loopback (where the RDP server runs)."""
+
+    def __init__(self, host: Host, port: int, target: tuple[str, int]) -> None:
+        self.target = target
+        self.connections = 0
+        self._listener = host.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("0.0.0.0", port))
+        self._listener.listen(16)
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._carry, args=(conn,), daemon=True).start()
+
+    def _carry(self, conn: socket.socket) -> None:
+        with conn, socket.create_connection(self.target, timeout=10) as upstream:
+            upstream.settimeout(None)
+            back = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)
+            back.start()
+            _pump(conn, upstream)
+            back.join(60)
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_RDWR)

@@ -9,36 +9,21 @@ the deposed primary's late writes are refused. Real processes: ``flock /tmp/ras-
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from etcdkit import Cluster, etcd_cluster, free_ports, needs_etcd
-from farmkit import LOOPBACK, until
+from etcdkit import Brokers, Cluster, etcd_config, needs_etcd
+from farmkit import until
 
-from ras.broker.config import BrokerConfig
 from ras.broker.etcd import EtcdConfig
 from ras.broker.etcdstore import EtcdStore, FencedOut
 from ras.broker.model import HostKind, HostRecord
 from ras.broker.roles import Roles, RolesConfig
-from ras.broker.server import Broker
-from ras.cli.admin import AdminApiError, AdminClient
-from ras.pki import FarmPKI
+from ras.cli.admin import AdminApiError
 
 pytestmark = needs_etcd
 DELAY = 900.0  # the shortest automatic promotion delay
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
-
-
-def _etcd(cluster: Cluster) -> EtcdConfig:
-    return EtcdConfig(endpoints=cluster.endpoints, prefix=f"/ras-roles-{time.time_ns()}/")
 
 
 def _roles(etcd: EtcdConfig, name: str, priority: int, **kw: object) -> Roles:
@@ -49,7 +34,7 @@ def _roles(etcd: EtcdConfig, name: str, priority: int, **kw: object) -> Roles:
 def test_a_dead_primary_is_replaced_after_the_delay_and_its_late_writes_are_refused(
     cluster: Cluster,
 ) -> None:
-    etcd = _etcd(cluster)
+    etcd = etcd_config(cluster, "roles")
     a, b, c = _roles(etcd, "a", 0), _roles(etcd, "b", 1, failback=True), _roles(etcd, "c", 2)
     for r in (a, b, c):
         r._tick(0.0)
@@ -94,7 +79,7 @@ def test_a_dead_primary_is_replaced_after_the_delay_and_its_late_writes_are_refu
 def test_promotion_deposes_the_primary_at_once_and_four_brokers_never_auto_promote(
     cluster: Cluster,
 ) -> None:
-    etcd = _etcd(cluster)
+    etcd = etcd_config(cluster, "roles")
     brokers = [_roles(etcd, name, i) for i, name in enumerate("abcd")]
     for r in brokers:
         r._tick(0.0)
@@ -124,32 +109,11 @@ def test_promotion_deposes_the_primary_at_once_and_four_brokers_never_auto_promo
 async def test_a_secondary_redirects_admin_writes_to_the_primary(
     cluster: Cluster, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    pki = FarmPKI(tmp_path / "pki")
-    pki.init_ca()
-    etcd = _etcd(cluster)
-    admin_cert, admin_key = pki.ensure("ops-admin")
-    brokers: dict[str, Broker] = {}
-    apis: dict[str, AdminClient] = {}
-    for name, priority in (("broker-a", 0), ("broker-b", 1)):
-        cert, key = pki.ensure(name, LOOPBACK)
-        admin_port = free_ports(1)[0]
-        cfg = BrokerConfig(
-            name=name, database=tmp_path / f"{name}.sqlite3", cert_file=cert, key_file=key,
-            ca_file=pki.ca_path, gateway_port=0, agent_port=0, admin_port=admin_port,
-            admin_cert_names=("ops-admin",), etcd=etcd,
-            roles=RolesConfig(
-                priority=priority, primary_lease_s=3,
-                admin_url=f"https://127.0.0.1:{admin_port}",
-            ),
-        )  # fmt: skip
-        brokers[name] = Broker(cfg, EtcdStore(etcd))
-        await nursery.start(brokers[name].serve)
-        await until(lambda b=brokers[name]: b.roles is not None and bool(b.roles.primary))
-        apis[name] = AdminClient(
-            f"https://127.0.0.1:{admin_port}", pki.ca_path, cert_file=admin_cert,
-            key_file=admin_key,
-        )  # fmt: skip
-    a, b = brokers["broker-a"].roles, brokers["broker-b"].roles
+    etcd = etcd_config(cluster, "roles")
+    brokers = Brokers(tmp_path, etcd, nursery, admin=True, roles={"primary_lease_s": 3})
+    broker_a, broker_b = await brokers.start_in_order("broker-a", "broker-b")
+    apis = {name: brokers.api(name) for name in ("broker-a", "broker-b")}
+    a, b = broker_a.roles, broker_b.roles
     assert a is not None
     assert b is not None
     assert a.is_primary
@@ -181,4 +145,4 @@ async def test_a_secondary_redirects_admin_writes_to_the_primary(
     assert info.value.status == 307
     assert "primary broker-b" in str(info.value)
     with pytest.raises(FencedOut):  # a's store refuses even a write past its API
-        brokers["broker-a"].store.put_object(HostRecord("rdsh9", HostKind.RDSH, drained=True))
+        broker_a.store.put_object(HostRecord("rdsh9", HostKind.RDSH, drained=True))

@@ -8,74 +8,21 @@ back, new sessions go to it again. Real processes: run under ``flock /tmp/ras-he
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import pytest
 import trio
-from etcdkit import Cluster, etcd_cluster, free_ports, needs_etcd
-from farmkit import LOOPBACK, PASSWORD, USER, Farm, Listener, add_agent, add_gateway, until
+from etcdkit import Brokers, Cluster, etcd_config, needs_etcd
+from farmkit import PASSWORD, USER, Farm, Listener, add_agent, add_gateway, until
 
-from ras.broker.config import BrokerConfig, ResourceConfig
-from ras.broker.etcd import EtcdConfig
+from ras.broker.config import ResourceConfig
 from ras.broker.etcdstore import EtcdStore
 from ras.broker.model import SessionRecord
 from ras.broker.passwords import hash_password
-from ras.broker.server import Broker
 from ras.broker.store import UserRecord
 from ras.client.session import ClientSession
-from ras.pki import FarmPKI
 from ras.protocol import Mode
 
 pytestmark = needs_etcd
-
-
-class Brokers:
-    """Brokers on fixed ports, each in a cancel scope of its own (stop and start again)."""
-
-    def __init__(self, tmp: Path, pki: FarmPKI, etcd: EtcdConfig, nursery: trio.Nursery) -> None:
-        self.tmp, self.pki, self.etcd, self.nursery = tmp, pki, etcd, nursery
-        self.ports: dict[str, tuple[int, int]] = {}
-        self.running: dict[str, Broker] = {}
-        self._scopes: dict[str, trio.CancelScope] = {}
-
-    async def start(self, name: str) -> Broker:
-        if name not in self.ports:
-            gw, ag = free_ports(2)
-            self.ports[name] = (gw, ag)
-        cert, key = self.pki.ensure(name, LOOPBACK)
-        cfg = BrokerConfig(
-            name=name,
-            database=self.tmp / f"{name}.sqlite3",
-            cert_file=cert,
-            key_file=key,
-            ca_file=self.pki.ca_path,
-            gateway_port=self.ports[name][0],
-            agent_port=self.ports[name][1],
-            admin_enabled=False,
-            etcd=self.etcd,
-            resources=(ResourceConfig("desktop", "Desktop"),),
-        )
-        broker = Broker(cfg, EtcdStore(self.etcd))
-        scope = trio.CancelScope()
-
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                async with trio.open_nursery() as inner:
-                    await inner.start(broker.serve)
-                    task_status.started()
-
-        await self.nursery.start(run)
-        self.running[name] = broker
-        self._scopes[name] = scope
-        return broker
-
-    def stop(self, name: str) -> None:
-        self._scopes.pop(name).cancel()
-        del self.running[name]
-
-    def addresses(self, which: int) -> list[str]:
-        return [f"127.0.0.1:{ports[which]}" for ports in self.ports.values()]
 
 
 async def _launch(f: Farm) -> tuple[ClientSession, trio.abc.Stream]:
@@ -95,26 +42,17 @@ async def _echoes(tunnel: trio.abc.Stream, data: bytes) -> bool:
     return got == data
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
-
-
 async def test_a_gateway_and_an_agent_fail_over_to_the_other_broker_and_come_back(
     cluster: Cluster, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    pki = FarmPKI(tmp_path / "pki")
-    pki.init_ca()
-    etcd = EtcdConfig(endpoints=cluster.endpoints, prefix=f"/ras-failover-{time.time_ns()}/")
+    etcd = etcd_config(cluster, "failover")
     EtcdStore(etcd).put_user(UserRecord(USER, hash_password(PASSWORD), ("users",)))
-    brokers = Brokers(tmp_path, pki, etcd, nursery)
+    brokers = Brokers(tmp_path, etcd, nursery, resources=(ResourceConfig("desktop", "Desktop"),))
     a = await brokers.start("broker-a")
     b = await brokers.start("broker-b")
     host = Listener()
     rdp_port = await nursery.start(host.serve)
-    gw, ag = brokers.ports["broker-a"]
-    f = Farm(pki, a, EtcdStore(etcd), {"gateways": ("127.0.0.1", gw), "agents": ("127.0.0.1", ag)})
+    f = brokers.farm("broker-a")
     await add_gateway(f, nursery, "gateway", brokers=brokers.addresses(0), broker_failover_s=2.0)
     await add_agent(f, nursery, "rdsh1", "127.0.0.1", rdp_port, brokers=brokers.addresses(1))
     await until(lambda: "rdsh1" in a.hosts.hosts and "rdsh1" in b.hosts.hosts)

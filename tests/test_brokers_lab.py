@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from conftest import SHADOW_PASSWORD, SHADOW_USER
 from etcdkit import needs_etcd
-from test_farm_lab_rdp import Bridge
+from labkit import Bridge
 
 from ras.broker.etcd import Etcd, EtcdConfig
 from ras.broker.etcdstore import EtcdStore

@@ -12,12 +12,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from etcdkit import Cluster, etcd_cluster, free_ports, needs_etcd
+from etcdkit import Cluster, free_ports, needs_etcd
 from farmkit import LOOPBACK, PASSWORD, USER, Farm, Listener, add_agent, add_gateway
 
 from ras.broker.etcdstore import EtcdStore
@@ -31,12 +30,6 @@ from ras.protocol import Mode
 pytestmark = needs_etcd
 NAMES = ("broker-a", "broker-b", "broker-c")
 WORKERS = 3
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
 
 
 def _broker_toml(

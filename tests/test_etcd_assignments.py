@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
-from etcdkit import Cluster, etcd_cluster, needs_etcd
-from farmkit import LOOPBACK
+from etcdkit import ADMIN, Brokers, Cluster, etcd_config, make_broker, needs_etcd
 
 from ras.broker.catalog import User
-from ras.broker.config import BrokerConfig, ResourceConfig
-from ras.broker.etcd import EtcdConfig
+from ras.broker.config import ResourceConfig
 from ras.broker.etcdstore import EtcdStore
 from ras.broker.server import Broker
-from ras.cli.admin import AdminClient
 from ras.cli.main import main
 from ras.errors import ErrorCode
 from ras.pki import FarmPKI
@@ -42,31 +38,21 @@ from ras.protocol import (
 pytestmark = needs_etcd
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
+PC1 = (ResourceConfig("pc", "My PC", hosts=("pc1",)),)
 
 
 def _store(cluster: Cluster, prefix: str, rotate: int) -> EtcdStore:
-    endpoints = cluster.endpoints[rotate:] + cluster.endpoints[:rotate]
-    return EtcdStore(EtcdConfig(endpoints=endpoints, prefix=prefix))
+    return EtcdStore(etcd_config(cluster, first=rotate, prefix=prefix))
+
+
+def _with_pc1(broker: Broker) -> Broker:
+    """``broker`` knowing pc1 (10.0.0.9:3389), as its agent's registration makes it."""
+    broker.hosts.register("pc1", HostKind.REMOTE_PC, "10.0.0.9", 3389, 1, time.monotonic())
+    return broker
 
 
 def _broker(tmp: Path, store: EtcdStore, name: str, pki: FarmPKI) -> Broker:
-    cert, key = pki.ensure(name, ("127.0.0.1",))
-    cfg = BrokerConfig(
-        name=name,
-        database=tmp / f"{name}.sqlite3",
-        cert_file=cert,
-        key_file=key,
-        ca_file=pki.ca_path,
-        admin_enabled=False,
-        resources=(ResourceConfig("pc", "My PC", hosts=("pc1",)),),
-    )
-    broker = Broker(cfg, store)
-    broker.hosts.register("pc1", HostKind.REMOTE_PC, "10.0.0.9", 3389, 1, time.monotonic())
-    return broker
+    return _with_pc1(make_broker(tmp, pki, name, store, resources=PC1))
 
 
 def _report(brokers: tuple[Broker, ...], users: list[str]) -> None:
@@ -142,27 +128,13 @@ async def test_two_users_launching_one_remote_pc_through_two_brokers_at_once(
 async def test_every_brokers_admin_view_names_who_holds_a_remote_pc_through_any_broker(
     cluster: Cluster, tmp_path: Path, nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pki = FarmPKI(tmp_path / "pki")
-    pki.init_ca()
-    prefix = f"/ras-assign-{time.time_ns()}/"
-    admin_cert, admin_key = pki.ensure("ops-admin")
-    brokers: list[Broker] = []
-    urls: list[str] = []
-    for i, name in enumerate(("broker-a", "broker-b")):
-        cert, key = pki.ensure(name, LOOPBACK)
-        cfg = BrokerConfig(
-            name=name, database=tmp_path / f"{name}.sqlite3", cert_file=cert, key_file=key,
-            ca_file=pki.ca_path, gateway_port=0, agent_port=0, admin_port=0,
-            admin_cert_names=("ops-admin",), etcd=EtcdConfig(cluster.endpoints, prefix),
-            resources=(ResourceConfig("pc", "My PC", hosts=("pc1",)),),
-        )  # fmt: skip
-        broker = Broker(cfg, _store(cluster, prefix, i))
-        broker.hosts.register("pc1", HostKind.REMOTE_PC, "10.0.0.9", 3389, 1, time.monotonic())
-        addrs = await nursery.start(broker.serve)
-        brokers.append(broker)
-        urls.append(f"https://127.0.0.1:{addrs['admin'][1]}")
-    a, b = brokers
-    apis = [AdminClient(u, pki.ca_path, cert_file=admin_cert, key_file=admin_key) for u in urls]
+    brokers = Brokers(tmp_path, etcd_config(cluster, "assign"), nursery, admin=True, resources=PC1)
+    names = ("broker-a", "broker-b")
+    a, b = [_with_pc1(await brokers.start(name)) for name in names]
+    apis = [brokers.api(name) for name in names]
+    urls = [brokers.url(name) for name in names]
+    pki = brokers.pki
+    admin_cert, admin_key = pki.ensure(ADMIN)
 
     async def assigned_to() -> list[str]:
         """pc1's owner in each broker's admin API."""

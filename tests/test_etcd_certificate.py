@@ -9,42 +9,28 @@ What is checked is what the gateway's TLS port presents. Real processes: run und
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
-from etcdkit import Cluster, etcd_cluster, needs_etcd
-from farmkit import Farm, add_gateway, until
+from etcdkit import Brokers, Cluster, etcd_config, needs_etcd
+from farmkit import add_gateway, until
 from test_admin_certs import _presents, _serial
-from test_brokers_failover import Brokers
 
-from ras.broker.etcd import EtcdConfig
-from ras.broker.etcdstore import EtcdStore
-from ras.pki import FarmPKI, self_signed_certificate
+from ras.broker.config import ResourceConfig
+from ras.pki import self_signed_certificate
 
 pytestmark = needs_etcd
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
 
 
 async def test_a_certificate_imported_on_one_broker_is_served_by_the_others_gateway(
     cluster: Cluster, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    pki = FarmPKI(tmp_path / "pki")
-    pki.init_ca()
-    etcd = EtcdConfig(endpoints=cluster.endpoints, prefix=f"/ras-cert-{time.time_ns()}/")
-    brokers = Brokers(tmp_path, pki, etcd, nursery)
+    etcd = etcd_config(cluster, "cert")
+    brokers = Brokers(tmp_path, etcd, nursery, resources=(ResourceConfig("desktop", "Desktop"),))
     a = await brokers.start("broker-a")
     b = await brokers.start("broker-b")
-    gw, ag = brokers.ports["broker-b"]
-    f = Farm(pki, b, EtcdStore(etcd), {"gateways": ("127.0.0.1", gw), "agents": ("127.0.0.1", ag)})
-    only_b = [f"127.0.0.1:{gw}"]
+    f = brokers.farm("broker-b")
+    only_b = [f"127.0.0.1:{brokers.ports['broker-b'][0]}"]
     await add_gateway(f, nursery, "gateway", brokers=only_b)  # linked to broker b alone
     await until(lambda: bool(b.gateways.get("gateway")) and b.gateways["gateway"].online)
     assert "gateway" not in a.gateways

@@ -9,23 +9,16 @@ between to hide what is shared). Real processes: run under ``flock /tmp/ras-heav
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
-from etcdkit import Cluster, etcd_cluster, free_ports, needs_etcd
-from farmkit import LOOPBACK, Farm, Listener, add_agent, until
+from etcdkit import Brokers, Cluster, etcd_config, needs_etcd
+from farmkit import Listener, add_agent, until
 
 from ras.broker.catalog import User
-from ras.broker.config import BrokerConfig, ResourceConfig
-from ras.broker.etcd import EtcdConfig
-from ras.broker.etcdstore import EtcdStore
+from ras.broker.config import ResourceConfig
 from ras.broker.model import SessionState
-from ras.broker.server import Broker
 from ras.errors import ErrorCode
-from ras.pki import FarmPKI
 from ras.protocol import HostKind, Launch, LaunchOk, Mode
 
 PC = HostKind.REMOTE_PC
@@ -33,41 +26,25 @@ PC = HostKind.REMOTE_PC
 pytestmark = needs_etcd
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
-
-
 async def test_a_launch_through_one_broker_counts_in_the_others_view_and_placement(
     cluster: Cluster, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    pki = FarmPKI(tmp_path / "pki")
-    pki.init_ca()
-    etcd = EtcdConfig(endpoints=cluster.endpoints, prefix=f"/ras-sessions-{time.time_ns()}/")
-    brokers: dict[str, Broker] = {}
-    agent_ports: list[tuple[str, int]] = []
-    for name in ("broker-a", "broker-b"):
-        cert, key = pki.ensure(name, LOOPBACK)
-        gw, ag = free_ports(2)
-        cfg = BrokerConfig(
-            name=name, database=tmp_path / f"{name}.sqlite3", cert_file=cert, key_file=key,
-            ca_file=pki.ca_path, gateway_port=gw, agent_port=ag, admin_enabled=False, etcd=etcd,
-            resources=(
-                ResourceConfig("desktop", "Desktop", hosts=("rdsh1", "rdsh2")),
-                ResourceConfig("pc", "My PC", hosts=("pc1",)),
-            ),
-            # placement by session count only; reports once a minute
-            weight_memory=0.0, weight_cpu=0.0, report_interval_s=60.0, host_timeout_s=180.0,
-        )  # fmt: skip
-        brokers[name] = Broker(cfg, EtcdStore(etcd))
-        await nursery.start(brokers[name].serve)
-        agent_ports.append(("127.0.0.1", ag))
-    a, b = brokers["broker-a"], brokers["broker-b"]
+    etcd = etcd_config(cluster, "sessions")
+    brokers = Brokers(
+        tmp_path, etcd, nursery,
+        resources=(
+            ResourceConfig("desktop", "Desktop", hosts=("rdsh1", "rdsh2")),
+            ResourceConfig("pc", "My PC", hosts=("pc1",)),
+        ),
+        # placement by session count only; reports once a minute
+        weight_memory=0.0, weight_cpu=0.0, report_interval_s=60.0, host_timeout_s=180.0,
+    )  # fmt: skip
+    a = await brokers.start("broker-a")
+    b = await brokers.start("broker-b")
     rdp = Listener()
     rdp_port = await nursery.start(rdp.serve)
-    f = Farm(pki, a, EtcdStore(etcd), {"agents": agent_ports[0]})  # type: ignore[arg-type]
-    both = [f"{h}:{p}" for h, p in agent_ports]
+    f = brokers.farm("broker-a")
+    both = brokers.addresses(1)
     for host, kind in (("rdsh1", HostKind.RDSH), ("rdsh2", HostKind.RDSH), ("pc1", PC)):
         await add_agent(f, nursery, host, "127.0.0.1", rdp_port, brokers=both, kind=kind)
     await until(lambda: all(len(x.hosts.hosts) == 3 for x in (a, b)))

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from etcdkit import Cluster, etcd_cluster, needs_etcd
+from etcdkit import Cluster, etcd_cluster, etcd_config, make_broker, needs_etcd
 
 from ras.broker.config import BrokerConfig, ResourceConfig
 from ras.broker.directory import DirectoryUnavailable
-from ras.broker.etcd import EtcdConfig
 from ras.broker.etcdstore import EtcdStore, FencedOut
 from ras.broker.model import HostKind, HostRecord, ResourceRecord
 from ras.broker.passwords import hash_password
@@ -34,20 +33,9 @@ from ras.protocol import RedeemTicket, TicketOk
 pytestmark = needs_etcd
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
-
-
-_prefixes = iter(range(10**6))
-
-
 def _etcd_store(cluster: Cluster, *, rotate: int = 0, prefix: str | None = None) -> EtcdStore:
     """A store on its own key prefix (one per test), talking first to member ``rotate``."""
-    endpoints = cluster.endpoints[rotate:] + cluster.endpoints[:rotate]
-    prefix = prefix or f"/ras-test-{time.time_ns()}-{next(_prefixes)}/"
-    return EtcdStore(EtcdConfig(endpoints=endpoints, prefix=prefix))
+    return EtcdStore(etcd_config(cluster, "store", first=rotate, prefix=prefix))
 
 
 @pytest.fixture(params=["sqlite", "etcd"])
@@ -140,17 +128,7 @@ def test_a_fenced_write_is_refused_once_the_fence_moved(cluster: Cluster) -> Non
 
 
 def _broker(tmp: Path, store: EtcdStore, name: str, pki: FarmPKI) -> Broker:
-    cert, key = pki.ensure(name, ("127.0.0.1",))
-    cfg = BrokerConfig(
-        name=name,
-        database=tmp / f"{name}.sqlite3",
-        cert_file=cert,
-        key_file=key,
-        ca_file=pki.ca_path,
-        admin_enabled=False,
-        resources=(ResourceConfig("desktop", "Desktop"),),
-    )
-    return Broker(cfg, store)
+    return make_broker(tmp, pki, name, store, resources=(ResourceConfig("desktop", "Desktop"),))
 
 
 async def test_two_brokers_redeem_the_same_tickets_at_once_and_each_works_once(

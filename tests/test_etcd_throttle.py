@@ -9,36 +9,28 @@ Real processes: run under the heavy-test lock (``flock /tmp/ras-heavy.lock``).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from etcdkit import Cluster, etcd_cluster, free_ports, needs_etcd
-from farmkit import LOOPBACK, PASSWORD, USER, until
+from etcdkit import Brokers, Cluster, etcd_cluster, etcd_config, needs_etcd
+from farmkit import PASSWORD, USER
 
-from ras.broker.config import BrokerConfig, ResourceConfig, RolesConfig
+from ras.broker.config import BrokerConfig, ResourceConfig
 from ras.broker.directory import BuiltinDirectory
-from ras.broker.etcd import Etcd, EtcdConfig
+from ras.broker.etcd import Etcd
 from ras.broker.etcdstore import EtcdStore
 from ras.broker.etcdthrottle import EtcdThrottle
 from ras.broker.passwords import hash_password
 from ras.broker.server import Broker
 from ras.broker.store import SQLiteStore, UserRecord
 from ras.broker.throttle import Lockout
-from ras.cli.admin import AdminClient
 from ras.errors import ErrorCode, RasError
 from ras.pki import FarmPKI
 from ras.protocol import Authenticate
 
 pytestmark = needs_etcd
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with etcd_cluster(tmp_path_factory.mktemp("etcd")) as c:
-        yield c
 
 
 class Clock:
@@ -57,9 +49,8 @@ def _throttle(
     cluster: Cluster, prefix: str, clock: Clock, *, rotate: int, per_user: int = 3
 ) -> EtcdThrottle:
     """One broker's throttle, talking first to etcd member ``rotate``."""
-    endpoints = cluster.endpoints[rotate:] + cluster.endpoints[:rotate]
     return EtcdThrottle(
-        Etcd(EtcdConfig(endpoints=endpoints, prefix=prefix)),
+        Etcd(etcd_config(cluster, first=rotate, prefix=prefix)),
         prefix,
         max_failures_per_user=per_user,
         max_failures_per_address=10,
@@ -138,30 +129,11 @@ async def test_concurrent_failures_on_two_brokers_are_all_counted(cluster: Clust
 async def test_a_lockout_holds_on_both_brokers_and_ras_admin_unlock_on_either_frees_it(
     cluster: Cluster, tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    pki = FarmPKI(tmp_path / "pki")
-    pki.init_ca()
-    etcd = EtcdConfig(endpoints=cluster.endpoints, prefix=_prefix())
-    admin_cert, admin_key = pki.ensure("ops-admin")
-    brokers: dict[str, Broker] = {}
-    apis: dict[str, AdminClient] = {}
-    for name, priority in (("broker-a", 0), ("broker-b", 1)):
-        cert, key = pki.ensure(name, LOOPBACK)
-        admin_port = free_ports(1)[0]
-        cfg = BrokerConfig(
-            name=name, database=tmp_path / f"{name}.sqlite3", cert_file=cert, key_file=key,
-            ca_file=pki.ca_path, gateway_port=0, agent_port=0, admin_port=admin_port,
-            admin_cert_names=("ops-admin",), etcd=etcd, max_failures_per_user=3,
-            resources=(ResourceConfig("desktop", "Desktop"),),
-            roles=RolesConfig(priority=priority, admin_url=f"https://127.0.0.1:{admin_port}"),
-        )  # fmt: skip
-        brokers[name] = Broker(cfg, EtcdStore(etcd))
-        await nursery.start(brokers[name].serve)
-        await until(lambda b=brokers[name]: b.roles is not None and bool(b.roles.primary))
-        apis[name] = AdminClient(
-            f"https://127.0.0.1:{admin_port}", pki.ca_path, cert_file=admin_cert,
-            key_file=admin_key,
-        )  # fmt: skip
-    a, b = brokers["broker-a"], brokers["broker-b"]
+    brokers = Brokers(
+        tmp_path, etcd_config(cluster, "throttle"), nursery, admin=True,
+        max_failures_per_user=3, resources=(ResourceConfig("desktop", "Desktop"),),
+    )  # fmt: skip
+    a, b = await brokers.start_in_order("broker-a", "broker-b")
     a.store.put_user(UserRecord(USER, hash_password(PASSWORD), ("users",)))
 
     async def log_in(broker: Broker, password: str) -> Any:
@@ -184,7 +156,8 @@ async def test_a_lockout_holds_on_both_brokers_and_ras_admin_unlock_on_either_fr
     # `ras admin user unlock` on the secondary (the counters are not configuration)
     assert b.roles is not None
     assert not b.roles.is_primary
-    got = await trio.to_thread.run_sync(apis["broker-b"].request, "POST", f"users/{USER}/unlock")
+    on_b = brokers.api("broker-b")
+    got = await trio.to_thread.run_sync(on_b.request, "POST", f"users/{USER}/unlock")
     assert got == {"user": USER, "unlocked": True}
     for broker in (a, b):
         assert (await log_in(broker, PASSWORD)).name == USER

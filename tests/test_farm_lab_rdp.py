@@ -11,17 +11,14 @@ xfreerdp and the server: exit 0 with the right password, 147 with a wrong one.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import SHADOW_PASSWORD, SHADOW_USER
+from labkit import Bridge
 
-from ras.lab import Host
 from ras.lab.farmlab import (
     PLAIN_PORT,
     PUBLIC_NAME,
@@ -38,54 +35,6 @@ RAS = [sys.executable, "-m", "ras"]
 BRIDGE_PORT = 3390
 LISTEN = 13389
 WRONG = "not the password"
-
-
-class Bridge:
-    """Listens on ``port`` inside a lab host; carries each connection, unchanged both ways, to
-    ``target`` on this machine's loopback (where the RDP server runs)."""
-
-    def __init__(self, host: Host, port: int, target: tuple[str, int]) -> None:
-        self.target = target
-        self.connections = 0
-        self._listener = host.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("0.0.0.0", port))
-        self._listener.listen(16)
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._carry, args=(conn,), daemon=True).start()
-
-    def _carry(self, conn: socket.socket) -> None:
-        with conn, socket.create_connection(self.target, timeout=10) as upstream:
-            upstream.settimeout(None)
-            back = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)
-            back.start()
-            _pump(conn, upstream)
-            back.join(60)
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-        dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_RDWR)
 
 
 @pytest.fixture
