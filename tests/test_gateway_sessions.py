@@ -85,6 +85,24 @@ async def _login(f: MemoryFarm, source: str) -> None:
 # -- admission: deadlines from the accept, slots and rate per address --------------------------
 
 
+class _Trickler:
+    """Sends ``data`` to ``stream`` a byte every ``step_s`` s until the gateway closes it;
+    ``sent`` counts the bytes that went."""
+
+    def __init__(self, stream: trio.abc.Stream, data: bytes, *, step_s: float) -> None:
+        self.stream, self.data, self.step_s = stream, data, step_s
+        self.sent = 0
+
+    async def run(self) -> None:
+        for byte in self.data:
+            try:
+                await self.stream.send_all(bytes([byte]))
+            except BROKEN:
+                return
+            self.sent += 1
+            await trio.sleep(self.step_s)
+
+
 async def test_a_trickling_client_loses_its_slot_at_the_deadline(tmp_path, nursery, autojump_clock):
     """A client trickling its hello holds its address's only pre-authentication slot until the
     deadline, counted from the accept (its bytes do not extend it), and is closed then.
@@ -94,20 +112,9 @@ async def test_a_trickling_client_loses_its_slot_at_the_deadline(tmp_path, nurse
         gw = f.gateway(preauth_timeout_s=3, handshake_timeout_s=60, max_preauth_per_ip=1)
         trickle = await f.net.connect("gateway", 80, source=TRICKLER)
         accepted = trio.current_time()
-        sent = 0
-
-        async def trickler() -> None:
-            nonlocal sent
-            for byte in _hello() * 10:
-                try:
-                    await trickle.send_all(bytes([byte]))
-                except BROKEN:
-                    return
-                sent += 1
-                await trio.sleep(0.1)
-
+        trickler = _Trickler(trickle, _hello() * 10, step_s=0.1)
         async with trio.open_nursery() as inner:
-            inner.start_soon(trickler)
+            inner.start_soon(trickler.run)
             await until(lambda: gw.limits.preauth(TRICKLER) == 1)
             second = await f.net.connect("gateway", 80, source=TRICKLER)
             with contextlib.suppress(trio.BrokenResourceError):  # closed at once
@@ -119,7 +126,7 @@ async def test_a_trickling_client_loses_its_slot_at_the_deadline(tmp_path, nurse
             closed_after = trio.current_time() - accepted
             inner.cancel_scope.cancel()
         assert closed_after == pytest.approx(3)
-        assert 20 <= sent < len(_hello())  # into the hello frame, then cut off
+        assert 20 <= trickler.sent < len(_hello())  # into the hello frame, then cut off
         await until(lambda: gw.limits.preauth(TRICKLER) == 0)
         await _login(f, TRICKLER)
         assert gw.limits.held == 0
@@ -245,20 +252,9 @@ async def test_rdp_port_slots_per_address_and_the_deadline_from_accept(
         wire = encode_connection_request(f"Cookie: msts={token}")
         trickle = await f.net.connect("gateway", 3389, source=TRICKLER)
         accepted = trio.current_time()
-        sent = 0
-
-        async def trickler() -> None:
-            nonlocal sent
-            for byte in wire:
-                try:
-                    await trickle.send_all(bytes([byte]))
-                except BROKEN:
-                    return
-                sent += 1
-                await trio.sleep(0.5)
-
+        trickler = _Trickler(trickle, wire, step_s=0.5)
         async with trio.open_nursery() as inner:
-            inner.start_soon(trickler)
+            inner.start_soon(trickler.run)
             await until(lambda: gw.limits.preauth(TRICKLER) == 1)
             # no slot left for its address: a second connection is closed unanswered ...
             second = await f.net.connect("gateway", 3389, source=TRICKLER)
@@ -273,7 +269,7 @@ async def test_rdp_port_slots_per_address_and_the_deadline_from_accept(
             closed_after = trio.current_time() - accepted
             inner.cancel_scope.cancel()
         assert closed_after == pytest.approx(2)
-        assert 2 <= sent < len(wire)  # it kept sending, and the deadline did not move
+        assert 2 <= trickler.sent < len(wire)  # it kept sending, and the deadline did not move
         await until(lambda: gw.limits.held == 0)
         # its slot is back: the trickler's address is routed like anyone
         await (await _routed(f, token, TRICKLER)).aclose()
