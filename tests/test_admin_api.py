@@ -10,50 +10,33 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import socket
 import ssl
-import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trio
+from adminkit import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    admin_client,
+    call,
+    logged_on,
+    ras_admin,
+    refused,
+    with_admin,
+)
 from farmkit import LOOPBACK, PASSWORD, USER, Farm, farm
 
 from ras.broker.model import MODELS
 from ras.broker.passwords import hash_password
 from ras.broker.store import SQLiteStore, UserRecord
-from ras.cli.admin import AdminApiError, AdminClient
 from ras.errors import AuthError, ErrorCode
 from ras.net.channel import Channel, PeerError, greet
 from ras.net.tls import connect_tls
 from ras.pki import client_context
 from ras.protocol import Authenticate, AuthOk, ClientSession, Launch, LaunchOk, Mode, Role
-
-ADMIN, ADMIN_PASSWORD = "root", "admin password 1"
-
-
-def _client(f: Farm, **kw: object) -> AdminClient:
-    host, port = f.broker_addrs["admin"]
-    return AdminClient(f"https://{host}:{port}", f.pki.ca_path, **kw)  # type: ignore[arg-type]
-
-
-async def call(api: AdminClient, method: str, path: str, body: object = None, **kw: object):
-    return await trio.to_thread.run_sync(lambda: api.request(method, path, body, **kw))
-
-
-async def refused(api: AdminClient, method: str, path: str, body: object = None, **kw: object):
-    with pytest.raises(AdminApiError) as info:
-        await call(api, method, path, body, **kw)
-    return info.value
-
-
-async def logged_on(f: Farm) -> AdminClient:
-    api = _client(f)
-    await trio.to_thread.run_sync(api.logon, ADMIN, ADMIN_PASSWORD)
-    return api
 
 
 @contextlib.asynccontextmanager
@@ -79,15 +62,10 @@ async def login(f: Farm, user: str, password: str) -> str:
         return reply.user
 
 
-def with_admin(f: Farm) -> Farm:
-    f.store.put_user(UserRecord(ADMIN, hash_password(ADMIN_PASSWORD), ("ras-admins",)))
-    return f
-
-
 async def test_logon_gives_a_token_and_nothing_works_without_one(tmp_path):
     async with farm(tmp_path) as f:
         with_admin(f)
-        anonymous = _client(f)
+        anonymous = admin_client(f)
         err = await refused(anonymous, "GET", "status")
         assert (err.status, err.code) == (401, "unauthorized")
         assert "logon" in str(err)
@@ -109,7 +87,7 @@ async def test_logon_gives_a_token_and_nothing_works_without_one(tmp_path):
 async def test_wrong_password_and_non_admin_are_refused(tmp_path, caplog):
     async with farm(tmp_path) as f:
         with_admin(f)
-        api = _client(f)
+        api = admin_client(f)
         err = await refused(api, "POST", "session/logon", {"username": ADMIN, "password": "nope"})
         assert (err.status, err.code) == (401, "unauthorized")
         err = await refused(api, "POST", "session/logon", {"username": "ghost", "password": "x"})
@@ -133,11 +111,11 @@ async def test_wrong_password_and_non_admin_are_refused(tmp_path, caplog):
 async def test_an_admin_certificate_needs_no_logon_and_other_certificates_do(tmp_path):
     async with farm(tmp_path, admin_cert_names=("ops-admin",)) as f:
         cert, key = f.pki.ensure("ops-admin")
-        api = _client(f, cert_file=cert, key_file=key)
+        api = admin_client(f, cert_file=cert, key_file=key)
         assert (await call(api, "GET", "status"))["admin"] == "cert:ops-admin"
         # A farm certificate that is not listed (the gateway's) is no admin.
         cert, key = f.pki.ensure("gateway")
-        err = await refused(_client(f, cert_file=cert, key_file=key), "GET", "status")
+        err = await refused(admin_client(f, cert_file=cert, key_file=key), "GET", "status")
         assert err.status == 401
 
 
@@ -374,21 +352,6 @@ async def test_config_resources_are_listed_and_read_only(tmp_path):
 # -- the real `ras admin` command -----------------------------------------------------------------
 
 
-async def ras_admin(f: Farm, tmp_path: Path, *args: str) -> tuple[int, str, str]:
-    host, port = f.broker_addrs["admin"]
-    pw = tmp_path / "admin.password"
-    pw.write_text(ADMIN_PASSWORD + "\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAS_")}
-    env["RAS_NEW_PASSWORD"] = "new user pw"
-    result = await trio.run_process(
-        [sys.executable, "-m", "ras", "admin", "--url", f"https://{host}:{port}",
-         "--ca-file", str(f.pki.ca_path), "--user", ADMIN, "--password-file", str(pw), *args],
-        capture_stdout=True, capture_stderr=True, check=False, env=env,
-        stdin=b"",
-    )  # fmt: skip
-    return result.returncode, result.stdout.decode(), result.stderr.decode()
-
-
 async def test_ras_admin_command(tmp_path):
     async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", 3389)]) as f:
         with_admin(f)
@@ -470,7 +433,7 @@ async def test_a_lockout_says_when_it_ends_and_an_admin_can_lift_it(tmp_path):
         assert info.value.code is ErrorCode.THROTTLED
         assert "try again in 5 min" in str(info.value)
 
-        anonymous = _client(f)
+        anonymous = admin_client(f)
         for _ in range(5):
             await refused(anonymous, "POST", "session/logon", {"username": USER, "password": "x"})
         err = await refused(

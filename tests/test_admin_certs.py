@@ -7,42 +7,14 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import ssl
 
-import trio
+from adminkit import call, logged_on, presented, presents, refused, serial_of, with_admin
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from farmkit import farm
-from test_admin_api import call, logged_on, refused, with_admin
 
 from ras.pki import create_ca, export_pfx, self_signed_certificate
 from ras.pki._common import load_private_key
-
-
-async def _presented(addr: tuple[str, int]) -> x509.Certificate:
-    """The certificate the gateway's TLS port presents to a new connection."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    stream = trio.SSLStream(await trio.open_tcp_stream(*addr), ctx, server_hostname="localhost")
-    async with stream:
-        with trio.fail_after(10):
-            await stream.do_handshake()
-        der = stream.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
-
-
-def _serial(pem: bytes | str) -> int:
-    data = pem.encode() if isinstance(pem, str) else pem
-    return x509.load_pem_x509_certificate(data).serial_number
-
-
-async def _presents(f, serial: int) -> None:
-    addr = f.gateway_addrs["gateway"]["tls"]
-    with trio.fail_after(20):
-        while (await _presented(addr)).serial_number != serial:  # noqa: ASYNC110 (a port)
-            await trio.sleep(0.05)
 
 
 async def test_import_pem_and_pfx_reach_the_gateway_and_no_answer_holds_a_key(tmp_path):
@@ -57,7 +29,7 @@ async def test_import_pem_and_pfx_reach_the_gateway_and_no_answer_holds_a_key(tm
         )
         assert shown["source"] == "imported"
         assert shown["sans"] == ["DNS:rds.example.com"]
-        await _presents(f, _serial(pair.cert_pem))
+        await presents(f, serial_of(pair.cert_pem))
 
         other = self_signed_certificate(["portal.example.com"])
         pfx = base64.b64encode(export_pfx(other, b"pfx pw")).decode()
@@ -67,7 +39,7 @@ async def test_import_pem_and_pfx_reach_the_gateway_and_no_answer_holds_a_key(tm
         assert (err.status, err.code) == (400, "bad_certificate")
         assert "wrong password" in str(err)
         await call(api, "POST", "certificate/import", {"pfx_base64": pfx, "password": "pfx pw"})
-        await _presents(f, _serial(other.cert_pem))
+        await presents(f, serial_of(other.cert_pem))
 
         for body in (await call(api, "GET", "certificate"), await call(api, "GET", "status")):
             text = repr(body)
@@ -122,7 +94,7 @@ async def test_csr_signed_elsewhere_renew_assign_and_expiry_warning(tmp_path):
         renewed = await call(api, "POST", "certificate/renew")  # self-signed: a new one at once
         assert renewed["serial"] != shown["serial"]
         assert renewed["sans"] == shown["sans"]
-        await _presents(f, int(renewed["serial"], 16))
+        await presents(f, int(renewed["serial"], 16))
 
         answer = await call(api, "POST", "certificate/csr", {"names": ["csr.example.com"]})
         csr = x509.load_pem_x509_csr(answer["csr_pem"].encode())
@@ -135,7 +107,7 @@ async def test_csr_signed_elsewhere_renew_assign_and_expiry_warning(tmp_path):
         shown = await call(api, "POST", "certificate/import", {"pem": signed})
         assert shown["source"] == "csr"
         assert shown["csr_pending"] is False
-        await _presents(f, _serial(signed))
+        await presents(f, serial_of(signed))
         err = await refused(api, "POST", "certificate/renew")
         assert (err.status, err.code) == (409, "cannot_renew")
 
@@ -143,9 +115,9 @@ async def test_csr_signed_elsewhere_renew_assign_and_expiry_warning(tmp_path):
         await call(api, "PUT", "certificate/assign", {"to": ["elsewhere"]})
         shown = await call(api, "POST", "certificate/self-signed", {"names": ["next.example.com"]})
         addr = f.gateway_addrs["gateway"]["tls"]
-        assert (await _presented(addr)).serial_number == _serial(signed)
+        assert (await presented(addr)).serial_number == serial_of(signed)
         assert (await call(api, "PUT", "certificate/assign", {"to": []}))["assigned"] == "all"
-        await _presents(f, int(shown["serial"], 16))
+        await presents(f, int(shown["serial"], 16))
 
 
 def _sign(csr: x509.CertificateSigningRequest) -> str:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import trio
+from adminkit import presents, serial_of
 from etcdkit import Brokers, Cluster, etcd_config, needs_etcd
 from farmkit import add_gateway, until
-from test_admin_certs import _presents, _serial
 
 from ras.broker.config import ResourceConfig
 from ras.pki import self_signed_certificate
@@ -37,13 +37,13 @@ async def test_a_certificate_imported_on_one_broker_is_served_by_the_others_gate
 
     pair = self_signed_certificate(["rds.example.com"])
     await a.certificates.import_(pair.cert_pem + pair.key_pem, None)  # on broker a
-    await _presents(f, _serial(pair.cert_pem))  # served through broker b's link
+    await presents(f, serial_of(pair.cert_pem))  # served through broker b's link
     assert b.certificates.record.cert_pem == pair.cert_pem.decode()
 
     await a.certificates.self_signed(["rds.example.com"], 30)  # made on a
     made = a.certificates.record.cert_pem
-    await _presents(f, _serial(made))
+    await presents(f, serial_of(made))
     await a.certificates.renew()  # renewed on a (the primary): a new certificate again
     renewed = a.certificates.record.cert_pem
-    assert _serial(renewed) != _serial(made)
-    await _presents(f, _serial(renewed))
+    assert serial_of(renewed) != serial_of(made)
+    await presents(f, serial_of(renewed))

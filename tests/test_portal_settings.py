@@ -10,8 +10,8 @@ from functools import partial
 
 import pytest
 import trio
+from adminkit import call, logged_on, ras_admin, refused, with_admin
 from farmkit import add_gateway, farm, until
-from test_admin_api import call, logged_on, ras_admin, refused, with_admin
 
 from ras.portal import LaunchMethod, PortalSettings
 

@@ -6,8 +6,8 @@ import datetime as dt
 import time
 
 import pytest
+from adminkit import call, logged_on, ras_admin, refused, with_admin
 from farmkit import PASSWORD, USER, Listener, add_gateway, farm
-from test_admin_api import call, logged_on, ras_admin, refused, with_admin
 
 from ras.broker.history import History
 from ras.broker.passwords import hash_password
