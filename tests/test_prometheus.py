@@ -46,12 +46,13 @@ def test_promtool_checks_the_scrape_config_and_the_rules():
     assert config.returncode == 0, config.stdout + config.stderr
     rules = _promtool("check", "rules", "ras-rules.yml")
     assert rules.returncode == 0, rules.stdout + rules.stderr
-    assert "SUCCESS: 9 rules found" in rules.stdout
+    assert "SUCCESS: 12 rules found" in rules.stdout
 
 
 def test_the_alert_rules_fire_when_they_should():
-    """ras-rules.test.yml: a broker down, no healthy gateway behind the VIP, a split brain,
-    certificates near expiry, lying and silent hosts (promtool's rule unit tests)."""
+    """ras-rules.test.yml: a broker down, a broker cut off from etcd, brokers without a primary
+    (or with two), no healthy gateway behind the VIP, a split brain, certificates near expiry,
+    lying and silent hosts (promtool's rule unit tests)."""
     result = _promtool("test", "rules", "ras-rules.test.yml")
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -65,7 +66,7 @@ def _exported() -> set[str]:
         metrics.TUNNELS_OPEN, metrics.TUNNEL_BYTES, metrics.TUNNEL_SECONDS,
         metrics.GATEWAY_PREAUTH_REFUSALS, metrics.HALB_VRRP_TRANSITIONS,
         metrics.HALB_BACKEND_CONNECTIONS, metrics.HALB_NO_BACKEND, metrics.AGENT_REPORTS,
-        metrics.CERT_EXPIRY,
+        metrics.CERT_EXPIRY, metrics.ETCD_FAILURES,
     ):  # fmt: skip
         for family in collector.describe():
             names.update(s.name for s in family.samples)
@@ -93,6 +94,7 @@ def test_the_rules_and_the_dashboard_name_only_exported_metrics():
     used = set(_NAME.findall(rules)) | {n for e in exprs for n in _NAME.findall(e)}
     assert used - exported == set()
     assert {"ras_broker_agents", "ras_halb_healthy_backends"} <= used
+    assert {"ras_broker_etcd_up", "ras_broker_primary", "ras_broker_etcd_failures_total"} <= used
 
 
 # -- a real Prometheus scraping a farm of real processes ---------------------------------------
@@ -190,6 +192,9 @@ async def test_a_real_prometheus_sees_the_tunnels_the_client_opened(tmp_path, nu
         await _until_equal(base, 'sum(up{job=~"ras-.*"})', 3)
         await _until_equal(base, 'ras_broker_agents{state="reporting"}', 1)
         await _until_equal(base, "sum(ras_gateway_broker_link_up)", 1)
+        # one broker on SQLite: always the primary, and no etcd link to show
+        await _until_equal(base, 'ras_broker_primary{broker="broker"}', 1)
+        assert await _query(base, "ras_broker_etcd_up") is None
 
         config = load(ClientConfig, state / "client.toml")
         password = (state / "demo.password").read_text().strip()
@@ -224,7 +229,7 @@ async def test_a_real_prometheus_sees_the_tunnels_the_client_opened(tmp_path, nu
         # the shipped rules load in a real Prometheus, and none fires on a healthy farm
         rules_answer = await trio.to_thread.run_sync(_get_json, f"{base}/api/v1/rules")
         groups = rules_answer["data"]["groups"]  # type: ignore[index]
-        assert sum(len(g["rules"]) for g in groups) == 9
+        assert sum(len(g["rules"]) for g in groups) == 12
         assert await _query(base, 'count(ALERTS{alertstate="firing"})') is None
     finally:
         procs.stop()

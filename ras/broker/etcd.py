@@ -32,6 +32,7 @@ from etcd3gw.exceptions import (
 
 from ras.config import Invalid, check_host, check_port, check_positive
 from ras.errors import RasError
+from ras.ops.metrics import ETCD_FAILURES, ETCD_OPERATIONS
 
 __all__ = ["Etcd", "EtcdConfig", "EtcdUnavailable", "KeyValue", "Op", "parse_endpoint"]
 
@@ -109,6 +110,19 @@ def _prefix_end(prefix: bytes) -> bytes:
             return bytes(end)
         end.pop()
     return b"\x00"
+
+
+# the gateway's paths -> the operation label of ras_broker_etcd_failures (a fixed set)
+_OPERATIONS = {
+    "kv/range": "range",
+    "kv/put": "put",
+    "kv/deleterange": "delete",
+    "kv/txn": "txn",
+    "lease/grant": "lease_grant",
+    "lease/keepalive": "lease_keepalive",
+    "kv/lease/revoke": "lease_revoke",
+}
+_failures = {op: ETCD_FAILURES.labels(op) for op in ETCD_OPERATIONS}  # each at 0 from the start
 
 
 def _kv(raw: dict[str, Any]) -> KeyValue:
@@ -198,6 +212,10 @@ class Etcd:
         ]
         self._current = 0
         self._lock = threading.Lock()
+        # whether the last request was answered by a member (a refusal is an answer): what
+        # ras_broker_etcd_up shows, kept by the requests the broker makes anyway (its role's
+        # lease refresh every third of primary_lease_s, the poll of changes every poll_s)
+        self.reachable = False
 
     def post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """One gateway request, to the member that answered last, else the next ones."""
@@ -213,11 +231,15 @@ class Etcd:
                 failures.append(f"{member.host}:{member.port}: {_why(exc)}")
                 continue
             except Etcd3Exception as exc:
+                self.reachable = True  # a member answered, with a refusal
                 raise RasError(f"etcd refused {path}: {_why(exc)}") from None
             if index != start:
                 with self._lock:
                     self._current = index
+            self.reachable = True
             return answer
+        self.reachable = False
+        _failures[_OPERATIONS.get(path, "other")].inc()
         raise EtcdUnavailable("no etcd member answered: " + "; ".join(failures))
 
     # -- key-values ---------------------------------------------------------------------------

@@ -56,6 +56,8 @@ __all__ = [
     "BROKER_PLACEMENTS",
     "BROKER_TICKETS",
     "CERT_EXPIRY",
+    "ETCD_FAILURES",
+    "ETCD_OPERATIONS",
     "GATEWAY_PREAUTH_REFUSALS",
     "HALB_BACKEND_CONNECTIONS",
     "HALB_NO_BACKEND",
@@ -116,6 +118,17 @@ BROKER_TICKETS = Counter(
     "ras_broker_tickets",
     "Launch tickets and routing tokens: issued, redeemed, refused (with a reason code).",
     ["event", "reason"],
+    registry=REGISTRY,
+)
+
+ETCD_OPERATIONS = (
+    "range", "put", "delete", "txn", "lease_grant", "lease_keepalive", "lease_revoke", "other",
+)  # fmt: skip
+ETCD_FAILURES = Counter(
+    "ras_broker_etcd_failures",
+    "Requests of a broker on etcd that no member of the cluster answered, by operation "
+    "(range, put, delete, txn, lease_grant, lease_keepalive, lease_revoke, other).",
+    ["operation"],
     registry=REGISTRY,
 )
 
@@ -202,6 +215,14 @@ _STATE: dict[str, tuple[str, tuple[str, ...]]] = {
         ("host", "state"),
     ),
     "ras_broker_gateway_sessions": ("Sessions by the gateway they came through.", ("gateway",)),
+    "ras_broker_etcd_up": (
+        "1 while the broker's last request to etcd was answered by a member (brokers on etcd).",
+        ("broker",),
+    ),
+    "ras_broker_primary": (
+        "1 while this broker is the primary (a broker alone on SQLite always is), 0 if not.",
+        ("broker",),
+    ),
     "ras_broker_gateway_links": (
         "Registered links of each gateway to this broker (one per worker; 0: offline).",
         ("gateway",),

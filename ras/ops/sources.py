@@ -59,6 +59,11 @@ def broker_state(broker: Broker) -> Iterator[Sample]:
     for name, info in broker.gateways.items():
         yield "ras_broker_gateway_links", (name,), float(info.links)
         yield "ras_broker_gateway_sessions", (name,), float(per_gateway.get(name, 0))
+    me = (broker.config.name,)
+    roles = broker.roles
+    yield "ras_broker_primary", me, 1.0 if roles is None else float(roles.is_primary)
+    if roles is not None:  # brokers on etcd
+        yield "ras_broker_etcd_up", me, float(roles.store.etcd.reachable)
 
 
 def gateway_state(gateway: Gateway) -> Iterator[Sample]:
