@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules: the real RDP peers (see tests/rdp_peers.py)."""
+"""Fixtures shared by the test modules: the real RDP peers (see tests/rdp_peers.py) and a
+stand-in RDP host (``host``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 
 import pytest
 import rdp_peers
+import trio
+from farmkit import Listener
 from rdp_peers import ShadowServer, Xvfb
 
 # the network-namespace lab fixtures (make_lab, lab); the fast level's (inline_threads); a real
@@ -41,6 +44,14 @@ def shadow(display):
 @pytest.fixture
 def xrdp_peers():
     require_peers(xrdp=True)
+
+
+@pytest.fixture
+async def host(nursery: trio.Nursery) -> Listener:
+    """A stand-in RDP host on 127.0.0.1 that echoes and counts connections (``host.port``)."""
+    listener = Listener()
+    await nursery.start(listener.serve)
+    return listener
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import trio
-from farmkit import PASSWORD, USER, Listener, add_gateway, farm
+from farmkit import PASSWORD, USER, add_gateway, farm
 from labkit import await_until
 
 from ras.broker.passwords import hash_password
@@ -23,13 +23,6 @@ from ras.net.tls import connect_tcp, connect_tls
 from ras.pki import client_context
 from ras.protocol import AuthOk, Mode, Resume, Role
 from ras.protocol import ClientSession as ClientSessionMsg
-
-
-@pytest.fixture
-async def host(nursery: trio.Nursery) -> Listener:
-    listener = Listener()
-    await nursery.start(listener.serve)
-    return listener
 
 
 def _two_gateway_config(f, **kw: object):

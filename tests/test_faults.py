@@ -23,14 +23,6 @@ from ras.lab.faults import Direction, FaultProxy, Faults
 from ras.protocol import Mode
 
 
-@pytest.fixture
-async def host(nursery: trio.Nursery) -> Listener:
-    """A stand-in RDP host that echoes."""
-    listener = Listener()
-    await nursery.start(listener.serve)
-    return listener
-
-
 async def _proxy(nursery: trio.Nursery, target: tuple[str, int]) -> FaultProxy:
     proxy = FaultProxy(target)
     await nursery.start(proxy.serve)

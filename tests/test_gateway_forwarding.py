@@ -18,7 +18,7 @@ import ssl
 import pytest
 import trio
 from conftest import SHADOW_PASSWORD, SHADOW_USER, require_peers
-from farmkit import PASSWORD, USER, Farm, Listener, add_gateway, farm, replace
+from farmkit import PASSWORD, USER, Farm, add_gateway, farm, replace
 from rdp_peers import XrdpServer, xfreerdp
 
 from ras.client.forwarder import serve_forwarder
@@ -30,13 +30,6 @@ from ras.gateway.front import decode_path, encode_path
 from ras.protocol import Mode
 
 FW1_SOURCE, FW2_SOURCE = "127.0.0.11", "127.0.0.12"
-
-
-@pytest.fixture
-async def host(nursery: trio.Nursery) -> Listener:
-    listener = Listener()
-    await nursery.start(listener.serve)
-    return listener
 
 
 def _dead_port() -> int:

@@ -32,13 +32,6 @@ FW_SOURCE, HALB = "127.0.0.12", "127.0.0.11"
 
 
 @pytest.fixture
-async def host(nursery: trio.Nursery) -> Listener:
-    listener = Listener()
-    await nursery.start(listener.serve)
-    return listener
-
-
-@pytest.fixture
 async def decoy(nursery: trio.Nursery) -> Listener:
     """A listener nobody may reach."""
     listener = Listener()

@@ -13,26 +13,18 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 import trio
-from farmkit import PASSWORD, USER, Farm, Listener, add_gateway, farm
+from farmkit import PASSWORD, USER, Farm, add_gateway, farm
+from gatewaykit import echo, gateway_toml, tunnel_through
 
-from ras.client.config import ClientConfig
 from ras.client.session import ClientSession
 from ras.gateway import limits as limits_module
 from ras.gateway.limits import Refusal, Slot, SourceLimits
 from ras.protocol import Mode
-
-
-@pytest.fixture
-async def host(nursery: trio.Nursery) -> Listener:
-    listener = Listener()
-    await nursery.start(listener.serve)
-    return listener
 
 
 def test_source_limits_count_release_and_stay_bounded(monkeypatch):
@@ -90,28 +82,6 @@ async def test_an_idle_tunnel_is_closed_and_audited(tmp_path, nursery, host, cap
 # -- graceful drain of a real `ras gateway` process ----------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _gateway_toml(f: Farm, tmp_path, *, drain_timeout_s: float) -> tuple[str, int]:
-    cert, key = f.pki.ensure("gwproc", ("localhost", "127.0.0.1"))
-    pub_cert, pub_key = f.pki.ensure_self_signed("gwproc-public", ("localhost", "127.0.0.1"))
-    port = _free_port()
-    path = tmp_path / "gateway.toml"
-    path.write_text(
-        f'name = "gwproc"\nlisten_host = "127.0.0.1"\nplain_port = {port}\n'
-        "tls_enabled = false\n"
-        f'cert_file = "{cert}"\nkey_file = "{key}"\nca_file = "{f.pki.ca_path}"\n'
-        f'public_cert_file = "{pub_cert}"\npublic_key_file = "{pub_key}"\n'
-        f"broker_port = {f.broker_addrs['gateways'][1]}\nlink_ping_interval_s = 0.5\n"
-        f"drain_timeout_s = {drain_timeout_s}\n"
-    )
-    return str(path), port
-
-
 async def _start_gateway(f: Farm, config: str) -> trio.Process:
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "ras", "gateway", "--config", config],
@@ -134,26 +104,10 @@ async def _read_all(proc: trio.Process) -> str:
     return out.decode()
 
 
-async def _tunnel_through(f: Farm, port: int):
-    cfg = ClientConfig(server_host="127.0.0.1", server_port=port, mode=Mode.GATEWAY)
-    async with await ClientSession.connect(cfg) as session:
-        await session.authenticate(USER, PASSWORD)
-        ticket = (await session.launch("desktop")).ticket
-        return await session.open_tunnel(ticket)
-
-
-async def _echo(tunnel: trio.abc.Stream, data: bytes) -> bytes:
-    await tunnel.send_all(data)
-    got = b""
-    while len(got) < len(data):
-        got += await tunnel.receive_some()
-    return got
-
-
 @pytest.mark.parametrize("ends", ["client closes", "drain timeout"])
 async def test_sigterm_drains_then_exits_0(tmp_path, host, ends):
     async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)], gateways=()) as f:
-        config, port = _gateway_toml(
+        config, port = gateway_toml(
             f, tmp_path, drain_timeout_s=60 if ends == "client closes" else 1
         )
         proc = await _start_gateway(f, config)
@@ -166,8 +120,8 @@ async def test_sigterm_drains_then_exits_0(tmp_path, host, ends):
                         stderr.append(await _read_all(proc))
 
                     nursery.start_soon(collect)
-                    tunnel = await _tunnel_through(f, port)
-                    assert await _echo(tunnel, b"before") == b"before"
+                    tunnel = await tunnel_through(f, port)
+                    assert await echo(tunnel, b"before") == b"before"
                     proc.send_signal(signal.SIGTERM)
                     # it unregisters from the broker and stops accepting ...
                     while f.broker.gateways["gwproc"].online:  # noqa: ASYNC110 (polling another task's state)
@@ -175,7 +129,7 @@ async def test_sigterm_drains_then_exits_0(tmp_path, host, ends):
                     with pytest.raises(OSError, match="connect to"):
                         await trio.open_tcp_stream("127.0.0.1", port)
                     # ... while the open tunnel still carries bytes
-                    assert await _echo(tunnel, b"during the drain") == b"during the drain"
+                    assert await echo(tunnel, b"during the drain") == b"during the drain"
                     if ends == "client closes":
                         await tunnel.aclose()
                     else:  # the gateway closes it at the drain timeout

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from farmkit import PASSWORD, USER, Listener, add_gateway, farm
+from farmkit import PASSWORD, USER, add_gateway, farm
 
 from ras.config import load
 from ras.errors import ConfigError, ErrorCode
@@ -46,14 +46,6 @@ from ras.protocol import (
 
 CLIENT = ("10.9.8.7", 5555)  # the client behind the proxy
 TRUSTED = ("192.0.2.0/24", "127.0.0.1")
-
-
-@pytest.fixture
-async def host(nursery: trio.Nursery) -> Listener:
-    """The RDP host the agent reports (it echoes)."""
-    listener = Listener()
-    await nursery.start(listener.serve)
-    return listener
 
 
 async def _open(

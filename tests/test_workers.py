@@ -19,8 +19,8 @@ from pathlib import Path
 
 import trio
 from farmkit import Farm, farm
+from gatewaykit import echo, gateway_toml, tunnel_through
 from prometheus_client.parser import text_string_to_metric_families
-from test_gateway_limits import _echo, _gateway_toml, _tunnel_through, host  # noqa: F401
 
 #: Tunnels opened at most while waiting to see both workers (the kernel hashes each new
 #: connection to one of them: 2 ** -60 to see only one by chance).
@@ -128,9 +128,9 @@ def _tunnels_counted(port: int) -> float:
     )
 
 
-async def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path, host):  # noqa: F811
+async def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path, host):
     async with farm(tmp_path, rdp_hosts=[("host1", "127.0.0.1", host.port)], gateways=()) as f:
-        config, port = _gateway_toml(f, tmp_path, drain_timeout_s=5)
+        config, port = gateway_toml(f, tmp_path, drain_timeout_s=5)
         metrics = _two_free_ports()
         with open(config, "a") as toml:  # noqa: ASYNC230 (a few bytes, before anything runs)
             toml.write(f"[metrics]\nport = {metrics}\n")
@@ -150,10 +150,10 @@ async def test_two_workers_share_the_port_and_stop_on_sigterm(tmp_path, host):  
                     serving: dict[int, int] = {}
                     tunnels = []
                     while len(serving) < 2 and len(tunnels) < _MAX_TUNNELS:
-                        tunnel = await _tunnel_through(f, port)
+                        tunnel = await tunnel_through(f, port)
                         tunnels.append(tunnel)
                         message = f"tunnel {len(tunnels)}".encode()
-                        assert await _echo(tunnel, message) == message
+                        assert await echo(tunnel, message) == message
                         worker = _worker_of(workers, port, tunnel)
                         serving[worker] = serving.get(worker, 0) + 1
                     assert sorted(serving) == sorted(workers), serving
