@@ -30,6 +30,11 @@ from typing import Any
 
 import pytest
 import trio
+from farmkit import USER
+
+from ras.broker.config import FactorRuleConfig
+from ras.broker.model import Factor
+from ras.broker.radius import RadiusConfig
 
 RADIUSD = shutil.which("freeradius") or shutil.which("radiusd") or "/usr/sbin/freeradius"
 SECRET = "testing-secret-42"
@@ -38,6 +43,7 @@ PAP_PASSWORD = "pap-password-1"
 CHALLENGE_USER = "carol"
 CHALLENGE_PASSWORD = "first-factor-2"
 CODE = "314159"
+GUARD_S = 30  # a hang guard for a test with FreeRADIUS, not a timing assertion
 PROMPT = "Enter code"
 WELCOME = "Welcome"
 DENIED = "Access denied"
@@ -310,3 +316,14 @@ async def freeradius(directory: Path, **options: Any) -> AsyncIterator[FreeRadiu
         yield server
     finally:
         await server.stop()
+
+
+def farm_radius(server: FreeRadius, **options: Any) -> dict[str, object]:
+    """The farm settings (``farmkit.farm(**...)``) that send farmkit's USER to ``server`` as
+    a second factor."""
+    return {
+        "radius": RadiusConfig(
+            (server.address,), server.secret_file, timeout_s=2.0, retries=1, **options
+        ),
+        "factor_rules": (FactorRuleConfig("radius-for-alice", Factor.RADIUS, users=(USER,)),),
+    }

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import trio
 from farmkit import PASSWORD, USER, farm
-from radiuskit import CODE, PROMPT, freeradius
-from test_portal import Browser
-from test_radius import GUARD_S, _farm_radius
+from portalkit import Browser
+from radiuskit import CODE, GUARD_S, PROMPT, farm_radius, freeradius
 
 
 async def _prompt(browser: Browser) -> str:
@@ -21,7 +20,7 @@ async def test_radius_challenge_rounds_in_the_portal(tmp_path):
     with trio.fail_after(GUARD_S * 2):
         async with (
             freeradius(tmp_path / "radius", users={USER: (PASSWORD, True)}) as server,
-            farm(tmp_path / "farm", **_farm_radius(server)) as f,
+            farm(tmp_path / "farm", **farm_radius(server)) as f,
         ):
             portal = f.gateways["gateway"].portal
             assert portal is not None

@@ -20,18 +20,19 @@ from radiuskit import (
     CHALLENGE_USER,
     CODE,
     DENIED,
+    GUARD_S,
     PAP_PASSWORD,
     PAP_USER,
     PROMPT,
     SECRET,
     WELCOME,
     FreeRadius,
+    farm_radius,
     free_udp_port,
     freeradius,
 )
 
-from ras.broker.config import BrokerConfig, FactorRuleConfig
-from ras.broker.model import Factor
+from ras.broker.config import BrokerConfig
 from ras.broker.passwords import hash_password
 from ras.broker.radius import (
     Accept,
@@ -53,7 +54,6 @@ from ras.errors import AuthError, ConfigError, ErrorCode, RasError
 from ras.protocol import AuthChallenge
 
 EXAMPLES = Path(__file__).parent.parent / "deploy" / "examples"
-GUARD_S = 30  # a hang guard, not a timing assertion
 SECRET_B = SECRET.encode()
 
 
@@ -478,15 +478,6 @@ def _no_secrets_logged(caplog, *secrets: str) -> None:
 # --- end to end through the farm ---------------------------------------------------------------
 
 
-def _farm_radius(server: FreeRadius, **options) -> dict[str, object]:
-    return {
-        "radius": RadiusConfig(
-            (server.address,), server.secret_file, timeout_s=2.0, retries=1, **options
-        ),
-        "factor_rules": (FactorRuleConfig("radius-for-alice", Factor.RADIUS, users=(USER,)),),
-    }
-
-
 def _answers(prompts: list[AuthChallenge], code: str):
     """Answer RADIUS's code prompt with ``code``; a prompt for the RADIUS password (if the
     broker asks for one before it asks RADIUS) with the user's password."""
@@ -504,7 +495,7 @@ async def test_farm_radius_challenge_shown_to_the_client(tmp_path):
     with trio.fail_after(GUARD_S):
         async with (
             freeradius(tmp_path / "radius", users=users) as server,
-            farm(tmp_path / "farm", **_farm_radius(server)) as f,
+            farm(tmp_path / "farm", **farm_radius(server)) as f,
         ):
             async with await ClientSession.connect(f.client_config()) as session:
                 ok = await session.authenticate(USER, PASSWORD, _answers(prompts, CODE))
@@ -530,7 +521,7 @@ async def test_farm_radius_down_denies_and_the_broker_keeps_serving(tmp_path, ca
     with trio.fail_after(GUARD_S):
         async with (
             freeradius(tmp_path / "radius", users=users) as server,
-            farm(tmp_path / "farm", **_farm_radius(server)) as f,
+            farm(tmp_path / "farm", **farm_radius(server)) as f,
         ):
             f.store.put_user(UserRecord("bob", hash_password("bobs password"), ("users",)))
             await server.stop()
