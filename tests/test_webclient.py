@@ -225,3 +225,23 @@ async def test_a_user_has_at_most_max_web_tunnels_per_user(tmp_path, nursery, au
         assert answer.error is not None
         assert answer.error.http_status == 429
         assert (len(gw.tunnels), host.connections) == (1, 1)
+
+
+async def test_the_engine_s_injected_style_is_allowed_by_its_hash(tmp_path, nursery):
+    """The page's CSP names the hash of each <style> the RDP engine's compiled components
+    inject (read from the installed file), and nothing when the file is not there."""
+    engine = tmp_path / "engine" / "iron-remote-desktop"
+    engine.mkdir(parents=True)
+    css = ".screen.svelte-abc1 {position:relative;}canvas.svelte-abc1 {width:100%;}"
+    (engine / "iron-remote-desktop.js").write_text(
+        f'const x = {{\n  hash: "svelte-abc1",\n  code: {json.dumps(css)}\n}};\n'
+        'const y = { hash: "svelte-zz9", code: "a { b: \\x41 }" };\n'  # not JSON: left out
+    )
+    digest = base64.b64encode(hashlib.sha256(css.encode()).digest()).decode()
+    async with memory_farm(tmp_path, nursery) as mf:
+        gw = mf.gateway(web_client_dir=tmp_path / "engine")
+        assert gw.web is not None
+        assert gw.web.styles() == (f"'sha256-{digest}'",)
+        bare = mf.gateway("bare", web_client_dir=tmp_path / "nothing")
+        assert bare.web is not None
+        assert bare.web.styles() == ()

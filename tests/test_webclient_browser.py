@@ -72,6 +72,17 @@ def _require_engine() -> None:
         pytest.skip(why)
 
 
+# Every <style> of the page and of its components' shadow roots: [id, applied?]. A <style> the
+# Content-Security-Policy blocks stays in the DOM with no style sheet.
+_STYLES_SCRIPT = """
+const styles = [...document.querySelectorAll('style')];
+for (const el of document.querySelectorAll('*')) {
+  if (el.shadowRoot) styles.push(...el.shadowRoot.querySelectorAll('style'));
+}
+return styles.map(s => [s.id, s.sheet !== null]);
+"""
+
+
 async def test_a_desktop_in_the_browser(tmp_path, nursery, caplog):
     require_peers(xrdp=False)
     _require_engine()
@@ -127,6 +138,10 @@ async def _browser_session(tmp_path, nursery, caplog, shadow, xev_out: Path):
         await browser.type("#rdp-password", SHADOW_PASSWORD)
         await browser.click("#rdp-connect")
         await browser.wait_for("#webclient[data-state=connected]", timeout_s=60)
+        # the RDP engine's own styles (the canvas fills its frame) are not blocked by the CSP
+        styles = await browser.execute(_STYLES_SCRIPT)
+        assert styles, "the RDP engine injected no <style>"
+        assert all(applied for _, applied in styles), styles
         assert len(gw.tunnels) == 1
         (tunnel,) = gw.tunnels
         assert (tunnel.info.via, tunnel.info.user) == ("web", USER)

@@ -116,7 +116,7 @@ class Gateway:
             )  # fmt: skip
             self.web = WebClient(cfg, self._broker, self.tunnels, connect=connect)
             self.portal = Portal(site, self._broker.open_session, web_files=self.web.files)
-            self.portal.web_launch = partial(web_launch, self.portal)
+            self.portal.web_launch = partial(web_launch, self.portal, styles=self.web.styles)
             self._links = [
                 BrokerLink(
                     self._broker, self.challenges, self.certificate, self.portal,

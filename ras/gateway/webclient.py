@@ -31,9 +31,13 @@ the RDP traffic after the login in clear (it holds the TLS to the host), hence s
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import json
 import logging
 import mimetypes
+import re
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +68,9 @@ PACKAGES = {
     "iron-remote-desktop.js": "iron-remote-desktop",
     "iron-remote-desktop-rdp.js": "iron-remote-desktop-rdp",
 }
+# A component's stylesheet in the engine's compiled (Svelte) code: the <style> it injects holds
+# this JavaScript string, which the page's Content-Security-Policy allows by its hash.
+_COMPONENT_CSS = re.compile(rb'hash:\s*"svelte-[0-9a-z]+",\s*code:\s*("(?:[^"\\\n]|\\.)*")')
 _BAD_CERTIFICATE = 42  # TLS alert: the host's certificate is not the one expected
 _READ = 16384
 
@@ -92,6 +99,7 @@ class WebClient:
         self._files = config.web_client_dir or default_files_dir()
         self._host_context = host_context or self._context
         self._ca_context: ssl.SSLContext | None = None
+        self._styles: tuple[str, ...] | None = None
 
     # -- the files --------------------------------------------------------------------------
 
@@ -106,6 +114,19 @@ class WebClient:
         if kind in ("text/javascript", "application/javascript"):
             kind = "text/javascript; charset=utf-8"
         return Response(200, path.read_bytes(), kind)
+
+    def styles(self) -> tuple[str, ...]:
+        """The CSP sources (``'sha256-...'``) of the ``<style>`` elements the RDP engine
+        injects, read from its installed file once (none if it is not installed)."""
+        if self._styles is None:
+            path = self._files / PACKAGES["iron-remote-desktop.js"] / "iron-remote-desktop.js"
+            try:
+                code = path.read_bytes()
+            except OSError:
+                return ()
+            hashes = (_csp_hash(m.group(1)) for m in _COMPONENT_CSS.finditer(code))
+            self._styles = tuple(h for h in hashes if h)
+        return self._styles
 
     # -- the endpoint -----------------------------------------------------------------------
 
@@ -272,3 +293,14 @@ async def _answer(ws: WebSocketStream, pdu: CleanPathPdu) -> None:
         with trio.move_on_after(5):
             await ws.send_all(encode_pdu(pdu))
     await aclose_quietly(ws)
+
+
+def _csp_hash(literal: bytes) -> str:
+    """``'sha256-...'`` of the text a JavaScript string literal stands for ("" for one with
+    escapes JSON does not have: that style stays blocked, as before)."""
+    try:
+        text = json.loads(literal)
+    except ValueError:
+        return ""
+    digest = hashlib.sha256(text.encode()).digest()
+    return f"'sha256-{base64.b64encode(digest).decode()}'"

@@ -76,7 +76,12 @@ def _origin_of(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def csp(settings: PortalSettings, *, extra_connect: tuple[str, ...] = ()) -> str:
+def csp(
+    settings: PortalSettings,
+    *,
+    extra_connect: tuple[str, ...] = (),
+    extra_style: tuple[str, ...] = (),
+) -> str:
     connect = ["'self'", *extra_connect]
     if settings.client_ip_detection_url:
         connect.append(_origin_of(settings.client_ip_detection_url))
@@ -85,7 +90,7 @@ def csp(settings: PortalSettings, *, extra_connect: tuple[str, ...] = ()) -> str
         (
             "default-src 'none'",
             "script-src 'self' 'wasm-unsafe-eval'",  # the web client's RDP engine is WASM
-            "style-src 'self'",
+            " ".join(("style-src 'self'", *extra_style)),
             "img-src 'self' data: blob:",
             f"connect-src {' '.join(connect)}",
             "form-action 'self'",

@@ -15,6 +15,7 @@ import functools
 import html
 import logging
 import string
+from collections.abc import Callable
 from importlib import resources
 
 from ras.portal.app import FARM, BrokerDown, Portal, SessionLost
@@ -35,9 +36,15 @@ def _template() -> string.Template:
 
 
 async def web_launch(
-    portal: Portal, session: WebSession, resource: str, request: Request
+    portal: Portal,
+    session: WebSession,
+    resource: str,
+    request: Request,
+    *,
+    styles: Callable[[], tuple[str, ...]] = tuple,
 ) -> Response:
-    """The web client's page for ``resource``, with a fresh web launch token."""
+    """The web client's page for ``resource``, with a fresh web launch token. ``styles``:
+    the CSP sources (hashes) of the styles the RDP engine injects into the page."""
     try:
         msg = Launch(resource, Mode.WEB)
     except ValueError:
@@ -63,6 +70,7 @@ async def web_launch(
     log.info(
         "portal web launch user=%s client=%s resource=%s", session.user, session.client, resource
     )
-    # The RDP engine instantiates its WASM from a data: URL it fetches: that, and no more.
-    policy = csp(portal.settings, extra_connect=("data:",))
+    # The RDP engine instantiates its WASM from a data: URL it fetches: that, and no more; and
+    # it injects its component's <style>: that one, by hash.
+    policy = csp(portal.settings, extra_connect=("data:",), extra_style=styles())
     return Response(200, body.encode(), headers=[("content-security-policy", policy)])
