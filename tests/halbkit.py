@@ -94,8 +94,10 @@ class HalbLab:
         offload: bool = False,
         gateways: list[str] | None = None,
         no_gateway_priority: int | None = None,
+        extra: str = "",
     ) -> Path:
-        """``gateways``: the names this node balances over (default: every gateway)."""
+        """``gateways``: the names this node balances over (default: every gateway); ``extra``:
+        TOML tables added at the end (e.g. ``[metrics]``)."""
         listed = self.gateways if gateways is None else {g: self.gateways[g] for g in gateways}
         conf = halb_config(
             self.tmp / f"{name}.toml",
@@ -113,6 +115,8 @@ class HalbLab:
             no_gateway_priority=no_gateway_priority,
             extra_services=self._offload_service() if offload else "",
         )
+        if extra:
+            conf.write_text(conf.read_text() + "\n" + extra)
         return conf
 
     def offload_cert(self) -> tuple[Path, Path]:

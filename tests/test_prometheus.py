@@ -15,22 +15,20 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import promkit
 import pytest
 import trio
 from farmkit import Listener
+from promkit import DEPLOY
 
 from ras.client.config import ClientConfig
 from ras.client.session import ClientSession
 from ras.config import load
 from ras.lab.etcdcluster import free_ports
 from ras.ops import metrics
-
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy" / "prometheus"
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -129,15 +127,11 @@ def _get_json(url: str) -> dict[str, object]:
 
 
 async def _query(base: str, expr: str) -> float | None:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
     try:
-        answer = await trio.to_thread.run_sync(_get_json, url)
+        answer = await trio.to_thread.run_sync(_get_json, base + promkit.query_path(expr))
     except OSError:
         return None
-    result = answer["data"]["result"]  # type: ignore[index]
-    if not result:
-        return None
-    return float(result[0]["value"][1])  # type: ignore[index]
+    return promkit.first_value(answer)
 
 
 async def _until_equal(base: str, expr: str, expected: float, deadline_s: float = 90) -> None:
@@ -151,8 +145,7 @@ async def _until_equal(base: str, expr: str, expected: float, deadline_s: float 
 
 @pytest.mark.peers
 async def test_a_real_prometheus_sees_the_tunnels_the_client_opened(tmp_path, nursery):
-    if shutil.which("prometheus") is None:
-        pytest.skip("prometheus is not installed (Debian: prometheus; scripts/install-peers)")
+    promkit.require_prometheus()
     host = Listener()
     await nursery.start(host.serve)
     plain, tls, rdp, brokers, agents, admin, m_broker, m_gateway, m_agent, web = free_ports(10)
@@ -165,16 +158,14 @@ async def test_a_real_prometheus_sees_the_tunnels_the_client_opened(tmp_path, nu
          str(admin)],
         capture_stdout=True, capture_stderr=True,
     )  # fmt: skip
-    rules = tmp_path / "ras-rules.yml"
-    shutil.copy(DEPLOY / "ras-rules.yml", rules)
-    prom_config = tmp_path / "prometheus.yml"
-    prom_config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"rule_files: [{rules}]\n"
-        "scrape_configs:\n"
-        f"  - job_name: ras-broker\n    static_configs: [{{targets: ['127.0.0.1:{m_broker}']}}]\n"
-        f"  - job_name: ras-gateway\n    static_configs: [{{targets: ['127.0.0.1:{m_gateway}']}}]\n"
-        f"  - job_name: ras-agent\n    static_configs: [{{targets: ['127.0.0.1:{m_agent}']}}]\n"
+    prom_config = promkit.write_config(
+        tmp_path / "prometheus.yml",
+        {
+            "ras-broker": [f"127.0.0.1:{m_broker}"],
+            "ras-gateway": [f"127.0.0.1:{m_gateway}"],
+            "ras-agent": [f"127.0.0.1:{m_agent}"],
+        },
+        rules=promkit.RULES,
     )
     base = f"http://127.0.0.1:{web}"
     launches = 3
@@ -184,10 +175,7 @@ async def test_a_real_prometheus_sees_the_tunnels_the_client_opened(tmp_path, nu
         for daemon, port in (("broker", m_broker), ("gateway", m_gateway), ("agent", m_agent)):
             config_file = str(state / f"{daemon}.toml")
             procs.start(daemon, [*ras, daemon, "--config", config_file, "--metrics", str(port)])
-        procs.start("prometheus", [
-            "prometheus", f"--config.file={prom_config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{web}",
-        ])  # fmt: skip
+        procs.start("prometheus", promkit.argv(prom_config, tmp_path / "tsdb", f"127.0.0.1:{web}"))
         # the farm is up when Prometheus sees the agent reporting and the gateway linked
         await _until_equal(base, 'sum(up{job=~"ras-.*"})', 3)
         await _until_equal(base, 'ras_broker_agents{state="reporting"}', 1)
