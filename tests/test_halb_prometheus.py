@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 
 import promkit
 import pytest
 from halbkit import build
-from labkit import require_lab, wait_until
+from labkit import connect, require_lab, wait_until
 
 from ras.lab import Host
 from ras.pki import FarmPKI
@@ -99,6 +100,17 @@ class _NotReady(Exception):
 _UNREACHABLE = (OSError, http.client.HTTPException, _NotReady)
 
 
+def _handshakes(client: Host, node: Host, pki: FarmPKI) -> bool:
+    """Whether a TLS handshake from ``client`` with ``node``'s metrics listener completes."""
+    trusting = ssl.create_default_context(cafile=pki.ca_path)
+    with connect(client, node.address, METRICS_PORT) as sock:
+        try:
+            trusting.wrap_socket(sock, server_hostname=str(node.address)).close()
+        except (ssl.SSLError, ConnectionError):
+            return False
+    return True
+
+
 def test_a_real_prometheus_follows_the_halb_pair_through_failover(make_lab, tmp_path):
     require_lab()
     promkit.require_prometheus()
@@ -137,6 +149,10 @@ def test_a_real_prometheus_follows_the_halb_pair_through_failover(make_lab, tmp_
         (node, gateway, "51", 1) for node in ("h1", "h2") for gateway in ("gw1", "gw2")
     ]
     assert hl.holders() == ["h1"]  # what Prometheus says is what the interfaces say
+    # Only the Prometheus host may scrape: from the client host a node closes the connection
+    # before the TLS handshake ends.
+    assert _handshakes(prom, hl.nodes["h2"], pki)
+    assert not _handshakes(hl.client, hl.nodes["h2"], pki)
     # The HALB rules hold nothing against a healthy pair.
     assert api.alerts("RasNoVrrpMaster") == {}
     assert api.alerts("RasNoHealthyGateway") == {}

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -106,6 +107,26 @@ async def test_off_loopback_it_is_tls_and_the_allow_list(tmp_path, nursery):
     assert "ras_build_info" in text
     with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP, TLS port
         await scrape(address)
+
+
+async def test_an_address_not_allowed_gets_no_tls_handshake(tmp_path, nursery):
+    """Closed before a byte is read: no certificate and no TLS work for an address not allowed
+    (the listener once completed the handshake to send its close_notify)."""
+    pki = FarmPKI(tmp_path / "pki")
+    cert, key = pki.ensure("metrics", ("localhost", "127.0.0.1"))
+    config = MetricsConfig(cert_file=cert, key_file=key, allow=("192.0.2.0/24",))
+    address = await nursery.start(partial(serve_metrics, config, port=0))
+    context = ssl.create_default_context(cafile=str(pki.ca_path))
+
+    def handshake() -> bool:
+        with socket.create_connection(address, timeout=10) as sock:
+            try:
+                context.wrap_socket(sock, server_hostname="127.0.0.1").close()
+            except (ssl.SSLError, ConnectionError):
+                return False
+        return True
+
+    assert not await trio.to_thread.run_sync(handshake)
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,9 @@ async def serve_metrics(
     async def handle(stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
         if not allowed(peer[0]):
             log.warning("metrics refused peer=%s:%d reason=not in allow", *peer)
+            # Forcefully: a TLS stream's graceful close would first complete the handshake
+            # (to send close_notify), reading the peer's hello and showing our certificate.
+            await trio.aclose_forcefully(stream)
             return
         with trio.move_on_after(_DEADLINE_S):
             if isinstance(stream, trio.SSLStream):
