@@ -3,34 +3,19 @@ going from the broker to a real agent over its mutual-TLS link, which runs its c
 
 from __future__ import annotations
 
-import struct
 import sys
-from pathlib import Path
 
 import pytest
 import trio
-from farmkit import PASSWORD, USER, Farm, broker_session, farm, login, until
+from farmkit import PASSWORD, USER, broker_session, farm, login, until
+from utmpkit import start_agent, utmp_record, write_utmp
 
-from ras.agents.agent import Agent
-from ras.agents.config import AgentConfig
 from ras.agents.load import utmp_sessions
 from ras.broker.model import SessionState as Broker
 from ras.broker.sessions import SessionTable
 from ras.errors import ErrorCode, RasError
 from ras.net.channel import PeerError
 from ras.protocol import HostKind, Launch, LaunchOk, Mode, SessionInfo, SessionState
-
-UTMP = struct.Struct("<hhi32s4s32s256shhiii16s20s")
-
-
-def utmp_record(kind: int, pid: int, user: str, line: str, since: int = 1_700_000_000) -> bytes:
-    return UTMP.pack(kind, 0, pid, line.encode(), b"", user.encode(), b"10.0.0.9", 0, 0, 0,
-                     since, 0, b"", b"")  # fmt: skip
-
-
-def write_utmp(path: Path, *entries: tuple[int, str, str]) -> None:
-    boot = UTMP.pack(2, 0, 0, b"~", b"", b"reboot", b"", 0, 0, 0, 0, 0, b"", b"")
-    path.write_bytes(boot + b"".join(utmp_record(7, pid, u, line) for pid, u, line in entries))
 
 
 def test_utmp_lists_user_processes_only(tmp_path):
@@ -134,18 +119,6 @@ kept = [data[i:i + size] for i in range(0, len(data), size)
         if struct.unpack_from("<hhi", data, i)[2] != pid]
 open(path, "wb").write(b"".join(kept))
 """
-
-
-async def start_agent(f: Farm, nursery: trio.Nursery, utmp: Path, **options: object) -> Agent:
-    cert, key = f.pki.ensure("rdsh1")
-    cfg = AgentConfig(
-        name="rdsh1", cert_file=cert, key_file=key, ca_file=f.pki.ca_path,
-        rdp_host="127.0.0.1", rdp_port=3389, broker_port=f.broker_addrs["agents"][1],
-        sessions_from="utmp", utmp_file=utmp, **options,  # type: ignore[arg-type]
-    )  # fmt: skip
-    agent = Agent(cfg)
-    await nursery.start(agent.run)
-    return agent
 
 
 async def test_log_off_and_disconnect_go_to_the_agent(tmp_path, nursery):

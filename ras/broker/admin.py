@@ -37,6 +37,7 @@ import trio
 
 from ras.broker.admin_api import ApiError, ApiRequest, Handler, Route, bad_field, decode_json
 from ras.broker.admin_brokers import PROMOTE
+from ras.broker.admin_reports import PART
 from ras.broker.admin_routes import routes
 from ras.broker.directory import DirectoryUnavailable
 from ras.broker.model import GroupRecord
@@ -193,7 +194,13 @@ class AdminServer:
             if route is None:
                 allowed = ", ".join(sorted({r.method for r in candidates}))
                 raise ApiError(405, "method_not_allowed", f"{method} {url.path}: use {allowed}")
-            if route.handler != self._logon:
+            if (
+                route.pattern == PART
+                and cert
+                and await self.broker.reports.is_broker(peer_name(cert))
+            ):  # another broker of the farm asks for this one's report
+                request = dataclasses.replace(request, admin=f"broker:{peer_name(cert)}")
+            elif route.handler != self._logon:
                 request = dataclasses.replace(request, admin=self._who(cert, request))
             if method != "GET" and route.pattern not in _ON_ANY_BROKER:
                 await self._primary_only(url.path)

@@ -1,5 +1,10 @@
 """The admin API's reports: ``GET /api/reports?from=&to=&by=`` (docs/admin-api.md).
 
+``GET /api/reports`` is the farm's report: with several brokers on etcd, this broker's figures
+and every other broker's, merged (``ras.broker.farmreport``). ``GET /api/reports/part`` is
+this broker's own figures in mergeable form, what another broker of the farm asks for with
+its farm certificate (an admin may ask too).
+
 Sessions launched and logins over a time range, grouped by host, gateway, resource, user or
 day, from what the broker recorded (``ras.broker.history``). ``from`` and ``to`` take ISO 8601
 dates and times (UTC unless they carry an offset), Unix times or ages (``24h``, ``7d``); the
@@ -18,13 +23,15 @@ from ras.broker.history import GROUPS
 from ras.ops.reports import report_range
 
 if TYPE_CHECKING:
-    from ras.broker.history import History
+    from ras.broker.farmreport import FarmReports
 
-__all__ = ["report_routes"]
+__all__ = ["PART", "report_routes"]
+
+PART = ("reports", "part")  # asked by the farm's other brokers
 
 
-def report_routes(history: History) -> list[Route]:
-    async def report(request: ApiRequest) -> tuple[int, Any]:
+def report_routes(reports: FarmReports) -> list[Route]:
+    def arguments(request: ApiRequest) -> tuple[float, float, str]:
         query = request.query
         unknown = set(query) - {"from", "to", "by"}
         if unknown:
@@ -37,6 +44,12 @@ def report_routes(history: History) -> list[Route]:
         except ValueError as exc:
             name, _, why = str(exc).partition(": ")
             raise bad_field(name, why) from None
-        return 200, await trio.to_thread.run_sync(history.report, start, end, by)
+        return start, end, by
 
-    return [Route("GET", ("reports",), report)]
+    async def report(request: ApiRequest) -> tuple[int, Any]:
+        return 200, await reports.report(*arguments(request))
+
+    async def part(request: ApiRequest) -> tuple[int, Any]:
+        return 200, await trio.to_thread.run_sync(reports.history.part, *arguments(request))
+
+    return [Route("GET", ("reports",), report), Route("GET", PART, part)]

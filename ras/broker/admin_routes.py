@@ -523,6 +523,6 @@ def routes(broker: BrokerParts, unlock_admin: Callable[[str], bool]) -> list[Rou
         Route("GET", ("explain",), api.explain),
         *portal_routes(api.broker),
         *cert_routes(broker),
-        *report_routes(broker.history),
+        *report_routes(broker.reports),
         *broker_routes(broker),
     ]

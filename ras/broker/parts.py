@@ -13,6 +13,7 @@ from ras.broker.catalog import Catalog
 from ras.broker.certs import FarmCertificates
 from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory
+from ras.broker.farmreport import FarmReports
 from ras.broker.front import GatewayInfo
 from ras.broker.gatewaylink import GatewayLinks
 from ras.broker.history import History
@@ -42,4 +43,5 @@ class BrokerParts(Protocol):
     links: GatewayLinks
     certificates: FarmCertificates
     history: History  # logins and launches, for reports
+    reports: FarmReports  # reports of the farm (this broker's history and the others')
     roles: Roles | None  # several brokers on etcd; None: one broker, always the primary

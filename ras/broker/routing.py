@@ -40,6 +40,7 @@ import trio
 
 from ras.broker.catalog import Catalog, User
 from ras.broker.config import BrokerConfig
+from ras.broker.history import History
 from ras.broker.hosts import Host
 from ras.broker.model import ResourceRecord
 from ras.broker.programs import program_fields
@@ -215,8 +216,11 @@ class Affinity:
 class Router:
     """The broker's side of RDP load balancing: routing tokens, routes and their affinity."""
 
-    def __init__(self, config: BrokerConfig, store: Store, catalog: Catalog) -> None:
+    def __init__(
+        self, config: BrokerConfig, store: Store, catalog: Catalog, history: History | None = None
+    ) -> None:
         self.config = config
+        self.history = history  # routes are launches too; the end of one is its session's end
         self.store = store
         self.catalog = catalog
         self.hosts = catalog.hosts
@@ -334,6 +338,11 @@ class Router:
             where,
             session,
         )
+        if self.history is not None:
+            self.history.launch(
+                session=session, user=record.name, resource=resource.id, host=host.name,
+                gateway=gateway, mode="rdp",
+            )  # fmt: skip
         return RouteOk(host.rdp_host, host.rdp_port, record.name, resource.id, session)
 
     async def _pick(self, user: str, resource: ResourceRecord) -> tuple[Host | None, bool]:
@@ -377,6 +386,8 @@ class Router:
             pass  # the gateway closed: the RDP connection ended
         finally:
             self.affinity.closed(granted.user, granted.resource, host, time.monotonic())
+            if self.history is not None:
+                self.history.ended(granted.session)
             log.info(
                 "route ended user=%s resource=%s host=%s client=%s gateway=%s seconds=%.1f",
                 granted.user,

@@ -31,6 +31,7 @@ from ras.broker.config import BrokerConfig
 from ras.broker.directory import Directory, open_directory
 from ras.broker.etcdstore import EtcdStore
 from ras.broker.etcdthrottle import EtcdThrottle
+from ras.broker.farmreport import FarmReports
 from ras.broker.front import GatewayFront, GatewayInfo
 from ras.broker.gatewaylink import GatewayLinks
 from ras.broker.history import History
@@ -110,6 +111,7 @@ class Broker:
         self.catalog = Catalog(config, store, self.hosts, self.sessions)
         # logins and launches for reports (ras.broker.history; GET /api/reports)
         self.history = History(config.history_path, keep_days=config.history_days)
+        self.sessions.on_end = self.history.ended  # session time in reports
         self.login = Login(
             config, store, self.catalog, self.directory, self.throttle, radius, self.resume,
             self.history,
@@ -123,7 +125,7 @@ class Broker:
             self.shared_launches = SharedLaunches(config.name, store, self.catalog)
             self.launches.on_launch = self.shared_launches.launched
         watch_certificate("broker", "farm", config.cert_file)
-        self.router = Router(config, store, self.catalog)
+        self.router = Router(config, store, self.catalog, self.history)
         self.agents = AgentLinks(
             config, self.hosts, self.sessions, on_sessions=self.catalog.sessions_reported
         )
@@ -136,6 +138,13 @@ class Broker:
         if isinstance(store, EtcdStore):
             url = f"https://{config.name}:{config.admin_port}"
             self.roles = Roles(config.name, store, config.roles, admin_url=url)
+        # reports of the whole farm: this broker's history and the others' (ras.broker.farmreport)
+        self.reports = FarmReports(
+            config,
+            self.history,
+            store if isinstance(store, EtcdStore) else None,
+            self.roles.me.admin_url if self.roles is not None else "",
+        )
         self._ssl = server_context(config.cert_file, config.key_file, client_ca_file=config.ca_file)
 
     async def serve(
@@ -157,6 +166,8 @@ class Broker:
                 nursery.start_soon(self.catalog.run)  # Remote PCs released: in etcd too
                 nursery.start_soon(self.certificates.follow)  # one saved by another broker
             nursery.start_soon(self.history.run)
+            if cfg.admin_enabled:
+                nursery.start_soon(self.reports.run)  # listed among the farm's brokers
             metrics = await start_metrics(nursery, cfg.metrics, partial(broker_state, self))
             if metrics is not None:
                 addrs["metrics"] = metrics

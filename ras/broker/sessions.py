@@ -9,6 +9,10 @@ time (that launch has arrived); sessions the host no longer reports are gone (lo
 Launching sessions that no report confirms within ``launch_timeout_s`` are dropped (the client
 never connected, or the agent does not list sessions).
 
+A launched session that ends (its host stops reporting it, or an admin logs it off) is passed
+to ``on_end`` with the farm's id of its launch (``ras.broker.history`` records when). A launch
+that never started (dropped by ``launch_timeout_s``) did not end: it never ran.
+
 A reported session's id is ``<host>:<the agent's session id>``, unique in the farm; the part
 after the host is what ``session_action`` sends to the agent.
 
@@ -23,7 +27,7 @@ from __future__ import annotations
 import builtins
 import heapq
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ras.broker.model import SessionRecord, SessionState
 from ras.protocol import HostKind, SessionInfo
@@ -46,6 +50,8 @@ class SessionTable:
         # A reported session's launch: its id -> the farm's session id made at the launch
         # (``s-...``), so that log lines on the agent's side name the same session.
         self._farm: dict[str, str] = {}
+        # called with the farm's id of a launched session that ended (ras.broker.history)
+        self.on_end: Callable[[str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -126,11 +132,19 @@ class SessionTable:
             if old.state is SessionState.LAUNCHING:
                 started.append(record)
         for sid in known.keys() - seen:
-            self._drop(sid)
+            self._end(sid)
         return started
 
     def remove(self, session_id: str) -> None:
+        self._end(session_id)
+
+    def _end(self, session_id: str) -> None:
+        """Drop a session that ended; tell ``on_end`` if it was a launch that had started."""
+        farm = self._farm.get(session_id, "")
+        record = self._sessions.get(session_id)
         self._drop(session_id)
+        if farm and record is not None and self.on_end is not None:
+            self.on_end(farm)
 
     def expire(self, now: float) -> None:
         """Drop the launching sessions older than ``launch_timeout_s``."""

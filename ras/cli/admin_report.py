@@ -1,5 +1,5 @@
-"""``ras admin report``: sessions and logins over a time range, per host, gateway, resource,
-user or day (``GET /api/reports``; docs/operations.md, "Reports")."""
+"""``ras admin report``: sessions, their time and logins over a time range, per host, gateway,
+resource, user or day (``GET /api/reports``; docs/operations.md, "Reports")."""
 
 from __future__ import annotations
 
@@ -19,15 +19,25 @@ def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def duration(seconds: float | None) -> str:
+    """``h:mm:ss`` ("-" for none)."""
+    if seconds is None:
+        return "-"
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
 def render(report: dict[str, Any]) -> str:
     """The report as a table (what ``--json`` gives as the API's JSON)."""
     by = str(report["by"])
     with_logins = by in ("gateway", "user", "day")
-    head = [by, "sessions", "users"] + ([f"logins {r}" for r in RESULTS] if with_logins else [])
+    head = [by, "sessions", "users", "ended", "session time", "mean"]
+    head += [f"logins {r}" for r in RESULTS] if with_logins else []
     rows = []
     for row in report["rows"]:
         logins = row.get("logins", {})
-        line = [str(row[by]), str(row["sessions"]), str(row["users"])]
+        line = [str(row[by]), str(row["sessions"]), str(row["users"]), str(row["ended"])]
+        line += [duration(row["session_s"]), duration(row["mean_s"])]
         line += [str(logins.get(r, 0)) for r in RESULTS] if with_logins else []
         rows.append(line)
     totals = report["totals"]
@@ -38,7 +48,18 @@ def render(report: dict[str, Any]) -> str:
     if not rows:
         out.append("(nothing in this range)")
     logins = ", ".join(f"{r} {totals['logins'].get(r, 0)}" for r in RESULTS)
-    out.append(f"total: {totals['sessions']} sessions, {totals['users']} users; logins: {logins}")
+    out.append(
+        f"total: {totals['sessions']} sessions, {totals['users']} users, {totals['ended']} "
+        f"ended, session time {duration(totals['session_s'])} (mean "
+        f"{duration(totals['mean_s'])}); logins: {logins}"
+    )
+    brokers = report.get("brokers")
+    if brokers is not None:
+        text = f"brokers: {', '.join(brokers['included']) or '-'}"
+        missing = brokers["missing"]
+        if missing:
+            text += "; NOT INCLUDED: " + ", ".join(f"{m['name']} ({m['why']})" for m in missing)
+        out.append(text)
     return "\n".join(out)
 
 
@@ -60,7 +81,10 @@ def add_report_parser(sub: Any) -> None:
         "report",
         help=text,
         description=text + ". FROM and TO take ISO 8601 dates or times (UTC unless they "
-        "carry an offset), Unix times, or ages such as 24h and 7d.",
+        "carry an offset), Unix times, or ages such as 24h and 7d. Per group: the sessions "
+        "launched, distinct users, how many of those sessions have ended and their total and "
+        "mean time (h:mm:ss). With several brokers the report covers every broker's history; "
+        "its last line names the brokers included and any it could not ask.",
         epilog="examples:\n  ras admin report --by gateway --from 7d\n"
         "  ras admin report --by day --from 2026-12-01 --to 2026-12-08",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -109,6 +109,7 @@ def _server() -> AdminServer:
         config=SimpleNamespace(admin_cert_names=(), admin_groups=("ras-admins",)),
         store=None,  # route tables that bind the store when built (ras.broker.portal)
         history=None,  # and the history (ras.broker.admin_reports)
+        reports=None,  # and the farm's reports (ras.broker.farmreport)
         roles=None,  # one broker: the primary (ras.broker.roles)
     )
     server.tokens = _AnyToken()
