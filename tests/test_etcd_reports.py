@@ -10,6 +10,8 @@ and still gives its own figures. Real processes: run under ``flock /tmp/ras-heav
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -132,4 +134,27 @@ async def test_a_report_from_any_broker_covers_the_farm(
     assert lines[-1].startswith("brokers: broker-a; NOT INCLUDED: broker-b ("), lines[-1]
     code = await trio.to_thread.run_sync(main, [*common, "--json", "report"])
     assert json.loads(capsys.readouterr().out)["brokers"]["included"] == ["broker-a"]
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_broker_that_does_not_answer_is_named_not_waited_for(
+    cluster: Cluster, tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A broker of the farm whose admin port takes the connection and never answers (a hung
+    process): the report comes within the request's deadline and names it."""
+    brokers = Brokers(
+        tmp_path, etcd_config(cluster, "hung"), nursery, admin=True, resources=DESKTOP,
+        request_timeout_s=2.0,  # a broker waits at most half of it for another's part
+    )  # fmt: skip
+    await brokers.start("broker-a")
+    with socket.create_server(("127.0.0.1", 0)) as hung:  # listens, never accepts
+        store = EtcdStore(brokers.etcd)
+        entry = {"url": f"https://127.0.0.1:{hung.getsockname()[1]}", "seen": time.time()}
+        store.etcd.put(store._key("reports", "brokers", "broker-z"), json.dumps(entry).encode())
+        report = await _report(brokers.api("broker-a"))
+    assert report["brokers"]["included"] == ["broker-a"]
+    [missing] = report["brokers"]["missing"]
+    assert missing["name"] == "broker-z"
+    assert "no answer" in missing["why"], missing
+    assert report["totals"]["sessions"] == 0
     nursery.cancel_scope.cancel()

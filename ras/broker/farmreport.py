@@ -7,8 +7,10 @@ is therefore made by *fanning out*: the broker asked reads its own part, asks ev
 broker of the farm for its part (``GET /api/reports/part``) over the admin API's mutual TLS,
 presenting its own farm certificate, and merges the parts (``history.merge``: counts added,
 users counted once). The answer names the brokers ``included`` and those ``missing`` with why
-(down, refused, no answer within ``PEER_TIMEOUT_S``): a broker that is down never makes the
-report fail, it makes it say what it lacks.
+(down, refused, no answer in time): a broker that is down never makes the report fail, it makes
+it say what it lacks. In time means within ``PEER_TIMEOUT_S`` and half the admin API's
+``request_timeout_s``, so that the merged answer still fits in the request's own deadline; a
+broker that has not answered by then is left behind (its worker thread abandoned).
 
 Which brokers. ``roles/members`` in etcd lists only the brokers present now, so a broker that
 is down would silently drop out of the report. Each broker therefore also writes one key,
@@ -40,7 +42,7 @@ __all__ = ["PEER_TIMEOUT_S", "FarmReports"]
 
 log = logging.getLogger("ras.broker.reports")
 
-PEER_TIMEOUT_S = 10.0  # for another broker's part (a worker thread waits on it)
+PEER_TIMEOUT_S = 10.0  # at most, for another broker's part
 _REFRESH_S = 3600.0
 
 
@@ -118,9 +120,16 @@ class FarmReports:
         others.pop(me, None)
         parts: dict[str, dict[str, Any]] = {}
 
+        wait_s = min(PEER_TIMEOUT_S, self.config.request_timeout_s / 2)
+
         async def ask(name: str, url: str) -> None:
             try:
-                parts[name] = await trio.to_thread.run_sync(self._ask, url, start, end, by)
+                with trio.move_on_after(wait_s) as waited:
+                    parts[name] = await trio.to_thread.run_sync(
+                        self._ask, url, start, end, by, wait_s, abandon_on_cancel=True
+                    )
+                if waited.cancelled_caught:
+                    raise RasError(f"no answer within {wait_s:g} s")
             except (RasError, ValueError, KeyError, TypeError) as exc:
                 why = str(exc) if isinstance(exc, RasError) else f"bad answer: {exc!r}"
                 log.warning("reports: broker %s not included: %s", name, why)
@@ -138,13 +147,12 @@ class FarmReports:
         }
         return answer
 
-    def _ask(self, url: str, start: float, end: float, by: str) -> dict[str, Any]:
+    def _ask(self, url: str, start: float, end: float, by: str, wait_s: float) -> dict[str, Any]:
         """Another broker's part (blocking), asked with this broker's farm certificate."""
         cfg = self.config
         api = AdminClient(
-            url, cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file,
-            timeout_s=PEER_TIMEOUT_S,
-        )  # fmt: skip
+            url, cfg.ca_file, cert_file=cfg.cert_file, key_file=cfg.key_file, timeout_s=wait_s
+        )
         part = api.request(
             "GET", "reports/part", query={"from": repr(start), "to": repr(end), "by": by}
         )
