@@ -130,7 +130,7 @@ class FarmReports:
                     )
                 if waited.cancelled_caught:
                     raise RasError(f"no answer within {wait_s:g} s")
-            except (RasError, ValueError, KeyError, TypeError) as exc:
+            except (RasError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 why = str(exc) if isinstance(exc, RasError) else f"bad answer: {exc!r}"
                 log.warning("reports: broker %s not included: %s", name, why)
                 missing.append({"name": name, "why": why})
@@ -161,4 +161,5 @@ class FarmReports:
         lacking = [f for f in ("rows", "users", "logins") if f not in part]
         if lacking:
             raise ValueError(f"a report part without {lacking[0]}")
+        merge([part])  # one that does not merge is left out here, not a failed report
         return part
