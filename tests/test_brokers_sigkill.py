@@ -162,7 +162,7 @@ async def test_the_primary_broker_sigkilled_while_clients_log_in_and_launch(
         assert got == b"still here"
 
         # every ticket of a tunnel that opened was redeemed exactly once: one key each
-        redeemed = store.etcd.get_prefix(store._key("tickets", b""), keys_only=True)
+        redeemed = store.etcd.get_prefix(store.key("tickets", b""), keys_only=True)
         assert loop.ok + 1 <= len(redeemed) <= loop.ok + 1 + len(loop.failed)
 
         # admin writes: none while the farm has no primary, then back after promotion

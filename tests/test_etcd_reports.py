@@ -150,7 +150,7 @@ async def test_a_broker_that_does_not_answer_is_named_not_waited_for(
     with socket.create_server(("127.0.0.1", 0)) as hung:  # listens, never accepts
         store = EtcdStore(brokers.etcd)
         entry = {"url": f"https://127.0.0.1:{hung.getsockname()[1]}", "seen": time.time()}
-        store.etcd.put(store._key("reports", "brokers", "broker-z"), json.dumps(entry).encode())
+        store.etcd.put(store.key("reports", "brokers", "broker-z"), json.dumps(entry).encode())
         report = await _report(brokers.api("broker-a"))
     assert report["brokers"]["included"] == ["broker-a"]
     [missing] = report["brokers"]["missing"]

@@ -113,7 +113,7 @@ def test_a_change_on_one_broker_is_seen_by_the_other(cluster: Cluster) -> None:
 
 def test_a_fenced_write_is_refused_once_the_fence_moved(cluster: Cluster) -> None:
     store = _etcd_store(cluster)
-    fence = store._key("primary")
+    fence = store.key("primary")
     revision = store.etcd.put(fence, b"broker-a")
     store.fence = (fence, revision)
     store.put_object(HostRecord("rdsh1", HostKind.RDSH))  # still the primary: written

@@ -125,17 +125,17 @@ class EtcdStore:
         # (key, revision): writes of objects also check that key still has that revision
         self.fence: tuple[bytes, int] | None = None
 
-    def _key(self, *parts: str | bytes) -> bytes:
+    def key(self, *parts: str | bytes) -> bytes:
         return self._prefix + b"/".join(p.encode() if isinstance(p, str) else p for p in parts)
 
     # -- users ----------------------------------------------------------------------------------
 
     def get_user(self, name: str) -> UserRecord | None:
-        kv = self.etcd.get(self._key("users", _fold(name)))
+        kv = self.etcd.get(self.key("users", _fold(name)))
         return None if kv is None else _user(kv.value)
 
     def put_user(self, user: UserRecord) -> None:
-        key = self._key("users", _fold(user.name))
+        key = self.key("users", _fold(user.name))
         for _ in range(_CAS_ATTEMPTS):
             old = self.etcd.get(key)
             compare = (
@@ -143,23 +143,23 @@ class EtcdStore:
             )
             ops = [Op.put(key, _user_json(user))]
             if old is None or _user(old.value).totp_secret != user.totp_secret:
-                ops.append(Op.delete(self._key("totp", _fold(user.name))))  # a new secret
+                ops.append(Op.delete(self.key("totp", _fold(user.name))))  # a new secret
             if self.etcd.txn(compare, ops).succeeded:
                 return
         raise StateError(f"user {user.name!r} changes too often to be written")
 
     def delete_user(self, name: str) -> bool:
-        self.etcd.delete(self._key("totp", _fold(name)))
-        return self.etcd.delete(self._key("users", _fold(name)))
+        self.etcd.delete(self.key("totp", _fold(name)))
+        return self.etcd.delete(self.key("users", _fold(name)))
 
     def list_users(self) -> list[UserRecord]:
-        users = [_user(kv.value) for kv in self.etcd.get_prefix(self._key("users", b""))]
+        users = [_user(kv.value) for kv in self.etcd.get_prefix(self.key("users", b""))]
         return sorted(users, key=lambda u: u.name.casefold())
 
     def use_totp_step(self, name: str, step: int) -> bool:
         """Record that ``name`` used the one-time code of ``step``; False if that step or a
         later one was used already (compare-and-swap: one of two brokers wins)."""
-        key = self._key("totp", _fold(name))
+        key = self.key("totp", _fold(name))
         for _ in range(_CAS_ATTEMPTS):
             old = self.etcd.get(key)
             if old is not None and int(old.value) >= step:
@@ -175,7 +175,7 @@ class EtcdStore:
 
     def secret(self, name: str, size: int = 32) -> bytes:
         """A named random secret, made by the first broker that asks, the same for all."""
-        key = self._key("secrets", name)
+        key = self.key("secrets", name)
         got = self.etcd.txn([Op.absent(key)], [Op.put(key, os.urandom(size))], [Op.get(key)])
         if got.succeeded:
             kv = self.etcd.get(key)
@@ -196,7 +196,7 @@ class EtcdStore:
     def redeem_once(self, ticket_id: str, expires: float) -> bool:
         """Record a ticket as used; False if it already was, on any broker (a transaction:
         create ``tickets/<id>`` only if it does not exist). Forgotten when its lease ends."""
-        key = self._key("tickets", ticket_id)
+        key = self.key("tickets", ticket_id)
         now = time.time()
         for _ in range(2):
             lease = self._ticket_lease(expires, now)
@@ -211,7 +211,7 @@ class EtcdStore:
 
     def was_redeemed(self, ticket_id: str) -> bool:
         """Whether ``redeem_once`` recorded ``ticket_id`` on any broker (until its lease ends)."""
-        return self.etcd.get(self._key("tickets", ticket_id)) is not None
+        return self.etcd.get(self.key("tickets", ticket_id)) is not None
 
     # -- Remote PC / VDI assignments (ras.broker.assignments) ---------------------------------
 
@@ -221,7 +221,7 @@ class EtcdStore:
         absent, or names ``user`` already (a fresh claim), or is still the claim of revision
         ``stale`` (one this broker saw released), at the revision read: of two brokers claiming
         at once, one wins and the other reads the winner."""
-        key = self._key("assigned", _fold(host))
+        key = self.key("assigned", _fold(host))
         for _ in range(_CAS_ATTEMPTS):
             old = self.etcd.get(key)
             if old is not None:
@@ -239,14 +239,14 @@ class EtcdStore:
     def release_host(self, host: str, revision: int) -> bool:
         """The claim of ``revision`` on ``host`` is over: delete ``assigned/<host>`` if it is
         still that claim (compare and delete: a newer claim, even the same user's, stays)."""
-        key = self._key("assigned", _fold(host))
+        key = self.key("assigned", _fold(host))
         got = self.etcd.txn([Op.mod_revision_is(key, revision)], [Op.delete(key)])
         return bool(got.succeeded)
 
     def assigned_hosts(self) -> dict[str, tuple[str, int]]:
         """Every claim in the store, whichever broker made it: case-folded host -> (owner,
         the claim's revision), in one read of ``assigned/``."""
-        start = self._key("assigned", b"")
+        start = self.key("assigned", b"")
         return {
             kv.key[len(start) :].decode(errors="replace"): (
                 kv.value.decode(errors="replace"),
@@ -258,7 +258,7 @@ class EtcdStore:
     # -- configured objects (ras.broker.model records) --------------------------------------
 
     def _changed(self) -> dict[str, Any]:
-        return Op.put(self._key("objects-changed"), str(time.time()).encode())
+        return Op.put(self.key("objects-changed"), str(time.time()).encode())
 
     def _fenced(self) -> list[dict[str, Any]]:
         if self.fence is None:
@@ -268,21 +268,21 @@ class EtcdStore:
 
     def get_object(self, cls: type[T], key: str) -> T | None:
         kind = _kind(cls)
-        kv = self.etcd.get(self._key("objects", kind, _fold(key)))
+        kv = self.etcd.get(self.key("objects", kind, _fold(key)))
         return None if kv is None else _object(cls, kind, kv.value)
 
     def put_object(self, obj: Any) -> None:
         """Create or replace ``obj`` (a record of ``MODELS``), found by its kind and key."""
         kind = _kind(type(obj))
         body = json.dumps(obj.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
-        key = self._key("objects", kind, _fold(obj.key))
+        key = self.key("objects", kind, _fold(obj.key))
         got = self.etcd.txn(self._fenced(), [Op.put(key, body), self._changed()])
         if not got.succeeded:
             raise FencedOut("this broker is no longer the primary: the write was refused")
         self.generation += 1
 
     def delete_object(self, cls: type[Any], key: str) -> bool:
-        path = self._key("objects", _kind(cls), _fold(key))
+        path = self.key("objects", _kind(cls), _fold(key))
         got = self.etcd.txn(
             self._fenced(),
             [Op.delete(path), self._changed()],
@@ -295,12 +295,12 @@ class EtcdStore:
     def list_objects(self, cls: type[T]) -> list[T]:
         """Every record of this kind, sorted by key (without regard to case)."""
         kind = _kind(cls)
-        kvs = self.etcd.get_prefix(self._key("objects", kind, b""))
+        kvs = self.etcd.get_prefix(self.key("objects", kind, b""))
         return [_object(cls, kind, kv.value) for kv in kvs]
 
     def poll_changes(self) -> bool:
         """Read whether objects changed since last time (any broker); bumps ``generation``."""
-        kv = self.etcd.get(self._key("objects-changed"))
+        kv = self.etcd.get(self.key("objects-changed"))
         seen = 0 if kv is None else kv.mod_revision
         if seen != self._seen_change:
             self._seen_change = seen

@@ -59,7 +59,7 @@ class FarmReports:
 
     def _key(self, name: str = "") -> bytes:
         assert self.store is not None
-        return self.store._key("reports", "brokers", name)
+        return self.store.key("reports", "brokers", name)
 
     def announce(self) -> None:
         """Say in etcd that this broker has history and where its admin API is (blocking)."""

@@ -102,7 +102,7 @@ class Roles:
         self._vacant_since: float | None = None
 
     def _key(self, *parts: str) -> bytes:
-        return self.store._key("roles", *parts)
+        return self.store.key("roles", *parts)
 
     # -- what others ask ------------------------------------------------------------------
 
