@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import trio
 from farmkit import LOOPBACK, Farm, until
+from peerkit import skips
 
 from ras.broker.config import BrokerConfig, RolesConfig
 from ras.broker.etcd import EtcdConfig
@@ -50,7 +51,8 @@ __all__ = [
 ADMIN = "ops-admin"  # the certificate name the brokers' admin APIs accept
 
 needs_etcd = pytest.mark.skipif(
-    not Path(ETCD).exists(), reason="etcd-server is not installed (scripts/install-peers)"
+    skips(None if Path(ETCD).exists() else "etcd-server"),
+    reason="etcd-server is not installed (scripts/install-peers)",
 )
 
 

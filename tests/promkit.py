@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
+from peerkit import skip_or_fail
 
 __all__ = [
     "DEPLOY",
@@ -34,7 +34,7 @@ RULES = DEPLOY / "ras-rules.yml"  # the shipped alert rules, loaded as they are
 
 def require_prometheus() -> None:
     if shutil.which("prometheus") is None:
-        pytest.skip("prometheus is not installed (Debian: prometheus; scripts/install-peers)")
+        skip_or_fail("prometheus is not installed (Debian: prometheus; scripts/install-peers)")
 
 
 def write_config(

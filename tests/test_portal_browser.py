@@ -18,6 +18,7 @@ import trio
 from chromium import Chromium, chromium_missing
 from conftest import SHADOW_PASSWORD, SHADOW_USER
 from farmkit import PASSWORD, USER, Farm, add_gateway, farm, until
+from peerkit import skips
 
 from ras.broker.passwords import hash_password
 from ras.broker.store import UserRecord
@@ -28,7 +29,7 @@ from ras.portal import LaunchMethod, PortalSettings
 
 pytestmark = [
     pytest.mark.peers,
-    pytest.mark.skipif(chromium_missing() is not None, reason=str(chromium_missing())),
+    pytest.mark.skipif(skips(chromium_missing()), reason=str(chromium_missing())),
 ]
 WRONG = "not the password"
 # RAS_PORTAL_SCREENSHOTS=docs/images keeps the pages' pictures for docs/portal.md

@@ -22,6 +22,7 @@ import promkit
 import pytest
 import trio
 from farmkit import Listener
+from peerkit import skip_or_fail
 from promkit import DEPLOY
 
 from ras.client.config import ClientConfig
@@ -33,7 +34,7 @@ from ras.ops import metrics
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
     if shutil.which("promtool") is None:
-        pytest.skip("promtool is not installed (Debian: prometheus; scripts/install-peers)")
+        skip_or_fail("promtool is not installed (Debian: prometheus; scripts/install-peers)")
     return subprocess.run(
         ["promtool", *args], cwd=DEPLOY, capture_output=True, text=True, check=False, timeout=60
     )

@@ -20,6 +20,7 @@ import trio
 from chromium import Chromium, chromium_missing
 from conftest import SHADOW_PASSWORD, SHADOW_USER, require_peers
 from farmkit import PASSWORD, USER, add_agent, add_gateway, farm, until
+from peerkit import skip_or_fail, skips
 from rdp_peers import ShadowServer, Xvfb
 
 from ras.gateway.webclient import PACKAGES, default_files_dir
@@ -27,7 +28,7 @@ from ras.portal import LaunchMethod, PortalSettings
 
 pytestmark = [
     pytest.mark.peers,
-    pytest.mark.skipif(chromium_missing() is not None, reason=str(chromium_missing())),
+    pytest.mark.skipif(skips(chromium_missing()), reason=str(chromium_missing())),
 ]
 GREEN = (0x12, 0xAB, 0x34)
 # the page's canvas, inside the component's shadow root
@@ -66,10 +67,9 @@ def _require_engine() -> None:
     """The npm packages ./dev installs; outside CI their absence skips, in CI it fails."""
     missing = [n for n, pkg in PACKAGES.items() if not (default_files_dir() / pkg / n).is_file()]
     if missing:
-        why = f"the web client's npm packages are not installed ({missing[0]}): run ./dev test"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+        skip_or_fail(
+            f"the web client's npm packages are not installed ({missing[0]}): run ./dev test"
+        )
 
 
 # Every <style> of the page and of its components' shadow roots: [id, applied?]. A <style> the
